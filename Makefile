@@ -1,0 +1,29 @@
+# Set-up and run targets. Each creates/refreshes .venv and installs the CPU build of torch
+# first (pip install torch==2.13.0 takes the file on disk), so the project's torch range
+# is already satisfied and no CUDA build is ever downloaded.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+.PHONY: venv demo test stress clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m ckptctl.demo
+
+test: venv
+	$(PY) -m pytest -q
+
+stress: venv
+	$(PY) -m pytest -q -m slow -s
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,293 @@
+"""The index (``checkpoint_metadata.json``) and ``best_metadata.json``, as dataclasses.
+
+Conversion to and from plain dicts validates shape and types so that a hand-edited or
+hostile file becomes a :class:`CorruptIndexError` (or an entry reported as unsafe),
+never an exception deep inside a reader. Pure: no IO.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+from ckptctl.core.format import FORMAT_VERSION, check_relative_path
+from ckptctl.errors import CorruptIndexError, UnsafePathError
+
+#: Checksum algorithms the readers understand; writers use the first.
+CHECKSUM_ALGORITHMS = ("sha256",)
+
+
+def format_checksum(algorithm: str, hexdigest: str) -> str:
+    """Return the stored form of a checksum, ``"<algorithm>:<hex>"``."""
+    return f"{algorithm}:{hexdigest}"
+
+
+def parse_checksum(value: str) -> tuple[str, str]:
+    """Split a stored checksum into ``(algorithm, hexdigest)``; raise ValueError if malformed."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(f"malformed checksum {value!r}")
+    algorithm, hexdigest = value.split(":", 1)
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise ValueError(f"unknown checksum algorithm {algorithm!r}")
+    if not hexdigest or any(c not in "0123456789abcdef" for c in hexdigest):
+        raise ValueError(f"malformed checksum digest {hexdigest!r}")
+    return algorithm, hexdigest
+
+
+def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """Return ``metrics`` as ``{str: float}``; anything with ``float()`` (tensors too) is accepted."""
+    out: dict[str, float] = {}
+    for name, value in (metrics or {}).items():
+        if hasattr(value, "item"):
+            value = value.item()
+        out[str(name)] = float(value)
+    return out
+
+
+def _json_metrics(metrics: Mapping[str, float]) -> dict[str, float | None]:
+    """JSON cannot hold NaN/inf portably: store them as None."""
+    return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+def _require(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = data.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise CorruptIndexError(f"{what}: field {key!r} is missing or not {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _read_metrics(raw: Any, what: str) -> dict[str, float]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise CorruptIndexError(f"{what}: 'metrics' is not an object")
+    out = {}
+    for k, v in raw.items():
+        if v is None:
+            out[str(k)] = math.nan
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[str(k)] = float(v)
+        else:
+            raise CorruptIndexError(f"{what}: metric {k!r} is not a number")
+    return out
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    """One checkpoint as recorded in the index."""
+
+    id: int
+    path: str
+    epoch: int
+    batch: int
+    global_step: int
+    metrics: dict[str, float]
+    timestamp: str
+    size_bytes: int
+    checksum: str
+    pinned: bool = False
+    mirrored: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form, as stored in ``checkpoint_metadata.json``."""
+        return {
+            "id": self.id,
+            "path": self.path,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "global_step": self.global_step,
+            "metrics": _json_metrics(self.metrics),
+            "timestamp": self.timestamp,
+            "size_bytes": self.size_bytes,
+            "checksum": self.checksum,
+            "pinned": self.pinned,
+            "mirrored": self.mirrored,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "CheckpointEntry":
+        """Parse one index entry; raise CorruptIndexError / UnsafePathError on bad input."""
+        if not isinstance(data, dict):
+            raise CorruptIndexError("index entry is not an object")
+        what = f"index entry {data.get('id')!r}"
+        entry_id = _require(data, "id", int, what)
+        if entry_id < 0:
+            raise CorruptIndexError(f"{what}: negative id")
+        path = check_relative_path(data.get("path"))
+        checksum = _require(data, "checksum", str, what)
+        try:
+            parse_checksum(checksum)
+        except ValueError as exc:
+            raise CorruptIndexError(f"{what}: {exc}") from None
+        mirrored = data.get("mirrored")
+        extra = data.get("extra") or {}
+        return cls(
+            id=entry_id,
+            path=path,
+            epoch=_require(data, "epoch", int, what),
+            batch=_require(data, "batch", int, what),
+            global_step=_require(data, "global_step", int, what),
+            metrics=_read_metrics(data.get("metrics"), what),
+            timestamp=_require(data, "timestamp", str, what),
+            size_bytes=_require(data, "size_bytes", int, what),
+            checksum=checksum,
+            pinned=bool(data.get("pinned", False)),
+            mirrored=mirrored if isinstance(mirrored, dict) else None,
+            extra=extra if isinstance(extra, dict) else {},
+        )
+
+
+@dataclass(frozen=True)
+class BestInfo:
+    """What ``best_metadata.json`` records about ``best_model.pt``."""
+
+    path: str
+    source_id: int | None
+    epoch: int
+    batch: int
+    global_step: int
+    metrics: dict[str, float]
+    timestamp: str
+    size_bytes: int
+    checksum: str
+    metric: str | None
+    mode: str
+    value: float | None
+    promoted_by_hand: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form, as stored in ``best_metadata.json``."""
+        value = self.value if self.value is not None and math.isfinite(self.value) else None
+        return {
+            "format_version": FORMAT_VERSION,
+            "path": self.path,
+            "source_id": self.source_id,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "global_step": self.global_step,
+            "metrics": _json_metrics(self.metrics),
+            "timestamp": self.timestamp,
+            "size_bytes": self.size_bytes,
+            "checksum": self.checksum,
+            "metric": self.metric,
+            "mode": self.mode,
+            "value": value,
+            "promoted_by_hand": self.promoted_by_hand,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "BestInfo":
+        """Parse ``best_metadata.json``; raise CorruptIndexError / UnsafePathError on bad input."""
+        if not isinstance(data, dict):
+            raise CorruptIndexError("best_metadata.json is not an object")
+        what = "best_metadata.json"
+        _check_version(data, what)
+        source_id = data.get("source_id")
+        if source_id is not None and (not isinstance(source_id, int) or isinstance(source_id, bool)):
+            raise CorruptIndexError(f"{what}: 'source_id' is not an integer")
+        checksum = _require(data, "checksum", str, what)
+        try:
+            parse_checksum(checksum)
+        except ValueError as exc:
+            raise CorruptIndexError(f"{what}: {exc}") from None
+        value = data.get("value")
+        return cls(
+            path=check_relative_path(data.get("path")),
+            source_id=source_id,
+            epoch=_require(data, "epoch", int, what),
+            batch=_require(data, "batch", int, what),
+            global_step=_require(data, "global_step", int, what),
+            metrics=_read_metrics(data.get("metrics"), what),
+            timestamp=_require(data, "timestamp", str, what),
+            size_bytes=_require(data, "size_bytes", int, what),
+            checksum=checksum,
+            metric=data.get("metric") if isinstance(data.get("metric"), str) else None,
+            mode=data.get("mode") if data.get("mode") in ("max", "min") else "max",
+            value=float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None,
+            promoted_by_hand=bool(data.get("promoted_by_hand", False)),
+        )
+
+
+def _check_version(data: Mapping[str, Any], what: str) -> None:
+    version = data.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CorruptIndexError(f"{what}: missing 'format_version'")
+    if version > FORMAT_VERSION:
+        raise CorruptIndexError(
+            f"{what}: format_version {version} is newer than this ckptctl understands ({FORMAT_VERSION})"
+        )
+
+
+@dataclass(frozen=True)
+class Index:
+    """The whole ``checkpoint_metadata.json``: the checkpoints in id order and the id counter.
+
+    ``skipped`` holds entries that could not be used (unsafe path, wrong shape), each as
+    ``(raw_id, reason)``; they are reported by readers and never touched by writers.
+    """
+
+    run_name: str
+    next_id: int
+    checkpoints: tuple[CheckpointEntry, ...] = ()
+    skipped: tuple[tuple[Any, str], ...] = ()
+
+    @property
+    def latest(self) -> CheckpointEntry | None:
+        """The checkpoint with the highest id, or None."""
+        return self.checkpoints[-1] if self.checkpoints else None
+
+    def by_id(self) -> dict[int, CheckpointEntry]:
+        """Map id -> entry."""
+        return {c.id: c for c in self.checkpoints}
+
+    def with_entries(self, entries: list[CheckpointEntry] | tuple[CheckpointEntry, ...]) -> "Index":
+        """Return a copy holding ``entries`` (sorted by id); ``next_id`` never goes down."""
+        ordered = tuple(sorted(entries, key=lambda c: c.id))
+        next_id = max([self.next_id] + [c.id + 1 for c in ordered])
+        return replace(self, checkpoints=ordered, next_id=next_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form, as stored in ``checkpoint_metadata.json``."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "run_name": self.run_name,
+            "next_id": self.next_id,
+            "checkpoints": [c.to_dict() for c in self.checkpoints],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, default_run_name: str = "") -> "Index":
+        """Parse the index. A malformed file raises; a single bad entry is skipped and noted."""
+        if not isinstance(data, dict):
+            raise CorruptIndexError("checkpoint_metadata.json is not an object")
+        what = "checkpoint_metadata.json"
+        _check_version(data, what)
+        raw_entries = data.get("checkpoints")
+        if not isinstance(raw_entries, list):
+            raise CorruptIndexError(f"{what}: 'checkpoints' is not a list")
+        entries: dict[int, CheckpointEntry] = {}
+        skipped: list[tuple[Any, str]] = []
+        for raw in raw_entries:
+            raw_id = raw.get("id") if isinstance(raw, dict) else None
+            try:
+                entry = CheckpointEntry.from_dict(raw)
+            except (CorruptIndexError, UnsafePathError) as exc:
+                skipped.append((raw_id, str(exc)))
+                continue
+            if entry.id in entries:
+                skipped.append((raw_id, f"duplicate id {entry.id} in index"))
+                continue
+            entries[entry.id] = entry
+        next_id = data.get("next_id")
+        if not isinstance(next_id, int) or isinstance(next_id, bool) or next_id < 0:
+            next_id = 0
+        run_name = data.get("run_name") if isinstance(data.get("run_name"), str) else default_run_name
+        return cls(run_name=run_name, next_id=0, skipped=tuple(skipped)).with_entries(
+            list(entries.values())
+        )._with_next_id_at_least(next_id)
+
+    def _with_next_id_at_least(self, next_id: int) -> "Index":
+        return replace(self, next_id=max(self.next_id, next_id))

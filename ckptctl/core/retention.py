@@ -1,0 +1,82 @@
+"""Retention rules as pure functions over the list of checkpoints.
+
+The rule (see the interface contract): keep the last K checkpoints by id, **plus** the
+checkpoint ``best_model.pt`` came from, **plus** pinned ones. ``prune --max-size`` adds a
+size budget on top of that, but never removes a protected checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+
+@dataclass(frozen=True)
+class RetentionItem:
+    """What the rules need to know about one checkpoint."""
+
+    id: int
+    size_bytes: int = 0
+    pinned: bool = False
+
+
+def protected_ids(
+    items: Sequence[RetentionItem],
+    *,
+    best_source_id: int | None = None,
+    newest_good_id: int | None = None,
+) -> set[int]:
+    """Ids no rule may delete: pinned ones, the best model's source, and the newest good one.
+
+    ``newest_good_id`` defaults to the highest id present (the checkpoint resume would use).
+    """
+    ids = {item.id for item in items}
+    keep = {item.id for item in items if item.pinned}
+    if best_source_id is not None and best_source_id in ids:
+        keep.add(best_source_id)
+    if newest_good_id is None and ids:
+        newest_good_id = max(ids)
+    if newest_good_id is not None and newest_good_id in ids:
+        keep.add(newest_good_id)
+    return keep
+
+
+def should_keep(
+    items: Sequence[RetentionItem],
+    *,
+    keep_last: int | None = None,
+    max_total_bytes: int | None = None,
+    best_source_id: int | None = None,
+    newest_good_id: int | None = None,
+) -> list[bool]:
+    """Return, aligned with ``items``, whether each checkpoint survives.
+
+    - ``keep_last``: the ``keep_last`` highest ids survive (must be >= 1 when given).
+    - ``max_total_bytes``: after that, the oldest unprotected survivors are dropped until
+      the survivors' total size fits (it may not fit if protected ones alone exceed it).
+    - Protected ids (pinned, best source, newest good) always survive.
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be at least 1, got {keep_last}")
+    if max_total_bytes is not None and max_total_bytes < 0:
+        raise ValueError(f"max_total_bytes must be >= 0, got {max_total_bytes}")
+    protected = protected_ids(items, best_source_id=best_source_id, newest_good_id=newest_good_id)
+    by_age = sorted(items, key=lambda item: item.id)
+    survivors = {item.id for item in by_age}
+    if keep_last is not None:
+        survivors = {item.id for item in by_age[-keep_last:]} | protected
+    if max_total_bytes is not None:
+        total = sum(item.size_bytes for item in by_age if item.id in survivors)
+        for item in by_age:
+            if total <= max_total_bytes:
+                break
+            if item.id in survivors and item.id not in protected:
+                survivors.discard(item.id)
+                total -= item.size_bytes
+    return [item.id in survivors for item in items]
+
+
+def ids_to_delete(items: Iterable[RetentionItem], **rules) -> list[int]:
+    """The ids :func:`should_keep` drops, oldest first."""
+    items = list(items)
+    return sorted(item.id for item, keep in zip(items, should_keep(items, **rules)) if not keep)

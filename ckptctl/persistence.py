@@ -1,0 +1,698 @@
+"""The persistence API a training loop calls: :class:`ModelPersistence` and :func:`setup_drive_backup`.
+
+Saving is split in two: the training thread only takes a consistent CPU snapshot of
+the state into reusable staging buffers; serialising, fsync, checksum, index update,
+retention and the Drive copy happen on a background worker, one save at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ckptctl.core.format import (
+    BEST_MODEL_FILE,
+    CHECKPOINT_DIR,
+    DEFAULT_MAX_CHECKPOINTS,
+    TRAINING_LOG_FILE,
+    TRAINING_STATE_FILE,
+    FORMAT_VERSION,
+    checkpoint_relpath,
+    utc_now_iso,
+)
+from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index, clean_metrics
+from ckptctl.core.retention import ids_to_delete
+from ckptctl.errors import (
+    BackgroundSaveError,
+    CheckpointIntegrityError,
+    CkptctlError,
+    CorruptIndexError,
+    NoValidCheckpointError,
+    RestoreStateError,
+    UnsafePathError,
+)
+from ckptctl.storage.atomic import atomic_copy, atomic_write_json, cleanup_temporaries, hash_file, resolve_inside, verify_checksum
+from ckptctl.storage.lock import RunLock
+from ckptctl.storage.mirror import BackgroundMirror, SyncReport
+from ckptctl.storage.runfiles import (
+    commit_best,
+    commit_index,
+    delete_checkpoint_files,
+    retention_items,
+    set_aside,
+)
+from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index, read_training_state
+from ckptctl.torch_io import (
+    Stager,
+    apply_components,
+    build_payload,
+    payload_metadata,
+    restore_rng,
+    safe_load,
+    write_checkpoint_file,
+)
+
+log = logging.getLogger("ckptctl")
+
+
+def setup_drive_backup(path: str | os.PathLike) -> Path:
+    """Check that ``path`` (e.g. ``/content/drive/MyDrive/ARC-EFE-Backups``) is a writable folder and return it.
+
+    Creates it if its parent exists. Raises :class:`CkptctlError` naming the reason
+    (not mounted, read-only, not a folder) so a training script can fail fast.
+    """
+    path = Path(path).expanduser()
+    if not path.parent.exists():
+        raise CkptctlError(f"Drive backup {path}: parent folder {path.parent} does not exist (is Drive mounted?)")
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise CkptctlError(f"Drive backup {path}: cannot create folder ({exc.strerror or exc})") from None
+    if not path.is_dir():
+        raise CkptctlError(f"Drive backup {path}: not a folder")
+    probe = path / f".ckptctl-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise CkptctlError(f"Drive backup {path}: not writable ({exc.strerror or exc})") from None
+    return path
+
+
+@dataclass(frozen=True)
+class _SaveRequest:
+    checkpoint_id: int
+    epoch: int
+    batch: int
+    global_step: int
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value > best if mode == "max" else value < best
+
+
+class ModelPersistence:
+    """Crash-safe checkpoints of one run directory (``runs/<run_name>``).
+
+    Example::
+
+        p = ModelPersistence("runs/my_run", max_checkpoints=5, save_every_n_batches=50)
+        info = p.resume(agent=model, optimizer=opt)          # None on a fresh run
+        for epoch ...:
+            for batch ...:
+                ...
+                p.maybe_save(epoch, batch, {"loss": loss}, agent=model, optimizer=opt)
+        p.close()
+
+    The run directory is locked while this object is open (one writer at a time).
+    Components are any objects with ``state_dict()``/``load_state_dict()``, passed by name.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        max_checkpoints: int = DEFAULT_MAX_CHECKPOINTS,
+        save_every_n_batches: int = 50,
+        best_metric: str = "accuracy_delta",
+        best_mode: str = "max",
+        drive_backup: str | os.PathLike | None = None,
+        *,
+        save_every_seconds: float | None = None,
+        background: bool = True,
+        mirror_backoff: tuple[float, float] = (1.0, 300.0),
+    ):
+        if int(max_checkpoints) < 1:
+            raise ValueError(f"max_checkpoints must be at least 1, got {max_checkpoints}")
+        if int(save_every_n_batches) < 1:
+            raise ValueError(f"save_every_n_batches must be at least 1, got {save_every_n_batches}")
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        if save_every_seconds is not None and save_every_seconds <= 0:
+            raise ValueError(f"save_every_seconds must be positive, got {save_every_seconds}")
+        self.run_dir = Path(run_dir)
+        self.run_name = self.run_dir.resolve().name
+        self.max_checkpoints = int(max_checkpoints)
+        self.save_every_n_batches = int(save_every_n_batches)
+        self.save_every_seconds = save_every_seconds
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.background = background
+        self.last_resume_skipped: list[dict[str, Any]] = []
+
+        (self.run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        self._lock = RunLock(self.run_dir).acquire()
+        self._index_lock = threading.RLock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptctl-save")
+        self._futures: list[Future] = []
+        self._staging_future: Future | None = None
+        self._bg_error: BaseException | None = None
+        self._stager = Stager()
+        self._last_save: _SaveRequest | None = None
+        self._last_save_time = time.monotonic()
+        self._mirror: BackgroundMirror | None = None
+        self._closed = False
+        try:
+            cleanup_temporaries(self.run_dir)
+            cleanup_temporaries(self.run_dir / CHECKPOINT_DIR)
+            self._index = self._load_or_rebuild_index()
+            self._best = self._load_or_repair_best()
+            self._best_value = self._best.metrics.get(best_metric) if self._best else None
+            self._next_id = self._index.next_id
+            latest = self._index.latest
+            self._global_step = latest.global_step if latest else 0
+            self._training_state = read_training_state(self.run_dir) or {}
+            if drive_backup is not None:
+                mirror_run = Path(drive_backup) / self.run_name
+                self._mirror = BackgroundMirror(
+                    self.run_dir,
+                    mirror_run,
+                    on_synced=self._record_mirrored,
+                    initial_backoff=mirror_backoff[0],
+                    max_backoff=mirror_backoff[1],
+                )
+                self._mirror.request()
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._lock.release()
+            raise
+
+    # ------------------------------------------------------------------ opening
+
+    def _load_or_rebuild_index(self) -> Index:
+        """Read the index; set a corrupt one aside; adopt committed checkpoint files it lacks."""
+        try:
+            index = read_index(self.run_dir)
+        except FileNotFoundError:
+            index = Index(run_name=self.run_name, next_id=0)
+        except CorruptIndexError as exc:
+            set_aside(self.run_dir / "checkpoint_metadata.json", f"unreadable ({exc}); rebuilding from checkpoint files")
+            index = Index(run_name=self.run_name, next_id=0)
+        for raw_id, reason in index.skipped:
+            log.warning("%s: ignoring index entry %r: %s", self.run_dir, raw_id, reason)
+        on_disk = checkpoint_files_on_disk(self.run_dir)
+        known = index.by_id()
+        adopted = []
+        for checkpoint_id in sorted(set(on_disk) - set(known)):
+            try:
+                adopted.append(self._entry_from_file(checkpoint_id, on_disk[checkpoint_id]))
+            except (CheckpointIntegrityError, CorruptIndexError) as exc:
+                log.warning("%s: ignoring checkpoint file that does not load: %s", self.run_dir, exc)
+        index = index.with_entries(list(known.values()) + adopted)
+        if on_disk:  # never reuse an id that has a file, even an unreadable one
+            index = Index(index.run_name, max(index.next_id, max(on_disk) + 1), index.checkpoints, index.skipped)
+        if adopted or index.skipped:
+            commit_index(self.run_dir, index)
+            log.warning("%s: adopted %d checkpoint file(s) missing from the index", self.run_dir, len(adopted))
+        return index
+
+    def _entry_from_file(self, checkpoint_id: int, path: Path) -> CheckpointEntry:
+        size, checksum = hash_file(path)
+        payload = safe_load(path, "cpu", mmap=True)
+        try:
+            return CheckpointEntry(
+                id=checkpoint_id,
+                path=checkpoint_relpath(checkpoint_id),
+                epoch=int(payload["epoch"]),
+                batch=int(payload["batch"]),
+                global_step=int(payload["global_step"]),
+                metrics=clean_metrics(payload.get("metrics")),
+                timestamp=str(payload.get("timestamp") or utc_now_iso()),
+                size_bytes=size,
+                checksum=checksum,
+                extra=dict(payload.get("extra") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptIndexError(f"{path.name}: not a ckptctl checkpoint ({exc})") from None
+
+    def _load_or_repair_best(self) -> BestInfo | None:
+        """Read best_metadata.json; if it does not match best_model.pt (crash between the two), rebuild it."""
+        best_path = self.run_dir / BEST_MODEL_FILE
+        try:
+            best = read_best(self.run_dir)
+        except (CorruptIndexError, UnsafePathError) as exc:
+            log.warning("%s: best_metadata.json unusable (%s)", self.run_dir, exc)
+            best = None
+        if not best_path.is_file():
+            return None if best is None or best.path == BEST_MODEL_FILE else best
+        size, checksum = hash_file(best_path)
+        if best is not None and best.checksum == checksum:
+            return best
+        try:
+            payload = safe_load(best_path, "cpu", mmap=True)
+        except CheckpointIntegrityError as exc:
+            log.warning("%s: best_model.pt does not load (%s); it will be replaced by the next best", self.run_dir, exc)
+            return None
+        metrics = clean_metrics(payload.get("metrics"))
+        repaired = BestInfo(
+            path=BEST_MODEL_FILE,
+            source_id=payload.get("checkpoint_id") if isinstance(payload.get("checkpoint_id"), int) else None,
+            epoch=int(payload.get("epoch", 0)),
+            batch=int(payload.get("batch", 0)),
+            global_step=int(payload.get("global_step", 0)),
+            metrics=metrics,
+            timestamp=str(payload.get("timestamp") or utc_now_iso()),
+            size_bytes=size,
+            checksum=checksum,
+            metric=self.best_metric,
+            mode=self.best_mode,
+            value=metrics.get(self.best_metric),
+        )
+        commit_best(self.run_dir, repaired)
+        return repaired
+
+    # ------------------------------------------------------------------ background work
+
+    def _run_job(self, job: Callable[..., None], *args: Any) -> None:
+        try:
+            job(*args)
+        except BaseException as exc:
+            self._bg_error = exc
+            log.error("background checkpoint work failed: %s: %s", exc.__class__.__name__, exc)
+            raise
+
+    def _submit(self, job: Callable[..., None], *args: Any) -> Future:
+        future = self._executor.submit(self._run_job, job, *args)
+        self._futures = [f for f in self._futures if not f.done()] + [future]
+        if not self.background:
+            try:
+                future.result()
+            finally:
+                self._bg_error = None
+        return future
+
+    def _raise_background_error(self) -> None:
+        error, self._bg_error = self._bg_error, None
+        if error is not None:
+            raise BackgroundSaveError(f"a background save failed: {error.__class__.__name__}: {error}") from error
+
+    def _wait_for_staging_buffers(self) -> None:
+        """The staging buffers are reused: wait until the previous payload is written."""
+        if self._staging_future is not None:
+            try:
+                self._staging_future.result()
+            except BaseException:
+                pass  # reported through _raise_background_error
+            self._staging_future = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CkptctlError(f"{self.run_dir}: this ModelPersistence is closed")
+
+    # ------------------------------------------------------------------ saving
+
+    def maybe_save(
+        self,
+        epoch: int,
+        batch: int,
+        metrics: Mapping[str, Any] | None = None,
+        *,
+        global_step: int | None = None,
+        extra: Mapping[str, Any] | None = None,
+        **components: Any,
+    ) -> int | None:
+        """Call once after every completed batch; saves a checkpoint when one is due.
+
+        Rule: the global step is ``global_step`` if given, else the library's counter plus
+        one (the counter starts at the resumed checkpoint's ``global_step``, or 0). A save is
+        due when ``global_step % save_every_n_batches == 0``, or when ``save_every_seconds``
+        have passed since the last save. Returns the new checkpoint id, or None.
+        """
+        self._check_open()
+        self._raise_background_error()
+        self._global_step = int(global_step) if global_step is not None else self._global_step + 1
+        due = self._global_step % self.save_every_n_batches == 0
+        if not due and self.save_every_seconds is not None:
+            due = time.monotonic() - self._last_save_time >= self.save_every_seconds
+        if not due:
+            return None
+        return self.save_checkpoint(epoch, batch, metrics, global_step=self._global_step, extra=extra, **components)
+
+    def save_checkpoint(
+        self,
+        epoch: int,
+        batch: int,
+        metrics: Mapping[str, Any] | None = None,
+        *,
+        global_step: int | None = None,
+        extra: Mapping[str, Any] | None = None,
+        **components: Any,
+    ) -> int:
+        """Save a checkpoint now and return its id.
+
+        ``batch`` is the 0-based index of the last batch the state includes. Blocks only for
+        the in-memory snapshot (and for the previous save, if it is still being written);
+        the file is written in the background unless ``background=False``.
+        """
+        self._check_open()
+        self._raise_background_error()
+        if not components:
+            raise ValueError("save_checkpoint needs at least one component, e.g. agent=model")
+        if global_step is not None:
+            self._global_step = int(global_step)
+        metrics = clean_metrics(metrics)
+        self._wait_for_staging_buffers()
+        self._raise_background_error()
+        checkpoint_id = self._next_id
+        self._next_id += 1
+        request = _SaveRequest(checkpoint_id, int(epoch), int(batch), self._global_step)
+        payload = build_payload(
+            self._stager,
+            checkpoint_id=checkpoint_id,
+            epoch=request.epoch,
+            batch=request.batch,
+            global_step=request.global_step,
+            metrics=metrics,
+            timestamp=utc_now_iso(),
+            components=components,
+            extra=extra,
+        )
+        self._last_save = request
+        self._last_save_time = time.monotonic()
+        self._staging_future = self._submit(self._write_checkpoint_job, request, payload)
+        return checkpoint_id
+
+    def _write_checkpoint_job(self, request: _SaveRequest, payload: dict[str, Any]) -> None:
+        relpath = checkpoint_relpath(request.checkpoint_id)
+        size, checksum = write_checkpoint_file(self.run_dir / relpath, payload)
+        entry = CheckpointEntry(
+            id=request.checkpoint_id,
+            path=relpath,
+            epoch=request.epoch,
+            batch=request.batch,
+            global_step=request.global_step,
+            metrics=dict(payload["metrics"]),
+            timestamp=payload["timestamp"],
+            size_bytes=size,
+            checksum=checksum,
+            extra=dict(payload["extra"]),
+        )
+        with self._index_lock:
+            grown = self._index.with_entries(list(self._index.checkpoints) + [entry])
+            victims = set(
+                ids_to_delete(
+                    retention_items(grown.checkpoints),
+                    keep_last=self.max_checkpoints,
+                    best_source_id=self._best.source_id if self._best else None,
+                    newest_good_id=entry.id,
+                )
+            )
+            kept = grown.with_entries([e for e in grown.checkpoints if e.id not in victims])
+            commit_index(self.run_dir, kept)  # the new file is durable; now the index
+            self._index = kept
+        delete_checkpoint_files(self.run_dir, [e for e in grown.checkpoints if e.id in victims])
+        if self._mirror is not None:
+            self._mirror.request()
+
+    def update_best(
+        self,
+        epoch: int,
+        batch: int,
+        metrics: Mapping[str, Any],
+        *,
+        global_step: int | None = None,
+        **components: Any,
+    ) -> bool:
+        """Make this state the best model if ``metrics[best_metric]`` beats the best so far.
+
+        Returns True when it became best. If a checkpoint was just saved for the same
+        step, ``best_model.pt`` is a verified copy of that file (its source); otherwise the
+        state is snapshotted and written like a checkpoint. NaN never becomes best.
+        """
+        self._check_open()
+        self._raise_background_error()
+        metrics = clean_metrics(metrics)
+        if self.best_metric not in metrics:
+            raise KeyError(f"metrics has no {self.best_metric!r} (the best_metric); got {sorted(metrics)}")
+        value = metrics[self.best_metric]
+        if not _is_better(value, self._best_value, self.best_mode):
+            return False
+        step = int(global_step) if global_step is not None else self._global_step
+        last = self._last_save
+        if last is not None and (last.global_step, last.epoch, last.batch) == (step, int(epoch), int(batch)):
+            self._submit(self._best_from_checkpoint_job, last, metrics)
+        else:
+            if not components:
+                raise ValueError("update_best needs the components to save, e.g. agent=model")
+            self._wait_for_staging_buffers()
+            payload = build_payload(
+                self._stager,
+                checkpoint_id=None,
+                epoch=int(epoch),
+                batch=int(batch),
+                global_step=step,
+                metrics=metrics,
+                timestamp=utc_now_iso(),
+                components=components,
+            )
+            self._staging_future = self._submit(self._best_from_payload_job, payload)
+        self._best_value = value
+        return True
+
+    def _best_info(self, source_id: int | None, epoch: int, batch: int, step: int, metrics, timestamp, size, checksum) -> BestInfo:
+        return BestInfo(
+            path=BEST_MODEL_FILE,
+            source_id=source_id,
+            epoch=epoch,
+            batch=batch,
+            global_step=step,
+            metrics=dict(metrics),
+            timestamp=timestamp,
+            size_bytes=size,
+            checksum=checksum,
+            metric=self.best_metric,
+            mode=self.best_mode,
+            value=metrics.get(self.best_metric),
+        )
+
+    def _best_from_checkpoint_job(self, request: _SaveRequest, metrics: dict[str, float]) -> None:
+        entry = self._index.by_id().get(request.checkpoint_id)
+        if entry is None:
+            raise CkptctlError(f"checkpoint {request.checkpoint_id} was not saved; cannot copy it to best_model.pt")
+        src = resolve_inside(self.run_dir, entry.path)
+        size, checksum = atomic_copy(src, self.run_dir / BEST_MODEL_FILE, expected_checksum=entry.checksum)
+        info = self._best_info(entry.id, entry.epoch, entry.batch, entry.global_step, entry.metrics, entry.timestamp, size, checksum)
+        commit_best(self.run_dir, info)
+        self._best = info
+        if self._mirror is not None:
+            self._mirror.request()
+
+    def _best_from_payload_job(self, payload: dict[str, Any]) -> None:
+        size, checksum = write_checkpoint_file(self.run_dir / BEST_MODEL_FILE, payload)
+        info = self._best_info(
+            None, payload["epoch"], payload["batch"], payload["global_step"], payload["metrics"], payload["timestamp"], size, checksum
+        )
+        commit_best(self.run_dir, info)
+        self._best = info
+        if self._mirror is not None:
+            self._mirror.request()
+
+    def _record_mirrored(self, report: SyncReport) -> None:
+        """Mark in the local index which checkpoints are verified on the mirror."""
+        if not report.mirrored:
+            return
+        with self._index_lock:
+            changed = False
+            entries = []
+            for entry in self._index.checkpoints:
+                info = report.mirrored.get(entry.id)
+                if info is not None and info["checksum"] == entry.checksum and entry.mirrored != info:
+                    entry = CheckpointEntry(**{**entry.__dict__, "mirrored": info})
+                    changed = True
+                entries.append(entry)
+            if changed:
+                updated = self._index.with_entries(entries)
+                commit_index(self.run_dir, updated)
+                self._index = updated
+
+    def pin(self, checkpoint_id: int, pinned: bool = True) -> None:
+        """Keep checkpoint ``checkpoint_id`` out of retention (or release it with ``pinned=False``)."""
+        self.flush()
+        with self._index_lock:
+            by_id = self._index.by_id()
+            if checkpoint_id not in by_id:
+                raise CkptctlError(f"{self.run_dir}: no checkpoint {checkpoint_id}")
+            by_id[checkpoint_id] = CheckpointEntry(**{**by_id[checkpoint_id].__dict__, "pinned": pinned})
+            updated = self._index.with_entries(list(by_id.values()))
+            commit_index(self.run_dir, updated)
+            self._index = updated
+
+    # ------------------------------------------------------------------ training state and log
+
+    def update_training_state(self, **fields: Any) -> dict[str, Any]:
+        """Merge ``fields`` (JSON values, e.g. ``status="running"``, ``config={...}``) into training_state.json."""
+        self._check_open()
+        state = {**self._training_state, **fields, "format_version": FORMAT_VERSION, "updated_at": utc_now_iso()}
+        atomic_write_json(self.run_dir / TRAINING_STATE_FILE, state)
+        self._training_state = state
+        return dict(state)
+
+    @property
+    def training_state(self) -> dict[str, Any]:
+        """The last training_state.json written or read."""
+        return dict(self._training_state)
+
+    def append_log(self, line: str) -> None:
+        """Append one line to training.log (flushed, not fsynced)."""
+        with open(self.run_dir / TRAINING_LOG_FILE, "a", encoding="utf-8") as f:
+            f.write(line.rstrip("\n") + "\n")
+
+    # ------------------------------------------------------------------ reading and resuming
+
+    @property
+    def checkpoints(self) -> dict[int, dict[str, Any]]:
+        """Committed checkpoints: ``{id: metadata}`` in id order (pending saves appear once written)."""
+        with self._index_lock:
+            return {e.id: e.to_dict() for e in self._index.checkpoints}
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """``best_metadata.json`` as a dict, or None before any best model."""
+        return self._best.to_dict() if self._best else None
+
+    @property
+    def global_step(self) -> int:
+        """Batches completed since the start of the run, as the library counts them."""
+        return self._global_step
+
+    def flush(self) -> None:
+        """Wait for all pending background saves; raise :class:`BackgroundSaveError` if one failed."""
+        for future in list(self._futures):
+            try:
+                future.result()
+            except BaseException:
+                pass
+        self._futures = []
+        self._staging_future = None
+        self._raise_background_error()
+
+    def _verified_payload(self, entry: CheckpointEntry, device: Any) -> dict[str, Any]:
+        try:
+            path = resolve_inside(self.run_dir, entry.path)
+        except UnsafePathError as exc:
+            raise CheckpointIntegrityError(str(exc)) from None
+        verify_checksum(path, entry.checksum)
+        return safe_load(path, device)
+
+    def _apply(self, payload: Mapping[str, Any], components: Mapping[str, Any], with_rng: bool) -> dict[str, Any]:
+        apply_components(payload, components)
+        if with_rng:
+            if not isinstance(payload.get("rng"), Mapping):
+                raise RestoreStateError("checkpoint has no RNG state to restore")
+            restore_rng(payload["rng"])
+            self._global_step = int(payload["global_step"])
+        return payload_metadata(payload)
+
+    def get_resume_info(self) -> dict[str, Any] | None:
+        """What :meth:`resume` would load: the newest checkpoint whose checksum matches.
+
+        Returns ``{"checkpoint_id", "epoch", "batch", "global_step", "metrics", "skipped"}``,
+        or None when the run has no checkpoints. Raises :class:`NoValidCheckpointError`
+        when checkpoints exist but none verifies.
+        """
+        self.flush()
+        skipped = []
+        for entry in reversed(self._index.checkpoints):
+            try:
+                verify_checksum(resolve_inside(self.run_dir, entry.path), entry.checksum)
+            except (CheckpointIntegrityError, UnsafePathError) as exc:
+                skipped.append({"checkpoint_id": entry.id, "reason": str(exc)})
+                continue
+            return {
+                "checkpoint_id": entry.id,
+                "epoch": entry.epoch,
+                "batch": entry.batch,
+                "global_step": entry.global_step,
+                "metrics": dict(entry.metrics),
+                "skipped": skipped,
+            }
+        if skipped:
+            raise NoValidCheckpointError(self._none_verified_message(skipped))
+        return None
+
+    def _none_verified_message(self, skipped: list[dict[str, Any]]) -> str:
+        reasons = "; ".join(s["reason"] for s in skipped[:3])
+        return f"{self.run_dir}: none of the {len(skipped)} checkpoint(s) verifies ({reasons})"
+
+    def load_checkpoint(self, checkpoint_id: int, device: Any = "cpu", *, restore_rng: bool = True, **components: Any) -> dict[str, Any]:
+        """Load checkpoint ``checkpoint_id`` into ``components`` (and restore RNG states); return its metadata.
+
+        The file is checked against the index checksum and loaded with ``weights_only=True``.
+        """
+        self.flush()
+        entry = self._index.by_id().get(int(checkpoint_id))
+        if entry is None:
+            raise CkptctlError(f"{self.run_dir}: no checkpoint {checkpoint_id}")
+        meta = self._apply(self._verified_payload(entry, device), components, restore_rng)
+        self._last_save = None
+        return meta
+
+    def resume(self, device: Any = "cpu", **components: Any) -> dict[str, Any] | None:
+        """Load the newest checkpoint that verifies into ``components`` and restore RNG; return its metadata.
+
+        Corrupt, truncated or missing newer checkpoints are skipped, logged, and listed under
+        ``"skipped"`` in the result. Returns None when the run has no checkpoints; raises
+        :class:`NoValidCheckpointError` when it has some but none verifies.
+        """
+        self.flush()
+        skipped: list[dict[str, Any]] = []
+        for entry in reversed(self._index.checkpoints):
+            try:
+                payload = self._verified_payload(entry, device)
+            except CheckpointIntegrityError as exc:
+                log.warning("%s: skipping checkpoint %d for resume: %s", self.run_dir, entry.id, exc)
+                skipped.append({"checkpoint_id": entry.id, "reason": str(exc), "status": exc.status})
+                continue
+            meta = self._apply(payload, components, True)
+            meta["checkpoint_id"] = entry.id
+            meta["skipped"] = skipped
+            self.last_resume_skipped = skipped
+            self._last_save = None
+            return meta
+        self.last_resume_skipped = skipped
+        if skipped:
+            raise NoValidCheckpointError(self._none_verified_message(skipped))
+        return None
+
+    def load_best_model(self, device: Any = "cpu", **components: Any) -> dict[str, Any]:
+        """Load ``best_model.pt`` into ``components`` (no RNG restore); return its metadata."""
+        self.flush()
+        if self._best is None:
+            raise CkptctlError(f"{self.run_dir}: no best model yet")
+        path = resolve_inside(self.run_dir, self._best.path)
+        verify_checksum(path, self._best.checksum)
+        return self._apply(safe_load(path, device), components, False)
+
+    # ------------------------------------------------------------------ closing
+
+    def close(self, mirror_timeout: float | None = 60.0) -> None:
+        """Flush pending saves, give the Drive mirror up to ``mirror_timeout`` s to catch up, release the lock.
+
+        Raises :class:`BackgroundSaveError` (after releasing everything) if a save failed.
+        """
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._executor.shutdown(wait=True)
+            if self._mirror is not None and not self._mirror.stop(timeout=mirror_timeout):
+                log.warning("Drive mirror not fully synced at close: %s", self._mirror.last_error)
+            self._lock.release()
+
+    def __enter__(self) -> "ModelPersistence":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,236 @@
+"""Crash-safe file writes: temporary name in the same directory, fsync, rename, fsync the directory.
+
+A reader never sees a partly written file under a final name: either the old file or the
+new one is there. Temporaries carry :data:`TEMP_PREFIX`, are ignored by every reader, and
+are removed by :func:`cleanup_temporaries`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ckptctl.core.format import TEMP_PREFIX, check_relative_path, is_temporary_name
+from ckptctl.core.manifest import format_checksum, parse_checksum
+from ckptctl.errors import CheckpointIntegrityError, UnsafePathError
+
+CHUNK_BYTES = 8 * 1024 * 1024
+DEFAULT_ALGORITHM = "sha256"
+
+ProgressCallback = Optional[Callable[[int, int], None]]
+
+
+def new_hasher(algorithm: str = DEFAULT_ALGORITHM):
+    """Return a fresh hash object for ``algorithm``."""
+    return hashlib.new(algorithm)
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """fsync a directory so a rename or unlink inside it is durable."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class HashingWriter:
+    """A binary file wrapper that hashes and counts every byte written through it."""
+
+    def __init__(self, raw, algorithm: str = DEFAULT_ALGORITHM):
+        self._raw = raw
+        self._hasher = new_hasher(algorithm)
+        self.algorithm = algorithm
+        self.bytes_written = 0
+
+    def write(self, data) -> int:
+        """Write ``data`` and feed it to the hash."""
+        self._hasher.update(data)
+        written = self._raw.write(data)
+        self.bytes_written += len(memoryview(data).cast("B")) if not isinstance(data, bytes) else len(data)
+        return written
+
+    def flush(self) -> None:
+        """Flush the underlying file."""
+        self._raw.flush()
+
+    def checksum(self) -> str:
+        """The stored-form checksum of everything written so far."""
+        return format_checksum(self.algorithm, self._hasher.hexdigest())
+
+
+def temporary_path_for(final_path: str | os.PathLike) -> Path:
+    """A fresh temporary path next to ``final_path`` (same directory, so rename is atomic)."""
+    final_path = Path(final_path)
+    return final_path.with_name(f"{TEMP_PREFIX}{final_path.name}.{secrets.token_hex(4)}")
+
+
+def atomic_write(
+    final_path: str | os.PathLike,
+    write_body: Callable[[HashingWriter], None],
+    *,
+    algorithm: str = DEFAULT_ALGORITHM,
+) -> tuple[int, str]:
+    """Write a file crash-safely and return ``(size_bytes, checksum)`` of what was written.
+
+    ``write_body`` receives a :class:`HashingWriter`. The data goes to a temporary file in
+    the same directory, which is flushed, fsynced, renamed over ``final_path``; then the
+    directory is fsynced. On any error the temporary is removed and the old file (if
+    any) is untouched.
+    """
+    final_path = Path(final_path)
+    tmp = temporary_path_for(final_path)
+    try:
+        with open(tmp, "xb") as raw:
+            writer = HashingWriter(raw, algorithm)
+            write_body(writer)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, final_path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    fsync_dir(final_path.parent)
+    return writer.bytes_written, writer.checksum()
+
+
+def atomic_write_bytes(final_path: str | os.PathLike, data: bytes) -> tuple[int, str]:
+    """Crash-safe write of ``data``; returns ``(size_bytes, checksum)``."""
+    return atomic_write(final_path, lambda w: w.write(data))
+
+
+def atomic_write_json(final_path: str | os.PathLike, obj: Any) -> tuple[int, str]:
+    """Crash-safe write of ``obj`` as indented UTF-8 JSON (NaN is not allowed)."""
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    return atomic_write_bytes(final_path, text.encode("utf-8"))
+
+
+def hash_file(
+    path: str | os.PathLike,
+    algorithm: str = DEFAULT_ALGORITHM,
+    on_progress: ProgressCallback = None,
+) -> tuple[int, str]:
+    """Stream ``path`` through the hash; return ``(size_bytes, checksum)``."""
+    hasher = new_hasher(algorithm)
+    total = os.path.getsize(path)
+    done = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(CHUNK_BYTES)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            hasher.update(view[:n])
+            done += n
+            if on_progress:
+                on_progress(done, total)
+    return done, format_checksum(algorithm, hasher.hexdigest())
+
+
+def verify_checksum(path: str | os.PathLike, expected: str, on_progress: ProgressCallback = None) -> int:
+    """Raise :class:`CheckpointIntegrityError` unless ``path`` hashes to ``expected``; return its size.
+
+    The error's ``status`` is ``missing`` when the file is absent, ``corrupt`` otherwise.
+    """
+    try:
+        algorithm, _ = parse_checksum(expected)
+    except ValueError as exc:
+        raise CheckpointIntegrityError(f"{path}: {exc}") from None
+    try:
+        size, actual = hash_file(path, algorithm, on_progress)
+    except FileNotFoundError:
+        raise CheckpointIntegrityError(f"{path}: file is missing", status="missing") from None
+    except OSError as exc:
+        raise CheckpointIntegrityError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if actual != expected:
+        raise CheckpointIntegrityError(f"{path}: checksum mismatch (expected {expected[:19]}…, got {actual[:19]}…)")
+    return size
+
+
+def atomic_copy(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    expected_checksum: str | None = None,
+    on_progress: ProgressCallback = None,
+) -> tuple[int, str]:
+    """Copy ``src`` to ``dst`` crash-safely, hashing in the same pass; return ``(size, checksum)``.
+
+    If ``expected_checksum`` is given and the copied bytes do not match, the temporary is
+    removed, ``dst`` is left as it was, and :class:`CheckpointIntegrityError` is raised.
+    """
+    algorithm = parse_checksum(expected_checksum)[0] if expected_checksum else DEFAULT_ALGORITHM
+    total = os.path.getsize(src)
+
+    def body(writer: HashingWriter) -> None:
+        done = 0
+        with open(src, "rb", buffering=0) as f:
+            buf = bytearray(CHUNK_BYTES)
+            view = memoryview(buf)
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                writer.write(view[:n])
+                done += n
+                if on_progress:
+                    on_progress(done, total)
+        if expected_checksum and writer.checksum() != expected_checksum:
+            raise CheckpointIntegrityError(f"{src}: checksum mismatch while copying")
+
+    return atomic_write(dst, body, algorithm=algorithm)
+
+
+def cleanup_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove leftover ckptctl temporaries directly inside ``directory``; return what was removed.
+
+    Only call this while holding the run lock: a live writer's temporary looks the same.
+    """
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if is_temporary_name(name):
+            path = Path(directory) / name
+            if path.is_file() and not path.is_symlink():
+                _remove_quietly(path)
+                removed.append(path)
+    return removed
+
+
+def resolve_inside(run_dir: str | os.PathLike, relpath: str) -> Path:
+    """Join a metadata path to ``run_dir`` and make sure the result stays inside it.
+
+    Rejects absolute paths, ``..`` escapes, and symlinks (anywhere along the path) that
+    lead outside the run directory. Raises :class:`UnsafePathError`.
+    """
+    relpath = check_relative_path(relpath)
+    root = Path(run_dir).resolve()
+    candidate = Path(run_dir) / relpath
+    resolved = candidate.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise UnsafePathError(f"{relpath}: resolves outside the run directory (symlink?)")
+    return candidate
+
+
+def remove_file(path: str | os.PathLike) -> bool:
+    """Unlink ``path`` (never a directory); return True if something was removed."""
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

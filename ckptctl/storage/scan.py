@@ -1,0 +1,182 @@
+"""Reading runs without torch: find run directories, read their metadata, list checkpoint files.
+
+Scanning never raises because of one bad file: problems are collected in
+:attr:`RunScan.problems` and the rest is still reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptctl.core.format import (
+    BEST_METADATA_FILE,
+    CHECKPOINT_DIR,
+    INDEX_FILE,
+    TRAINING_STATE_FILE,
+    parse_checkpoint_filename,
+)
+from ckptctl.core.manifest import BestInfo, Index
+from ckptctl.errors import CorruptIndexError, UnsafePathError
+
+#: Metadata files larger than this are refused rather than parsed.
+MAX_METADATA_BYTES = 64 * 1024 * 1024
+
+
+def read_json_file(path: str | os.PathLike, max_bytes: int = MAX_METADATA_BYTES) -> Any:
+    """Parse a metadata JSON file, refusing huge, non-UTF-8, or absurdly nested content.
+
+    Raises FileNotFoundError if absent, :class:`CorruptIndexError` if unreadable or invalid.
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CorruptIndexError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptIndexError(f"{path.name}: not a regular file")
+    if st.st_size > max_bytes:
+        raise CorruptIndexError(f"{path.name}: {st.st_size} bytes is larger than the {max_bytes}-byte limit")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CorruptIndexError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptIndexError(f"{path.name}: not valid JSON ({exc.__class__.__name__})") from None
+    except RecursionError:
+        raise CorruptIndexError(f"{path.name}: JSON nested too deeply") from None
+
+
+def read_index(run_dir: str | os.PathLike) -> Index:
+    """Read ``checkpoint_metadata.json``; FileNotFoundError if absent, CorruptIndexError if bad."""
+    run_dir = Path(run_dir)
+    return Index.from_dict(read_json_file(run_dir / INDEX_FILE), default_run_name=run_dir.name)
+
+
+def read_best(run_dir: str | os.PathLike) -> BestInfo | None:
+    """Read ``best_metadata.json``; None if absent, CorruptIndexError/UnsafePathError if bad."""
+    try:
+        data = read_json_file(Path(run_dir) / BEST_METADATA_FILE)
+    except FileNotFoundError:
+        return None
+    return BestInfo.from_dict(data)
+
+
+def read_training_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """Read ``training_state.json``; None if absent or unreadable."""
+    try:
+        data = read_json_file(Path(run_dir) / TRAINING_STATE_FILE)
+    except (FileNotFoundError, CorruptIndexError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def checkpoint_files_on_disk(run_dir: str | os.PathLike) -> dict[int, Path]:
+    """Map id -> path for every committed ``checkpoints/checkpoint_NNNNN.pt`` regular file.
+
+    Temporaries, symlinks and anything not named like a checkpoint are ignored.
+    """
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    found: dict[int, Path] = {}
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return found
+    for entry in entries:
+        checkpoint_id = parse_checkpoint_filename(entry.name)
+        if checkpoint_id is None:
+            continue
+        try:
+            if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+                continue
+        except OSError:
+            continue
+        found[checkpoint_id] = Path(entry.path)
+    return found
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """True if ``path`` holds an index, or (a run copied by hand) a ``checkpoints/`` folder of checkpoints."""
+    path = Path(path)
+    try:
+        if (path / INDEX_FILE).is_file():
+            return True
+        folder = path / CHECKPOINT_DIR
+        if folder.is_dir() and not folder.is_symlink():
+            return any(parse_checkpoint_filename(n) is not None for n in os.listdir(folder))
+    except OSError:
+        return False
+    return False
+
+
+def find_runs(path: str | os.PathLike) -> list[Path]:
+    """The run directories at ``path``: itself if it is a run, else its run subfolders (one level).
+
+    Raises FileNotFoundError if ``path`` does not exist, NotADirectoryError if it is a file.
+    Symlinked subfolders are not followed. Sorted by name.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path}: not a directory")
+    if is_run_dir(path):
+        return [path]
+    runs = []
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        try:
+            if entry.is_dir(follow_symlinks=False) and is_run_dir(entry.path):
+                runs.append(Path(entry.path))
+        except OSError:
+            continue
+    return runs
+
+
+@dataclass
+class RunScan:
+    """What could be read cheaply (no torch, no checkpoint payloads) about one run."""
+
+    path: Path
+    name: str
+    index: Index | None = None
+    best: BestInfo | None = None
+    training_state: dict[str, Any] | None = None
+    unindexed: dict[int, int] = field(default_factory=dict)  # id -> size of files not in the index
+    problems: list[str] = field(default_factory=list)
+
+
+def scan_run(run_dir: str | os.PathLike) -> RunScan:
+    """Read one run's metadata and list its files; collect problems instead of raising."""
+    run_dir = Path(run_dir)
+    scan = RunScan(path=run_dir, name=run_dir.name)
+    try:
+        scan.index = read_index(run_dir)
+        for raw_id, reason in scan.index.skipped:
+            scan.problems.append(f"index entry {raw_id!r} skipped: {reason}")
+    except FileNotFoundError:
+        pass
+    except CorruptIndexError as exc:
+        scan.problems.append(str(exc))
+    try:
+        scan.best = read_best(run_dir)
+    except (CorruptIndexError, UnsafePathError) as exc:
+        scan.problems.append(f"{BEST_METADATA_FILE}: {exc}")
+    scan.training_state = read_training_state(run_dir)
+    indexed = set(scan.index.by_id()) if scan.index else set()
+    for checkpoint_id, file_path in checkpoint_files_on_disk(run_dir).items():
+        if checkpoint_id not in indexed:
+            try:
+                scan.unindexed[checkpoint_id] = file_path.stat().st_size
+            except OSError:
+                continue
+    return scan

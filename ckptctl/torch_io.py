@@ -1,0 +1,294 @@
+"""Torch IO: the only storage code that imports torch.
+
+Staging (a consistent CPU copy of the state into reusable buffers), serialising a
+checkpoint crash-safely, loading it back safely (``weights_only=True``, memory-mapped),
+verifying it, and capturing/restoring RNG states.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+from collections import OrderedDict
+import random
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from ckptctl.core.format import FORMAT_VERSION, RESERVED_CHECKPOINT_KEYS
+from ckptctl.errors import CheckpointIntegrityError, RestoreStateError
+from ckptctl.storage.atomic import ProgressCallback, atomic_write, verify_checksum
+
+try:  # NumPy is optional for the library; its RNG is saved when it is installed.
+    import numpy as _np
+except ImportError:  # pragma: no cover - numpy is a declared dependency
+    _np = None
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """Return Python, NumPy, torch CPU and (if initialised) CUDA RNG states, as tensors and plain values."""
+    version, state, gauss_next = random.getstate()
+    rng: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss_next": gauss_next},
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if _np is not None:
+        algorithm, keys, pos, has_gauss, cached = _np.random.get_state()
+        rng["numpy"] = {
+            "algorithm": str(algorithm),
+            "keys": torch.from_numpy(keys.astype(_np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["torch_cuda"] = [state.cpu() for state in torch.cuda.get_rng_state_all()]
+    return rng
+
+
+def restore_rng(rng: Mapping[str, Any]) -> list[str]:
+    """Restore the RNG states saved by :func:`capture_rng`; return the names restored.
+
+    CUDA states are restored only when CUDA is available (a GPU checkpoint resumed on a
+    CPU-only machine skips them). Anything malformed raises :class:`RestoreStateError`.
+    """
+    restored = []
+    try:
+        py = rng["python"]
+        random.setstate((int(py["version"]), tuple(int(x) for x in py["state"].tolist()), py["gauss_next"]))
+        restored.append("python")
+        torch.set_rng_state(rng["torch_cpu"].to(torch.uint8))
+        restored.append("torch_cpu")
+        if "numpy" in rng:
+            if _np is None:
+                raise RestoreStateError("checkpoint has a NumPy RNG state but NumPy is not installed")
+            st = rng["numpy"]
+            keys = st["keys"].numpy().astype(_np.uint32)
+            _np.random.set_state((st["algorithm"], keys, int(st["pos"]), int(st["has_gauss"]), float(st["cached_gaussian"])))
+            restored.append("numpy")
+        if "torch_cuda" in rng and torch.cuda.is_available():
+            states = list(rng["torch_cuda"])
+            if len(states) != torch.cuda.device_count():
+                raise RestoreStateError(
+                    f"checkpoint has CUDA RNG states for {len(states)} devices, this machine has {torch.cuda.device_count()}"
+                )
+            torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in states])
+            restored.append("torch_cuda")
+    except RestoreStateError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise RestoreStateError(f"cannot restore RNG state: {exc.__class__.__name__}: {exc}") from None
+    return restored
+
+
+# --------------------------------------------------------------------------- staging
+
+
+class Stager:
+    """Copies state dicts into CPU buffers that are reused from one save to the next.
+
+    The first save allocates one buffer per tensor (the staging memory cost: one CPU copy
+    of the saved state); later saves with the same shapes only ``copy_`` into them, which
+    is the cheapest consistent snapshot. A caller must not stage again while a payload
+    from the previous :meth:`stage` is still being written.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def staged_bytes(self) -> int:
+        """Bytes held in staging buffers."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def stage(self, obj: Any, key: tuple = ()) -> Any:
+        """Return a copy of ``obj`` whose tensors live in this stager's CPU buffers."""
+        if isinstance(obj, torch.Tensor):
+            return self._stage_tensor(obj, key)
+        if isinstance(obj, OrderedDict):  # model state_dicts; keep their version ``_metadata``
+            staged = OrderedDict((k, self.stage(v, key + (k,))) for k, v in obj.items())
+            if hasattr(obj, "_metadata"):
+                staged._metadata = copy.deepcopy(obj._metadata)
+            return staged
+        if isinstance(obj, dict):
+            return {k: self.stage(v, key + (k,)) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self.stage(v, key + (i,)) for i, v in enumerate(obj)]
+        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+            return tuple(self.stage(v, key + (i,)) for i, v in enumerate(obj))
+        return obj  # ints, floats, strings, None, ... are immutable
+
+    def _stage_tensor(self, tensor: torch.Tensor, key: tuple) -> torch.Tensor:
+        tensor = tensor.detach()
+        if tensor.layout != torch.strided or tensor.is_quantized:
+            return tensor.to("cpu", copy=True)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
+            buf = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+            self._buffers[key] = buf
+        buf.copy_(tensor)
+        return buf
+
+
+def component_state(name: str, component: Any) -> Any:
+    """The ``state_dict()`` of a component (model, optimizer, scheduler, GradScaler, loss module)."""
+    if name in RESERVED_CHECKPOINT_KEYS:
+        raise ValueError(f"component name {name!r} is reserved; pick another name")
+    state_dict = getattr(component, "state_dict", None)
+    if not callable(state_dict):
+        raise TypeError(f"component {name!r} ({type(component).__name__}) has no state_dict()")
+    return state_dict()
+
+
+def build_payload(
+    stager: Stager,
+    *,
+    checkpoint_id: int | None,
+    epoch: int,
+    batch: int,
+    global_step: int,
+    metrics: Mapping[str, float],
+    timestamp: str,
+    components: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Take a consistent CPU snapshot of every component plus RNG, as the dict that gets saved."""
+    payload: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "checkpoint_id": checkpoint_id,
+        "epoch": int(epoch),
+        "batch": int(batch),
+        "global_step": int(global_step),
+        "metrics": dict(metrics),
+        "timestamp": timestamp,
+        "components": sorted(components),
+        "extra": dict(extra or {}),
+    }
+    payload["rng"] = stager.stage(capture_rng(), ("__rng__",))
+    for name, component in components.items():
+        payload[name] = stager.stage(component_state(name, component), (name,))
+    return payload
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def write_checkpoint_file(path: str | os.PathLike, payload: Mapping[str, Any]) -> tuple[int, str]:
+    """``torch.save`` ``payload`` crash-safely to ``path``; return ``(size_bytes, checksum)``.
+
+    The checksum is computed from the bytes as they are written (one pass).
+    """
+    return atomic_write(path, lambda writer: torch.save(dict(payload), writer))
+
+
+def _classify_load_error(path: Path, exc: BaseException) -> CheckpointIntegrityError:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    if isinstance(exc, pickle.UnpicklingError) and (
+        "weights_only" in str(exc) or "Unsupported global" in str(exc) or "Unsupported operand" in str(exc)
+    ):
+        return CheckpointIntegrityError(f"{path.name}: refuses to run pickled code: {message[:200]}", status="unsafe")
+    return CheckpointIntegrityError(f"{path.name}: cannot load: {message[:200]}", status="corrupt")
+
+
+def safe_load(path: str | os.PathLike, device: str | torch.device = "cpu", *, mmap: bool = True) -> dict[str, Any]:
+    """Load a checkpoint file with ``weights_only=True`` (never runs pickled code).
+
+    Memory-mapped where the file allows it. Raises :class:`CheckpointIntegrityError` with
+    status ``missing``, ``corrupt`` or ``unsafe``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointIntegrityError(f"{path.name}: file is missing", status="missing")
+    if not zipfile.is_zipfile(path):
+        mmap = False  # legacy (non-zip) format cannot be memory-mapped
+    try:
+        data = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except MemoryError:
+        raise CheckpointIntegrityError(f"{path.name}: absurd sizes in archive (out of memory)") from None
+    except OSError as exc:
+        raise CheckpointIntegrityError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
+    except Exception as exc:  # torch raises many types for damaged archives
+        raise _classify_load_error(path, exc) from None
+    if not isinstance(data, dict):
+        raise CheckpointIntegrityError(f"{path.name}: not a ckptctl checkpoint (top level is {type(data).__name__})")
+    return data
+
+
+def iter_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(dotted_name, tensor)`` for every tensor nested in dicts/lists/tuples of ``obj``."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from iter_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from iter_tensors(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def find_nonfinite(payload: Mapping[str, Any]) -> list[str]:
+    """Names of floating tensors in ``payload`` that hold NaN or infinity."""
+    bad = []
+    for name, tensor in iter_tensors(payload):
+        if tensor.is_floating_point() or tensor.is_complex():
+            if not bool(torch.isfinite(tensor).all()):
+                bad.append(name)
+    return bad
+
+
+def verify_file(
+    path: str | os.PathLike,
+    expected_checksum: str | None,
+    *,
+    deep: bool = False,
+    on_progress: ProgressCallback = None,
+) -> dict[str, Any]:
+    """Checksum (when known) + safe trial load (+ finite check when ``deep``) of one file.
+
+    Returns the loaded payload. Raises :class:`CheckpointIntegrityError` with status
+    ``missing``/``corrupt``/``unsafe``/``nonfinite``.
+    """
+    if expected_checksum is not None:
+        verify_checksum(path, expected_checksum, on_progress)
+    payload = safe_load(path, "cpu", mmap=True)
+    if deep:
+        bad = find_nonfinite(payload)
+        if bad:
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise CheckpointIntegrityError(f"{Path(path).name}: non-finite values in {shown}", status="nonfinite")
+    return payload
+
+
+def apply_components(payload: Mapping[str, Any], components: Mapping[str, Any]) -> None:
+    """Load each component's state from ``payload``; a missing or mismatching one raises RestoreStateError."""
+    for name, component in components.items():
+        if name not in payload or name in RESERVED_CHECKPOINT_KEYS:
+            available = ", ".join(payload.get("components") or []) or "none"
+            raise RestoreStateError(f"checkpoint has no component {name!r} (it has: {available})")
+        try:
+            component.load_state_dict(payload[name])
+        except Exception as exc:
+            raise RestoreStateError(f"cannot load component {name!r}: {str(exc).splitlines()[0][:300]}") from None
+
+
+def payload_metadata(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The non-tensor description of a loaded checkpoint (what load/resume return)."""
+    return {
+        "checkpoint_id": payload.get("checkpoint_id"),
+        "epoch": payload.get("epoch"),
+        "batch": payload.get("batch"),
+        "global_step": payload.get("global_step"),
+        "metrics": dict(payload.get("metrics") or {}),
+        "timestamp": payload.get("timestamp"),
+        "components": list(payload.get("components") or []),
+        "extra": dict(payload.get("extra") or {}),
+    }
+
+
+LoadHook = Callable[[Mapping[str, Any]], None]
