@@ -48,7 +48,7 @@ from ckptctl.storage.runfiles import (
     retention_items,
     set_aside,
 )
-from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index, read_training_state
+from ckptctl.storage.scan import checkpoint_files_on_disk, checkpoint_names_present, read_best, read_index, read_training_state
 from ckptctl.torch_io import (
     Stager,
     apply_components,
@@ -209,8 +209,9 @@ class ModelPersistence:
             except (CheckpointIntegrityError, CorruptIndexError) as exc:
                 log.warning("%s: ignoring checkpoint file that does not load: %s", self.run_dir, exc)
         index = index.with_entries(list(known.values()) + adopted)
-        if on_disk:  # never reuse an id that has a file, even an unreadable one
-            index = Index(index.run_name, max(index.next_id, max(on_disk) + 1), index.checkpoints, index.skipped)
+        ids_taken = checkpoint_names_present(self.run_dir)
+        if ids_taken:  # never reuse an id that has a file (even unreadable, even a symlink)
+            index = Index(index.run_name, max(index.next_id, max(ids_taken) + 1), index.checkpoints, index.skipped)
         if adopted or index.skipped:
             commit_index(self.run_dir, index)
             log.warning("%s: adopted %d checkpoint file(s) missing from the index", self.run_dir, len(adopted))

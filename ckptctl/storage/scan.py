@@ -105,6 +105,15 @@ def checkpoint_files_on_disk(run_dir: str | os.PathLike) -> dict[int, Path]:
     return found
 
 
+def checkpoint_names_present(run_dir: str | os.PathLike) -> set[int]:
+    """Ids of every name in ``checkpoints/`` that looks like a checkpoint, whatever it is (files, symlinks...)."""
+    try:
+        names = os.listdir(Path(run_dir) / CHECKPOINT_DIR)
+    except OSError:
+        return set()
+    return {i for i in map(parse_checkpoint_filename, names) if i is not None}
+
+
 def is_run_dir(path: str | os.PathLike) -> bool:
     """True if ``path`` holds an index, or (a run copied by hand) a ``checkpoints/`` folder of checkpoints."""
     path = Path(path)
