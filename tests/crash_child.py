@@ -1,0 +1,57 @@
+"""Child side of the crash-injection tests: SIGKILL this process at the k-th call of an IO step.
+
+Runs in a separate process (forked from a forkserver that preloaded torch, so each
+child starts fast). The kill is real: ``os.kill(os.getpid(), SIGKILL)``, right before
+the chosen call would run, so every boundary between the steps of a save is hit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+#: The IO steps a save is made of, as the functions the storage layer calls.
+TARGETS = ("os.fsync", "os.replace", "os.unlink", "write")
+
+
+def _arm(target: str, kill_at: int) -> None:
+    calls = {"n": 0}
+
+    def wrap(original):
+        def hooked(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(*args, **kwargs)
+
+        return hooked
+
+    if target == "write":
+        from ckptctl.storage.atomic import HashingWriter
+
+        HashingWriter.write = wrap(HashingWriter.write)
+    else:
+        name = target.split(".", 1)[1]
+        setattr(os, name, wrap(getattr(os, name)))
+
+
+def save_cycles(run_dir: str, target: str, kill_at: int, cycles: int) -> None:
+    """Open the run, resume, arm the hook, then do ``cycles`` of save + update_best + close."""
+    import torch
+
+    from ckptctl import ModelPersistence
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    p = ModelPersistence(run_dir, max_checkpoints=2, save_every_n_batches=1)
+    info = p.resume(agent=model, optimizer=opt)
+    start = info["batch"] + 1
+    _arm(target, kill_at)
+    for batch in range(start, start + cycles):
+        model(torch.randn(2, 16)).sum().backward()
+        opt.step()
+        metrics = {"accuracy_delta": float(batch)}
+        p.maybe_save(0, batch, metrics, agent=model, optimizer=opt)
+        p.update_best(0, batch, metrics, agent=model, optimizer=opt)
+    p.close()
