@@ -38,3 +38,7 @@ class BackgroundSaveError(CkptctlError):
 
 class RestoreStateError(CkptctlError):
     """A checkpoint loaded but restoring a component or an RNG state from it failed."""
+
+
+class NotFoundError(CkptctlError):
+    """A run, checkpoint id or file that the user named does not exist (a usage error in the CLI)."""

@@ -1,0 +1,442 @@
+"""Checks and changes over whole runs that need torch: verify, show, diff, resume-info, promote.
+
+This sits beside the persistence API (it uses :mod:`ckptctl.torch_io` for every load,
+always ``weights_only=True``); the CLI imports it only inside the commands that need it,
+so ``ckptctl ls`` and ``ckptctl --help`` never import torch. Results are plain
+dataclasses and dicts with raw numbers; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from ckptctl.core.format import BEST_METADATA_FILE, BEST_MODEL_FILE, INDEX_FILE
+from ckptctl.core.manifest import BestInfo
+from ckptctl.errors import CheckpointIntegrityError, CorruptIndexError, NotFoundError, UnsafePathError
+from ckptctl.storage.atomic import atomic_copy, resolve_inside
+from ckptctl.storage.lock import RunLock
+from ckptctl.storage.runfiles import commit_best, commit_index
+from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index
+from ckptctl.storage.select import CheckpointRef
+from ckptctl.torch_io import iter_tensors, verify_file
+
+ProgressCallback = Optional[Callable[[int, int], None]]
+
+STATUSES = ("ok", "corrupt", "missing", "unsafe", "nonfinite")
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The outcome for one file: ``status`` is one of :data:`STATUSES`; ``id`` is None for the best model and metadata."""
+
+    run: str
+    id: int | None
+    path: str
+    status: str
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``verify --json`` form."""
+        return {"run": self.run, "id": self.id, "path": self.path, "status": self.status, "detail": self.detail}
+
+
+@dataclass
+class _Job:
+    id: int | None
+    path: Path | None
+    shown: str
+    checksum: str | None
+    detail: str = ""
+    size: int = 0
+
+
+def _plan_verify(run_dir: Path) -> tuple[list[_Job], list[VerifyResult]]:
+    """Every file to check in one run, plus problems found without opening any payload."""
+    jobs: list[_Job] = []
+    found: list[VerifyResult] = []
+    name = run_dir.name
+
+    def bad(checkpoint_id, shown, detail, status="corrupt"):
+        found.append(VerifyResult(name, checkpoint_id, shown, status, detail))
+
+    try:
+        index = read_index(run_dir)
+    except FileNotFoundError:
+        index = None
+    except CorruptIndexError as exc:
+        index = None
+        bad(None, str(run_dir / INDEX_FILE), f"index unreadable: {exc}")
+    if index is not None:
+        for raw_id, reason in index.skipped:
+            bad(raw_id if isinstance(raw_id, int) else None, str(run_dir / INDEX_FILE), f"index entry skipped: {reason}")
+        for entry in index.checkpoints:
+            shown = str(run_dir / entry.path)
+            try:
+                path = resolve_inside(run_dir, entry.path)
+            except UnsafePathError as exc:
+                bad(entry.id, shown, f"not read: {exc}")
+                continue
+            jobs.append(_Job(entry.id, path, shown, entry.checksum))
+    indexed = set(index.by_id()) if index else set()
+    for checkpoint_id, path in sorted(checkpoint_files_on_disk(run_dir).items()):
+        if checkpoint_id not in indexed:
+            jobs.append(_Job(checkpoint_id, path, str(path), None, "not in the index: checked by loading only"))
+    best_file = run_dir / BEST_MODEL_FILE
+    try:
+        best = read_best(run_dir)
+    except (CorruptIndexError, UnsafePathError) as exc:
+        best = None
+        bad(None, str(run_dir / BEST_METADATA_FILE), f"best metadata unreadable: {exc}")
+        if best_file.is_file():
+            jobs.append(_Job(None, best_file, str(best_file), None, "no usable best_metadata.json: checked by loading only"))
+    if best is not None:
+        shown = str(run_dir / best.path)
+        try:
+            jobs.append(_Job(None, resolve_inside(run_dir, best.path), shown, best.checksum))
+        except UnsafePathError as exc:
+            bad(None, shown, f"not read: {exc}")
+    elif not any(r.path == str(run_dir / BEST_METADATA_FILE) for r in found) and best_file.is_file() and not best_file.is_symlink():
+        jobs.append(_Job(None, best_file, str(best_file), None, "no best_metadata.json: checked by loading only"))
+    for job in jobs:
+        try:
+            job.size = job.path.stat().st_size if job.path else 0
+        except OSError:
+            job.size = 0
+    return jobs, found
+
+
+def verify_runs(
+    run_dirs: list[Path],
+    *,
+    deep: bool = False,
+    on_progress: ProgressCallback = None,
+) -> list[VerifyResult]:
+    """Verify every checkpoint and best model of ``run_dirs``: checksum, safe trial load, finite values if ``deep``.
+
+    Never raises for a bad file; each becomes a result. ``on_progress(done_bytes, total_bytes)``
+    is called as files are hashed.
+    """
+    planned = [(run, *_plan_verify(run)) for run in run_dirs]
+    total = sum(job.size for _, jobs, _ in planned for job in jobs)
+    done = 0
+    results: list[VerifyResult] = []
+    for run, jobs, found in planned:
+        results.extend(found)
+        for job in jobs:
+            base = done
+
+            def progress(d: int, _t: int, base=base) -> None:
+                if on_progress:
+                    on_progress(min(base + d, total), total)
+
+            try:
+                payload = verify_file(job.path, job.checksum, deep=deep, on_progress=progress)
+                del payload
+                results.append(VerifyResult(run.name, job.id, job.shown, "ok", job.detail))
+            except CheckpointIntegrityError as exc:
+                results.append(VerifyResult(run.name, job.id, job.shown, exc.status, str(exc)))
+            done = base + job.size
+            if on_progress:
+                on_progress(done, total)
+    return results
+
+
+# --------------------------------------------------------------------------- show
+
+
+def _load(ref: CheckpointRef) -> dict[str, Any]:
+    """Checksum (when the index knows it) and safe load; CheckpointIntegrityError otherwise."""
+    return verify_file(ref.path, ref.checksum)
+
+
+def _component_summary(state: Any) -> dict[str, Any]:
+    tensors = list(iter_tensors(state))
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for _, t in tensors})
+    elements = sum(t.numel() for _, t in tensors)
+    is_model = isinstance(state, Mapping) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+    return {
+        "tensors": len(tensors),
+        "elements": elements,
+        "bytes": sum(t.numel() * t.element_size() for _, t in tensors),
+        "dtypes": dtypes,
+        "parameters": sum(t.numel() for _, t in tensors if t.is_floating_point()) if is_model else None,
+    }
+
+
+def describe_checkpoint(ref: CheckpointRef) -> dict[str, Any]:
+    """Everything ``show`` prints about one checkpoint, as JSON-ready data.
+
+    Raises :class:`CheckpointIntegrityError` if the file fails its checksum or the safe load.
+    """
+    payload = _load(ref)
+    reserved = {"format_version", "checkpoint_id", "epoch", "batch", "global_step", "metrics", "timestamp", "rng", "components", "extra"}
+    names = [n for n in (payload.get("components") or []) if n in payload]
+    names += [n for n in payload if n not in reserved and n not in names]
+    components = {name: _component_summary(payload[name]) for name in names}
+    rng = payload.get("rng")
+    metrics = payload.get("metrics") if isinstance(payload.get("metrics"), Mapping) else {}
+    position = {k: payload.get(k) for k in ("epoch", "batch", "global_step")}
+    resume = None
+    if all(isinstance(v, int) for v in position.values()):
+        resume = {**position, "next_batch": position["batch"] + 1}
+    size = ref.path.stat().st_size
+    return {
+        "path": str(ref.path),
+        "label": ref.label,
+        "id": payload.get("checkpoint_id") if isinstance(payload.get("checkpoint_id"), int) else ref.checkpoint_id,
+        "size_bytes": size,
+        "checksum_verified": ref.checksum is not None,
+        "format_version": payload.get("format_version"),
+        "timestamp": payload.get("timestamp"),
+        "epoch": position["epoch"],
+        "batch": position["batch"],
+        "global_step": position["global_step"],
+        "metrics": {str(k): _finite(v) for k, v in metrics.items()},
+        "components": components,
+        "tensors": sum(c["tensors"] for c in components.values()),
+        "parameters": sum(c["parameters"] or 0 for c in components.values()),
+        "rng": sorted(rng) if isinstance(rng, Mapping) else [],
+        "extra": _jsonable(payload.get("extra") or {}),
+        "resume": resume,
+    }
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        value = float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return f"<tensor {tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}>"
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return repr(obj)
+
+
+# --------------------------------------------------------------------------- diff
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """How one named tensor compares: ``status`` is same / changed / shape / dtype / only_a / only_b."""
+
+    name: str
+    status: str
+    shape_a: tuple[int, ...] | None
+    shape_b: tuple[int, ...] | None
+    max_abs_diff: float | None = None
+
+
+def _compare(a: torch.Tensor, b: torch.Tensor, atol: float) -> tuple[str, float | None]:
+    if a.shape != b.shape:
+        return "shape", None
+    if a.dtype != b.dtype:
+        return "dtype", None
+    if a.numel() == 0:
+        return "same", 0.0
+    if a.dtype == torch.bool:
+        differ = int((a != b).sum())
+        return ("changed" if differ else "same"), float(bool(differ))
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    both_nan = torch.isnan(a64) & torch.isnan(b64)
+    delta = (a64 - b64).abs()
+    delta = torch.where(both_nan, torch.zeros_like(delta), delta)
+    delta = torch.where(torch.isnan(delta), torch.full_like(delta, math.inf), delta)
+    same_inf = (a64 == b64)
+    delta = torch.where(same_inf, torch.zeros_like(delta), delta)
+    worst = float(delta.max())
+    return ("changed" if worst > atol else "same"), worst
+
+
+def diff_checkpoints(a: CheckpointRef, b: CheckpointRef, *, atol: float = 0.0) -> dict[str, Any]:
+    """Compare every tensor (model, optimizer, RNG, ...) of two checkpoints; JSON-ready.
+
+    ``identical`` is True when both hold the same tensor names, shapes and dtypes and no
+    value differs by more than ``atol``. Raises CheckpointIntegrityError if either fails to load.
+    """
+    pa, pb = _load(a), _load(b)
+    ta, tb = dict(iter_tensors(pa)), dict(iter_tensors(pb))
+    rows: list[TensorDiff] = []
+    for name in sorted(set(ta) | set(tb)):
+        if name not in tb:
+            rows.append(TensorDiff(name, "only_a", tuple(ta[name].shape), None))
+        elif name not in ta:
+            rows.append(TensorDiff(name, "only_b", None, tuple(tb[name].shape)))
+        else:
+            status, worst = _compare(ta[name], tb[name], atol)
+            rows.append(TensorDiff(name, status, tuple(ta[name].shape), tuple(tb[name].shape), worst))
+
+    def side(ref: CheckpointRef, payload: Mapping[str, Any]) -> dict[str, Any]:
+        metrics = payload.get("metrics") if isinstance(payload.get("metrics"), Mapping) else {}
+        return {
+            "path": str(ref.path),
+            "label": ref.label,
+            "epoch": payload.get("epoch"),
+            "batch": payload.get("batch"),
+            "global_step": payload.get("global_step"),
+            "metrics": {str(k): _finite(v) for k, v in metrics.items()},
+        }
+
+    changed = [r for r in rows if r.status != "same"]
+    return {
+        "a": side(a, pa),
+        "b": side(b, pb),
+        "atol": atol,
+        "identical": not changed,
+        "tensors": [
+            {
+                "name": r.name,
+                "status": r.status,
+                "shape_a": list(r.shape_a) if r.shape_a is not None else None,
+                "shape_b": list(r.shape_b) if r.shape_b is not None else None,
+                "max_abs_diff": r.max_abs_diff if r.max_abs_diff is None or math.isfinite(r.max_abs_diff) else None,
+            }
+            for r in rows
+        ],
+        "changed": len(changed),
+        "compared": len(rows),
+    }
+
+
+# --------------------------------------------------------------------------- resume-info
+
+
+def resume_info(run_dir: Path) -> dict[str, Any]:
+    """What ``ModelPersistence.resume`` (and ``trainloop --resume``) would load from ``run_dir``, read-only.
+
+    Walks the checkpoints newest first, as resume does: checksum against the index, then a
+    safe trial load. Checkpoint files missing from the index (which resume adopts) are
+    checked by loading. Returns ``{"run", "path", "checkpoint": {...} | None, "reason", "skipped": [...]}``.
+    """
+    try:
+        index = read_index(run_dir)
+        index_problem = None
+    except FileNotFoundError:
+        index, index_problem = None, None
+    except CorruptIndexError as exc:
+        index, index_problem = None, str(exc)
+    candidates: dict[int, tuple[Path | None, str | None, str, Any]] = {}
+    if index is not None:
+        for entry in index.checkpoints:
+            try:
+                path = resolve_inside(run_dir, entry.path)
+                candidates[entry.id] = (path, entry.checksum, str(run_dir / entry.path), entry)
+            except UnsafePathError as exc:
+                candidates[entry.id] = (None, None, str(run_dir / entry.path), str(exc))
+    for checkpoint_id, path in checkpoint_files_on_disk(run_dir).items():
+        candidates.setdefault(checkpoint_id, (path, None, str(path), None))
+    skipped: list[dict[str, Any]] = []
+    chosen = None
+    for checkpoint_id in sorted(candidates, reverse=True):
+        path, checksum, shown, entry = candidates[checkpoint_id]
+        if path is None:
+            skipped.append({"id": checkpoint_id, "path": shown, "status": "corrupt", "detail": f"not read: {entry}"})
+            continue
+        try:
+            payload = verify_file(path, checksum)
+        except CheckpointIntegrityError as exc:
+            skipped.append({"id": checkpoint_id, "path": shown, "status": exc.status, "detail": str(exc)})
+            continue
+        chosen = {
+            "id": checkpoint_id,
+            "path": shown,
+            "epoch": payload.get("epoch"),
+            "batch": payload.get("batch"),
+            "global_step": payload.get("global_step"),
+            "metrics": {str(k): _finite(v) for k, v in (payload.get("metrics") or {}).items()},
+            "timestamp": payload.get("timestamp"),
+            "checksum_verified": checksum is not None,
+            "indexed": checksum is not None,
+        }
+        del payload
+        break
+    if chosen is None:
+        reason = "no checkpoint verifies: resume would fail" if skipped else "no checkpoints: resume would start fresh"
+    else:
+        if chosen["checksum_verified"]:
+            reason = f"checkpoint {chosen['id']} is the newest whose checksum matches the index and that loads safely"
+        else:
+            reason = f"checkpoint {chosen['id']} is the newest that loads safely (it is not in the index; resume adopts it)"
+        if skipped:
+            reason += f"; skipped {len(skipped)} newer one(s) that do not verify"
+    return {
+        "run": run_dir.name,
+        "path": str(run_dir),
+        "checkpoint": chosen,
+        "reason": reason,
+        "skipped": skipped,
+        "index_problem": index_problem,
+    }
+
+
+# --------------------------------------------------------------------------- promote
+
+
+def promote(run_dir: Path, checkpoint_id: int, *, pin: bool = False) -> BestInfo:
+    """Make checkpoint ``checkpoint_id`` the run's best model, holding the run lock.
+
+    The checkpoint must verify (checksum + safe load). ``best_model.pt`` is replaced by a
+    verified atomic copy, then ``best_metadata.json`` (``promoted_by_hand: true``). With
+    ``pin`` the checkpoint is also pinned in the index so retention keeps it. Raises
+    RunLockedError while a trainer holds the run, NotFoundError for an unknown id.
+    """
+    with RunLock(run_dir):
+        index = read_index(run_dir)
+        entries = index.by_id()
+        entry = entries.get(checkpoint_id)
+        if entry is None:
+            have = ", ".join(map(str, sorted(entries))) or "none"
+            raise NotFoundError(f"{run_dir}: no checkpoint {checkpoint_id} in the index (it has {have})")
+        try:
+            path = resolve_inside(run_dir, entry.path)
+        except UnsafePathError as exc:
+            raise CheckpointIntegrityError(f"checkpoint {checkpoint_id}: {exc}") from None
+        verify_file(path, entry.checksum)
+        try:
+            old = read_best(run_dir)
+        except (CorruptIndexError, UnsafePathError):
+            old = None
+        metric = old.metric if old and old.metric else None
+        mode = old.mode if old else "max"
+        size, checksum = atomic_copy(path, run_dir / BEST_MODEL_FILE, expected_checksum=entry.checksum)
+        info = BestInfo(
+            path=BEST_MODEL_FILE,
+            source_id=entry.id,
+            epoch=entry.epoch,
+            batch=entry.batch,
+            global_step=entry.global_step,
+            metrics=dict(entry.metrics),
+            timestamp=entry.timestamp,
+            size_bytes=size,
+            checksum=checksum,
+            metric=metric,
+            mode=mode,
+            value=entry.metrics.get(metric) if metric else None,
+            promoted_by_hand=True,
+        )
+        commit_best(run_dir, info)
+        if pin and not entry.pinned:
+            entries[checkpoint_id] = replace(entry, pinned=True)
+            commit_index(run_dir, index.with_entries(list(entries.values())))
+        return info

@@ -1,0 +1,348 @@
+"""Everything the CLI prints: rich tables for people, JSON for scripts, progress bars on a terminal.
+
+Data goes to stdout, warnings and progress to stderr. Bytes are humanized only here; the
+JSON modes print raw numbers. No torch, no file IO of runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import sys
+from typing import Any, Callable, Iterator, Optional
+
+import humanize
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+#: Metrics shown first in tables when a run has them; other metrics follow by name.
+PREFERRED_METRICS = ("loss", "accuracy", "accuracy_delta", "val_loss", "val_accuracy")
+MAX_METRIC_COLUMNS = 3
+
+
+def console(stderr: bool = False) -> Console:
+    """A console on the current stdout (or stderr); wide and plain when not a terminal."""
+    stream = sys.stderr if stderr else sys.stdout
+    is_tty = hasattr(stream, "isatty") and stream.isatty()
+    return Console(file=stream, width=None if is_tty else 120, highlight=False, soft_wrap=not is_tty and stderr)
+
+
+def print_json(data: Any) -> None:
+    """Write ``data`` to stdout as indented JSON (raw numbers, NaN refused)."""
+    sys.stdout.write(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr."""
+    sys.stderr.write(f"warning: {message}\n")
+
+
+def info(message: str) -> None:
+    """One informational line on stderr (hints, notes)."""
+    sys.stderr.write(f"{message}\n")
+
+
+def size(n: int | None) -> str:
+    """Human size, decimal units as Drive quotas are sold (``1.2 GB``)."""
+    return "-" if n is None else humanize.naturalsize(n, binary=False)
+
+
+def age(timestamp: str | None, now: _dt.datetime | None = None) -> str:
+    """``3 minutes ago`` from an ISO timestamp; ``-`` if unknown."""
+    if not timestamp:
+        return "-"
+    try:
+        when = _dt.datetime.fromisoformat(timestamp)
+    except ValueError:
+        return "-"
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.timezone.utc)
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return humanize.naturaltime(now - when)
+
+
+def metric(value: Any) -> str:
+    """A metric value, short."""
+    if value is None:
+        return "-"
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(value):
+        return "nan"
+    return f"{value:.4g}"
+
+
+def _metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    names: list[str] = []
+    for row in rows:
+        for name in row.get("metrics") or {}:
+            if name not in names:
+                names.append(name)
+    ordered = [m for m in PREFERRED_METRICS if m in names] + sorted(m for m in names if m not in PREFERRED_METRICS)
+    return ordered[:MAX_METRIC_COLUMNS]
+
+
+# --------------------------------------------------------------------------- progress
+
+
+@contextlib.contextmanager
+def progress(description: str, enabled: bool = True) -> Iterator[Optional[Callable[[int, int], None]]]:
+    """Yield an ``on_progress(done, total)`` callback drawing a bytes bar on stderr, or None when not on a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total or None)
+
+        yield on_progress
+
+
+# --------------------------------------------------------------------------- ls
+
+
+def render_ls(doc: dict[str, Any]) -> None:
+    """Tables of ``ls``: one per run, marks for latest / best source / Drive / pinned, then totals."""
+    out = console()
+    runs = doc["runs"]
+    if not runs:
+        out.print("No runs found.")
+        return
+    total_bytes = 0
+    total_checkpoints = 0
+    for run in runs:
+        rows = run["checkpoints"]
+        total_bytes += run["total_bytes"]
+        total_checkpoints += len(rows)
+        flags = []
+        if run.get("status"):
+            flags.append(run["status"])
+        if run.get("locked"):
+            flags.append("in use by a trainer")
+        if not run.get("indexed"):
+            flags.append("no index")
+        title = f"[bold]{run['name']}[/bold]  {run['path']}" + (f"  ({', '.join(flags)})" if flags else "")
+        metrics = _metric_columns(rows)
+        table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+        table.add_column("ID", justify="right", no_wrap=True)
+        table.add_column("Epoch", justify="right")
+        table.add_column("Batch", justify="right")
+        table.add_column("Step", justify="right")
+        for name in metrics:
+            table.add_column(name, justify="right")
+        table.add_column("Size", justify="right", no_wrap=True)
+        table.add_column("Age", no_wrap=True)
+        table.add_column("Marks")
+        for row in rows:
+            marks = []
+            if row["latest"]:
+                marks.append("latest")
+            if row["best_source"]:
+                marks.append("best")
+            if row["mirrored"]:
+                marks.append("drive")
+            if row["pinned"]:
+                marks.append("pinned")
+            if not row["indexed"]:
+                marks.append("unindexed")
+            if not row["present"]:
+                marks.append("MISSING")
+            table.add_row(
+                str(row["id"]),
+                "-" if row["epoch"] is None else str(row["epoch"]),
+                "-" if row["batch"] is None else str(row["batch"]),
+                "-" if row["global_step"] is None else str(row["global_step"]),
+                *[metric(row["metrics"].get(m)) for m in metrics],
+                size(row["size_bytes"]),
+                age(row["timestamp"]),
+                " ".join(marks),
+            )
+        out.print(table)
+        best = run.get("best")
+        if best is not None:
+            source = f"from checkpoint {best['source_id']}" if best["source_id"] is not None else "saved separately"
+            how = ", promoted by hand" if best.get("promoted_by_hand") else ""
+            value = f", {best['metric']}={metric(best.get('value'))}" if best.get("metric") else ""
+            missing = " (MISSING)" if not best.get("present", True) else ""
+            out.print(f"  best model: {source}{value}{how}, {size(best['size_bytes'])}{missing}")
+        out.print(f"  {len(rows)} checkpoint(s), {size(run['total_bytes'])} in total")
+        out.print()
+        for problem in run.get("problems") or []:
+            warn(f"{run['name']}: {problem}")
+    if len(runs) > 1:
+        out.print(f"{len(runs)} runs, {total_checkpoints} checkpoints, {size(total_bytes)} in total")
+
+
+# --------------------------------------------------------------------------- verify
+
+_STATUS_STYLE = {"ok": "green", "corrupt": "red", "missing": "red", "unsafe": "magenta", "nonfinite": "yellow"}
+
+
+def render_verify(doc: dict[str, Any]) -> None:
+    """The ``verify`` table and a one-line summary."""
+    out = console()
+    table = Table(show_edge=False, pad_edge=False)
+    for name in ("Run", "ID", "Status", "Path", "Detail"):
+        table.add_column(name, overflow="fold")
+    for r in doc["results"]:
+        table.add_row(
+            r["run"],
+            "best" if r["id"] is None and r["path"].endswith(".pt") else ("-" if r["id"] is None else str(r["id"])),
+            Text(r["status"], style=_STATUS_STYLE.get(r["status"], "")),
+            r["path"],
+            r["detail"],
+        )
+    out.print(table)
+    counts: dict[str, int] = {}
+    for r in doc["results"]:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items(), key=lambda kv: kv[0] != "ok"))
+    out.print(("All good: " if doc["ok"] else "Problems found: ") + summary)
+
+
+# --------------------------------------------------------------------------- show
+
+
+def render_show(d: dict[str, Any]) -> None:
+    """``show``: one checkpoint in depth."""
+    out = console()
+    out.print(f"[bold]{d['label']}[/bold]  {d['path']}")
+    out.print(f"  size {size(d['size_bytes'])}, saved {age(d['timestamp'])} ({d['timestamp']})")
+    out.print(f"  checksum against index: {'verified' if d['checksum_verified'] else 'not in an index (loaded safely only)'}")
+    out.print(f"  epoch {d['epoch']}, batch {d['batch']}, global step {d['global_step']}")
+    if d["metrics"]:
+        out.print("  metrics: " + ", ".join(f"{k}={metric(v)}" for k, v in d["metrics"].items()))
+    table = Table(show_edge=False, pad_edge=False)
+    for name, justify in (("Component", "left"), ("Tensors", "right"), ("Elements", "right"), ("Bytes", "right"), ("Dtypes", "left")):
+        table.add_column(name, justify=justify)
+    for name, c in d["components"].items():
+        table.add_row(name, str(c["tensors"]), f"{c['elements']:,}", size(c["bytes"]), ", ".join(c["dtypes"]))
+    out.print(table)
+    out.print(f"  {d['tensors']} tensors, {d['parameters']:,} model parameters")
+    out.print(f"  RNG states: {', '.join(d['rng']) if d['rng'] else 'none (resume cannot restore randomness)'}")
+    r = d.get("resume")
+    if r:
+        out.print(f"  resuming from it continues at epoch {r['epoch']}, batch {r['next_batch']} (global step {r['global_step']} done)")
+
+
+# --------------------------------------------------------------------------- diff
+
+
+def render_diff(d: dict[str, Any], show_all: bool = False) -> None:
+    """``diff``: positions and metrics side by side, then the tensors that differ."""
+    out = console()
+    a, b = d["a"], d["b"]
+    head = Table(show_edge=False, pad_edge=False)
+    head.add_column("")
+    head.add_column("A: " + a["label"])
+    head.add_column("B: " + b["label"])
+    for key in ("epoch", "batch", "global_step"):
+        head.add_row(key, str(a[key]), str(b[key]))
+    for name in sorted(set(a["metrics"]) | set(b["metrics"])):
+        head.add_row(name, metric(a["metrics"].get(name)), metric(b["metrics"].get(name)))
+    out.print(head)
+    rows = [t for t in d["tensors"] if show_all or t["status"] != "same"]
+    if rows:
+        table = Table(show_edge=False, pad_edge=False)
+        for name in ("Tensor", "Status", "Shape A", "Shape B", "Max |A-B|"):
+            table.add_column(name, overflow="fold")
+        for t in rows:
+            shape_a = "-" if t["shape_a"] is None else "×".join(map(str, t["shape_a"])) or "scalar"
+            shape_b = "-" if t["shape_b"] is None else "×".join(map(str, t["shape_b"])) or "scalar"
+            worst = "-" if t["max_abs_diff"] is None else f"{t['max_abs_diff']:.3g}"
+            table.add_row(t["name"], t["status"], shape_a, shape_b, worst)
+        out.print(table)
+    if d["identical"]:
+        out.print(f"Identical: all {d['compared']} tensors match" + (f" within {d['atol']:g}" if d["atol"] else ""))
+    else:
+        out.print(f"Different: {d['changed']} of {d['compared']} tensors differ")
+
+
+# --------------------------------------------------------------------------- resume-info
+
+
+def render_resume_info(d: dict[str, Any]) -> None:
+    """``resume-info``: what resume would load, and what it would skip."""
+    out = console()
+    out.print(f"[bold]{d['run']}[/bold]  {d['path']}")
+    if d.get("index_problem"):
+        out.print(f"  index unreadable ({d['index_problem']}); resume rebuilds it from the checkpoint files")
+    for s in d["skipped"]:
+        out.print(f"  skip checkpoint {s['id']}: {s['status']} - {s['detail']}")
+    c = d["checkpoint"]
+    if c is None:
+        out.print(f"  {d['reason']}")
+        return
+    out.print(f"  would load checkpoint {c['id']}: {c['path']}")
+    out.print(f"  epoch {c['epoch']}, batch {c['batch']}, global step {c['global_step']}, saved {age(c['timestamp'])}")
+    if c["metrics"]:
+        out.print("  metrics: " + ", ".join(f"{k}={metric(v)}" for k, v in c["metrics"].items()))
+    out.print(f"  why: {d['reason']}")
+    if isinstance(c["batch"], int):
+        out.print(f"  training continues at epoch {c['epoch']}, batch {c['batch'] + 1}")
+
+
+# --------------------------------------------------------------------------- prune
+
+
+def render_prune_plans(plans: list[Any], dry_run: bool) -> None:
+    """The delete plan of each run: what goes, what stays and why, bytes freed."""
+    out = console()
+    freed = 0
+    count = 0
+    for plan in plans:
+        out.print(f"[bold]{plan.run_dir.name}[/bold]  {plan.run_dir}")
+        for entry in plan.delete:
+            out.print(f"  delete checkpoint {entry.id:>4}  {size(plan.sizes.get(entry.id, 0)):>9}  {entry.path}")
+        for entry in plan.keep:
+            why = plan.protected.get(entry.id)
+            out.print(f"  keep   checkpoint {entry.id:>4}  {size(plan.sizes.get(entry.id, 0)):>9}" + (f"  ({why})" if why else ""))
+        for reason in plan.skipped:
+            out.print(f"  skip   {reason}")
+        out.print(f"  frees {size(plan.bytes_freed)}; {size(plan.bytes_after)} of checkpoints stay")
+        if not plan.fits:
+            warn(f"{plan.run_dir.name}: protected checkpoints alone take {size(plan.bytes_after)}, more than --max-size {size(plan.max_total_bytes)}")
+        freed += plan.bytes_freed
+        count += len(plan.delete)
+    verb = "Would delete" if dry_run else "Plan: delete"
+    out.print(f"{verb} {count} checkpoint(s), freeing {size(freed)}." + (" (dry run: nothing deleted)" if dry_run else ""))
+
+
+def prune_plan_json(plans: list[Any], dry_run: bool, deleted: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """The ``prune --json`` document."""
+    return {
+        "dry_run": dry_run,
+        "runs": [
+            {
+                "run": p.run_dir.name,
+                "path": str(p.run_dir),
+                "delete": [{"id": e.id, "path": str(p.run_dir / e.path), "size_bytes": p.sizes.get(e.id, 0)} for e in p.delete],
+                "keep": [{"id": e.id, "protected": p.protected.get(e.id)} for e in p.keep],
+                "skipped": list(p.skipped),
+                "bytes_freed": p.bytes_freed,
+                "bytes_after": p.bytes_after,
+                "fits": p.fits,
+                "deleted": (deleted or {}).get(str(p.run_dir), []),
+            }
+            for p in plans
+        ],
+        "bytes_freed": sum(p.bytes_freed for p in plans),
+    }

@@ -1,0 +1,249 @@
+"""What ``ckptctl ls`` shows, read cheaply: metadata and ``stat`` only, never a checkpoint payload.
+
+:func:`list_runs` turns the run directories at a path into frozen :class:`RunListing`
+records (raw ints for bytes, UTC ISO strings for times) and :func:`listing_to_json`
+gives the stable ``--json`` shape. No torch here.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckptctl.core.format import BEST_MODEL_FILE, checkpoint_relpath
+from ckptctl.errors import UnsafePathError
+from ckptctl.storage.atomic import resolve_inside
+from ckptctl.storage.lock import is_locked
+from ckptctl.storage.scan import RunScan, checkpoint_files_on_disk, find_runs, scan_run
+
+
+@dataclass(frozen=True)
+class CheckpointRow:
+    """One checkpoint as listed: from the index, or (``indexed=False``) just a file on disk."""
+
+    id: int
+    path: str
+    size_bytes: int
+    epoch: int | None = None
+    batch: int | None = None
+    global_step: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    timestamp: str | None = None
+    checksum: str | None = None
+    pinned: bool = False
+    mirrored: bool = False
+    indexed: bool = True
+    present: bool = True
+
+
+@dataclass(frozen=True)
+class BestRow:
+    """``best_model.pt`` as listed."""
+
+    path: str
+    size_bytes: int
+    source_id: int | None = None
+    epoch: int | None = None
+    batch: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    metric: str | None = None
+    value: float | None = None
+    promoted_by_hand: bool = False
+    present: bool = True
+
+
+@dataclass(frozen=True)
+class RunListing:
+    """One run as ``ls`` shows it. ``problems`` are warnings (bad index entries, unreadable files)."""
+
+    name: str
+    path: Path
+    checkpoints: tuple[CheckpointRow, ...]
+    best: BestRow | None
+    problems: tuple[str, ...] = ()
+    indexed: bool = True
+    locked: bool = False
+    status: str | None = None
+
+    @property
+    def latest_id(self) -> int | None:
+        """Id of the newest checkpoint listed, or None."""
+        return max((c.id for c in self.checkpoints), default=None)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the checkpoint files present plus ``best_model.pt``."""
+        total = sum(c.size_bytes for c in self.checkpoints if c.present)
+        if self.best is not None and self.best.present:
+            total += self.best.size_bytes
+        return total
+
+    @property
+    def newest_timestamp(self) -> str | None:
+        """Timestamp of the newest checkpoint (by id), if known."""
+        rows = [c for c in self.checkpoints if c.timestamp]
+        return max(rows, key=lambda c: c.id).timestamp if rows else None
+
+
+def _mtime_iso(path: Path) -> str | None:
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return None
+    return _dt.datetime.fromtimestamp(mtime, _dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _file_size(run_dir: Path, relpath: str) -> int | None:
+    """Size of a run file named in metadata, or None if absent or unsafe (never follows an escape)."""
+    try:
+        path = resolve_inside(run_dir, relpath)
+        return path.stat().st_size if path.is_file() else None
+    except (UnsafePathError, OSError):
+        return None
+
+
+def listing_from_scan(scan: RunScan) -> RunListing:
+    """Build the listing of one scanned run (stat calls only)."""
+    rows: list[CheckpointRow] = []
+    problems = list(scan.problems)
+    if scan.index is not None:
+        for e in scan.index.checkpoints:
+            size = _file_size(scan.path, e.path)
+            if size is None:
+                problems.append(f"checkpoint {e.id}: file {e.path} is missing or outside the run")
+            rows.append(
+                CheckpointRow(
+                    id=e.id,
+                    path=e.path,
+                    size_bytes=e.size_bytes,
+                    epoch=e.epoch,
+                    batch=e.batch,
+                    global_step=e.global_step,
+                    metrics=dict(e.metrics),
+                    timestamp=e.timestamp,
+                    checksum=e.checksum,
+                    pinned=e.pinned,
+                    mirrored=e.mirrored is not None,
+                    present=size is not None,
+                )
+            )
+    on_disk = checkpoint_files_on_disk(scan.path)
+    for checkpoint_id, size in sorted(scan.unindexed.items()):
+        rows.append(
+            CheckpointRow(
+                id=checkpoint_id,
+                path=checkpoint_relpath(checkpoint_id),
+                size_bytes=size,
+                timestamp=_mtime_iso(on_disk[checkpoint_id]) if checkpoint_id in on_disk else None,
+                indexed=False,
+            )
+        )
+    if scan.index is not None and scan.unindexed:
+        problems.append(f"{len(scan.unindexed)} checkpoint file(s) not in the index")
+    rows.sort(key=lambda r: r.id)
+
+    best: BestRow | None = None
+    if scan.best is not None:
+        b = scan.best
+        size = _file_size(scan.path, b.path)
+        if size is None:
+            problems.append(f"best model file {b.path} is missing")
+        best = BestRow(
+            path=b.path,
+            size_bytes=b.size_bytes,
+            source_id=b.source_id,
+            epoch=b.epoch,
+            batch=b.batch,
+            metrics=dict(b.metrics),
+            metric=b.metric,
+            value=b.value,
+            promoted_by_hand=b.promoted_by_hand,
+            present=size is not None,
+        )
+    else:
+        size = _file_size(scan.path, BEST_MODEL_FILE)
+        if size is not None:
+            best = BestRow(path=BEST_MODEL_FILE, size_bytes=size)
+    status = scan.training_state.get("status") if scan.training_state else None
+    return RunListing(
+        name=scan.name,
+        path=scan.path,
+        checkpoints=tuple(rows),
+        best=best,
+        problems=tuple(problems),
+        indexed=scan.index is not None,
+        locked=is_locked(scan.path),
+        status=status if isinstance(status, str) else None,
+    )
+
+
+def list_runs(path: str | os.PathLike) -> list[RunListing]:
+    """List every run at ``path`` (a run, a folder of runs, or a Drive mirror root).
+
+    Raises FileNotFoundError / NotADirectoryError for a bad ``path``; a damaged run is
+    still listed, with its problems.
+    """
+    return [listing_from_scan(scan_run(run)) for run in find_runs(path)]
+
+
+def _json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+def run_to_json(run: RunListing) -> dict[str, Any]:
+    """The ``--json`` form of one run (raw bytes, ISO timestamps, paths joined to the run path)."""
+    best = None
+    if run.best is not None:
+        b = run.best
+        best = {
+            "source_id": b.source_id,
+            "epoch": b.epoch,
+            "batch": b.batch,
+            "metrics": _json_metrics(b.metrics),
+            "size_bytes": b.size_bytes,
+            "path": str(run.path / b.path),
+            "metric": b.metric,
+            "value": b.value if b.value is None or math.isfinite(b.value) else None,
+            "promoted_by_hand": b.promoted_by_hand,
+            "present": b.present,
+        }
+    latest = run.latest_id
+    return {
+        "name": run.name,
+        "path": str(run.path),
+        "total_bytes": run.total_bytes,
+        "indexed": run.indexed,
+        "locked": run.locked,
+        "status": run.status,
+        "checkpoints": [
+            {
+                "id": c.id,
+                "epoch": c.epoch,
+                "batch": c.batch,
+                "global_step": c.global_step,
+                "metrics": _json_metrics(c.metrics),
+                "size_bytes": c.size_bytes,
+                "timestamp": c.timestamp,
+                "path": str(run.path / c.path),
+                "checksum": c.checksum,
+                "pinned": c.pinned,
+                "mirrored": c.mirrored,
+                "indexed": c.indexed,
+                "present": c.present,
+                "latest": c.id == latest,
+                "best_source": best is not None and c.id == run.best.source_id,
+            }
+            for c in run.checkpoints
+        ],
+        "best": best,
+        "problems": list(run.problems),
+    }
+
+
+def listing_to_json(runs: list[RunListing]) -> dict[str, Any]:
+    """The whole ``ls --json`` document: ``{"runs": [...]}``."""
+    return {"runs": [run_to_json(r) for r in runs]}

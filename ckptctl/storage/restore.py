@@ -1,0 +1,291 @@
+"""Copying runs between a local ``runs/`` folder and the Drive mirror on request: restore and backup.
+
+Restore copies a mirror run into ``<dest>/<run_name>`` with the same crash-safe, verified
+copy the background mirror uses (temporary name, checksum checked in the same pass,
+rename). The local index is committed after every file, so an interrupted restore
+continues where it stopped, and a local checkpoint newer than the mirror's is never
+overwritten unless ``force``. No torch.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ckptctl.core.format import (
+    CHECKPOINT_DIR,
+    TRAINING_LOG_FILE,
+    TRAINING_STATE_FILE,
+    utc_now_iso,
+)
+from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index
+from ckptctl.errors import CheckpointIntegrityError, CkptctlError, CorruptIndexError, NotFoundError, UnsafePathError
+from ckptctl.storage.atomic import (
+    ProgressCallback,
+    atomic_copy,
+    cleanup_temporaries,
+    hash_file,
+    resolve_inside,
+    verify_checksum,
+)
+from ckptctl.storage.lock import RunLock
+from ckptctl.storage.mirror import SyncReport, sync_run
+from ckptctl.storage.runfiles import commit_best, commit_index, set_aside
+from ckptctl.storage.scan import checkpoint_files_on_disk, find_runs, read_best, read_index
+
+#: Where Colab mounts Drive, and the folder the trainloop mirrors to by default.
+COLAB_DRIVE_DEFAULT = "/content/drive/MyDrive/ARC-EFE-Backups"
+
+
+def default_drive() -> Path:
+    """The Drive mirror root: ``$CKPTCTL_DRIVE`` if set, else the Colab default."""
+    return Path(os.environ.get("CKPTCTL_DRIVE") or COLAB_DRIVE_DEFAULT)
+
+
+def _newest_time(run_dir: Path) -> str:
+    """ISO time of the run's newest checkpoint (index timestamp, else file mtime); '' if none."""
+    try:
+        latest = read_index(run_dir).latest
+        if latest is not None:
+            return latest.timestamp
+    except (FileNotFoundError, CorruptIndexError):
+        pass
+    times = []
+    for path in checkpoint_files_on_disk(run_dir).values():
+        try:
+            times.append(_dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc).isoformat())
+        except OSError:
+            continue
+    return max(times, default="")
+
+
+def choose_mirror_run(drive: str | os.PathLike, run: str | None = None) -> Path:
+    """The mirror run to restore: the one named ``run``, else the one with the newest checkpoint."""
+    drive = Path(drive)
+    try:
+        runs = find_runs(drive)
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotFoundError(f"Drive folder {drive} not found (is Drive mounted? set --drive or CKPTCTL_DRIVE)") from None
+    if run is not None:
+        for candidate in runs:
+            if candidate.name == run:
+                return candidate
+        names = ", ".join(r.name for r in runs) or "none"
+        raise NotFoundError(f"{drive}: no run named {run!r} (runs there: {names})")
+    if not runs:
+        raise NotFoundError(f"{drive}: no runs to restore")
+    return max(runs, key=lambda r: (_newest_time(r), r.name))
+
+
+@dataclass
+class RestoreReport:
+    """What one restore did (run-relative paths)."""
+
+    source: Path
+    dest: Path
+    copied: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    kept_local: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    bytes_copied: int = 0
+    resume_id: int | None = None
+
+
+@dataclass
+class _Copy:
+    relpath: str
+    src: Path
+    dst: Path
+    checksum: str | None
+    size: int
+    entry: CheckpointEntry | None = None
+    best: BestInfo | None = None
+
+
+def _local_ok(path: Path, checksum: str) -> bool:
+    try:
+        verify_checksum(path, checksum)
+        return True
+    except CheckpointIntegrityError:
+        return False
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def restore_run(
+    mirror_run: str | os.PathLike,
+    dest_run: str | os.PathLike,
+    *,
+    only_id: int | None = None,
+    force: bool = False,
+    on_progress: ProgressCallback = None,
+) -> RestoreReport:
+    """Restore ``mirror_run`` into ``dest_run`` holding its run lock; return what was done.
+
+    Copies the mirror's checkpoints (or only ``only_id``), best model and training state
+    that are missing locally, older locally, or damaged locally. A local checkpoint or best
+    model that verifies and is newer than the mirror's is kept unless ``force``. Raises
+    RunLockedError while a trainer holds ``dest_run``.
+    """
+    mirror_run, dest_run = Path(mirror_run), Path(dest_run)
+    report = RestoreReport(source=mirror_run, dest=dest_run)
+    try:
+        mirror_index = read_index(mirror_run)
+    except FileNotFoundError:
+        mirror_index = Index(run_name=mirror_run.name, next_id=0)
+    except CorruptIndexError as exc:
+        report.problems.append(f"mirror index unreadable ({exc}); copying its checkpoint files by name")
+        mirror_index = Index(run_name=mirror_run.name, next_id=0)
+    for raw_id, reason in mirror_index.skipped:
+        report.problems.append(f"mirror index entry {raw_id!r} skipped: {reason}")
+    mirror_entries = mirror_index.by_id()
+    mirror_files = {i: p for i, p in checkpoint_files_on_disk(mirror_run).items() if i not in mirror_entries}
+    if only_id is not None:
+        if only_id not in mirror_entries and only_id not in mirror_files:
+            have = ", ".join(map(str, sorted(set(mirror_entries) | set(mirror_files)))) or "none"
+            raise NotFoundError(f"{mirror_run}: no checkpoint {only_id} on the mirror (it has {have})")
+        mirror_entries = {k: v for k, v in mirror_entries.items() if k == only_id}
+        mirror_files = {k: v for k, v in mirror_files.items() if k == only_id}
+
+    (dest_run / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    with RunLock(dest_run):
+        cleanup_temporaries(dest_run)
+        cleanup_temporaries(dest_run / CHECKPOINT_DIR)
+        try:
+            local_index = read_index(dest_run)
+        except FileNotFoundError:
+            local_index = Index(run_name=mirror_index.run_name or mirror_run.name, next_id=0)
+        except CorruptIndexError as exc:
+            if not force:
+                raise CkptctlError(f"{dest_run}: local index unreadable ({exc}); use --force to set it aside and restore") from None
+            set_aside(dest_run / "checkpoint_metadata.json", "unreadable; replaced by restore --force")
+            local_index = Index(run_name=mirror_index.run_name or mirror_run.name, next_id=0)
+        local = local_index.by_id()
+        local_files = checkpoint_files_on_disk(dest_run)
+        copies: list[_Copy] = []
+
+        for checkpoint_id, m in sorted(mirror_entries.items()):
+            try:
+                src = resolve_inside(mirror_run, m.path)
+                dst = resolve_inside(dest_run, m.path)
+            except UnsafePathError as exc:
+                report.problems.append(f"checkpoint {checkpoint_id}: {exc}")
+                continue
+            if not src.is_file():
+                report.problems.append(f"checkpoint {checkpoint_id}: {m.path} is listed on the mirror but missing")
+                continue
+            mine = local.get(checkpoint_id)
+            if mine is not None and dst.is_file() and _local_ok(dst, mine.checksum):
+                if mine.checksum == m.checksum:
+                    report.already.append(m.path)
+                    continue
+                if mine.timestamp > m.timestamp and not force:
+                    report.kept_local.append(m.path)
+                    continue
+            elif mine is None and checkpoint_id in local_files and dst.is_file():
+                if hash_file(dst)[1] == m.checksum:
+                    local[checkpoint_id] = m
+                    report.already.append(m.path)
+                    continue
+                if not force:
+                    report.kept_local.append(m.path)
+                    continue
+            copies.append(_Copy(m.path, src, dst, m.checksum, _size(src), entry=m))
+        for checkpoint_id, src in sorted(mirror_files.items()):
+            rel = f"{CHECKPOINT_DIR}/{src.name}"
+            dst = dest_run / rel
+            if dst.exists() and not force:
+                report.kept_local.append(rel)
+                continue
+            copies.append(_Copy(rel, src, dst, None, _size(src)))
+
+        try:
+            mirror_best = read_best(mirror_run)
+        except (CorruptIndexError, UnsafePathError) as exc:
+            mirror_best = None
+            report.problems.append(f"mirror best model not restored: {exc}")
+        if mirror_best is not None:
+            try:
+                src = resolve_inside(mirror_run, mirror_best.path)
+                dst = resolve_inside(dest_run, mirror_best.path)
+            except UnsafePathError as exc:
+                report.problems.append(f"mirror best model not restored: {exc}")
+            else:
+                try:
+                    local_best = read_best(dest_run)
+                except (CorruptIndexError, UnsafePathError):
+                    local_best = None
+                local_good = local_best is not None and dst.is_file() and _local_ok(dst, local_best.checksum)
+                if not src.is_file():
+                    report.problems.append(f"mirror best model {mirror_best.path} is missing")
+                elif local_good and local_best.checksum == mirror_best.checksum:
+                    report.already.append(mirror_best.path)
+                elif local_good and local_best.timestamp > mirror_best.timestamp and not force:
+                    report.kept_local.append(mirror_best.path)
+                else:
+                    copies.append(_Copy(mirror_best.path, src, dst, mirror_best.checksum, _size(src), best=mirror_best))
+
+        total = sum(c.size for c in copies)
+        done = 0
+        for c in copies:
+            base = done
+
+            def progress(d: int, _t: int, base=base) -> None:
+                if on_progress:
+                    on_progress(min(base + d, total), total)
+
+            size, checksum = atomic_copy(c.src, c.dst, expected_checksum=c.checksum, on_progress=progress)
+            done = base + c.size
+            report.copied.append(c.relpath)
+            report.bytes_copied += size
+            if c.entry is not None:
+                local[c.entry.id] = replace(
+                    c.entry, mirrored={"checksum": checksum, "size_bytes": size, "at": utc_now_iso()}
+                )
+                local_index = local_index.with_entries(list(local.values()))
+                commit_index(dest_run, local_index)  # after each file: an interrupted restore resumes here
+            elif c.best is not None:
+                commit_best(dest_run, c.best)
+        final = local_index.with_entries(list(local.values()))
+        final = Index(final.run_name, max(final.next_id, mirror_index.next_id), final.checkpoints)
+        commit_index(dest_run, final)
+
+        for name in (TRAINING_STATE_FILE, TRAINING_LOG_FILE):
+            src, dst = mirror_run / name, dest_run / name
+            if src.is_file() and not src.is_symlink() and (force or not dst.exists()):
+                atomic_copy(src, dst)
+                report.copied.append(name)
+        ids = set(final.by_id()) | set(checkpoint_files_on_disk(dest_run))
+        report.resume_id = max(ids) if ids else None
+    return report
+
+
+def backup_run(local_run: str | os.PathLike, drive: str | os.PathLike, *, on_progress: ProgressCallback = None) -> SyncReport:
+    """Push ``local_run`` to ``<drive>/<run name>`` now, holding the run lock; return what was copied.
+
+    Uses :func:`ckptctl.storage.mirror.sync_run` (the background mirror's verified, atomic
+    copy), then records in the local index which checkpoints are now on the mirror.
+    Raises RunLockedError while a trainer holds the run (its own mirror is at work then).
+    """
+    local_run, drive = Path(local_run), Path(drive)
+    if not drive.is_dir():
+        raise NotFoundError(f"Drive folder {drive} not found (is Drive mounted? set --drive or CKPTCTL_DRIVE)")
+    with RunLock(local_run):
+        report = sync_run(local_run, drive / local_run.resolve().name, on_progress=on_progress)
+        if report.mirrored:
+            index = read_index(local_run)
+            entries = []
+            for entry in index.checkpoints:
+                info = report.mirrored.get(entry.id)
+                if info is not None and info["checksum"] == entry.checksum:
+                    entry = replace(entry, mirrored=info)
+                entries.append(entry)
+            commit_index(local_run, index.with_entries(entries))
+    return report

@@ -1,0 +1,114 @@
+"""Turning what a user typed (a run folder, a file, an id) into one checkpoint file, without torch.
+
+Used by ``show``, ``diff``, ``promote`` and ``resume-info``. Every path taken from
+metadata goes through :func:`resolve_inside`, so a hostile index cannot point outside
+the run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptctl.core.format import BEST_MODEL_FILE, CHECKPOINT_DIR, parse_checkpoint_filename
+from ckptctl.errors import CorruptIndexError, NotFoundError, UnsafePathError
+from ckptctl.storage.atomic import resolve_inside
+from ckptctl.storage.scan import checkpoint_files_on_disk, find_runs, is_run_dir, read_best, read_index
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One checkpoint file picked by the user; ``checksum`` is the index's, when there is one."""
+
+    path: Path
+    label: str
+    checkpoint_id: int | None = None
+    checksum: str | None = None
+    run_dir: Path | None = None
+
+
+def single_run(path: str | os.PathLike) -> Path:
+    """The one run directory at ``path``; NotFoundError if there is none, or several (name one)."""
+    try:
+        runs = find_runs(path)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise NotFoundError(str(exc)) from None
+    if not runs:
+        raise NotFoundError(f"{path}: no run here (no {CHECKPOINT_DIR}/ or checkpoint_metadata.json)")
+    if len(runs) > 1:
+        names = ", ".join(r.name for r in runs[:5]) + (" ..." if len(runs) > 5 else "")
+        raise NotFoundError(f"{path}: holds {len(runs)} runs ({names}); name one")
+    return runs[0]
+
+
+def _ref_in_run(run_dir: Path, which: str | None) -> CheckpointRef:
+    try:
+        index = read_index(run_dir)
+    except FileNotFoundError:
+        index = None
+    except CorruptIndexError:
+        index = None  # fall back to the files themselves (checked by loading only)
+    entries = index.by_id() if index else {}
+    files = checkpoint_files_on_disk(run_dir)
+    if which is not None and which.lower() == "best":
+        best = None
+        try:
+            best = read_best(run_dir)
+        except (CorruptIndexError, UnsafePathError):
+            best = None
+        rel = best.path if best else BEST_MODEL_FILE
+        path = resolve_inside(run_dir, rel)
+        if not path.is_file():
+            raise NotFoundError(f"{run_dir}: has no best model")
+        return CheckpointRef(path, f"{run_dir.name} best", best.source_id if best else None, best.checksum if best else None, run_dir)
+    if which is None:
+        ids = set(entries) | set(files)
+        if not ids:
+            raise NotFoundError(f"{run_dir}: has no checkpoints")
+        checkpoint_id = max(ids)
+    else:
+        try:
+            checkpoint_id = int(which)
+        except ValueError:
+            raise NotFoundError(f"{which!r} is not a checkpoint id (a number, or 'best')") from None
+    if checkpoint_id in entries:
+        entry = entries[checkpoint_id]
+        return CheckpointRef(resolve_inside(run_dir, entry.path), f"{run_dir.name} #{checkpoint_id}", checkpoint_id, entry.checksum, run_dir)
+    if checkpoint_id in files:
+        return CheckpointRef(files[checkpoint_id], f"{run_dir.name} #{checkpoint_id}", checkpoint_id, None, run_dir)
+    known = sorted(set(entries) | set(files))
+    have = f"it has {', '.join(map(str, known))}" if known else "it has none"
+    raise NotFoundError(f"{run_dir}: no checkpoint {checkpoint_id} ({have})")
+
+
+def select_checkpoint(path: str | os.PathLike, which: str | None = None) -> CheckpointRef:
+    """Pick a checkpoint: ``path`` is a ``.pt`` file, or a run (``which``: an id, ``best``, or None for the newest).
+
+    A file inside a run's ``checkpoints/`` folder gets its index checksum, so it is verified too.
+    """
+    path = Path(path)
+    if path.is_file():
+        if which is not None:
+            raise NotFoundError(f"{path}: is a file; an id only goes with a run folder")
+        checkpoint_id = parse_checkpoint_filename(path.name)
+        run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
+        if is_run_dir(run_dir):
+            if checkpoint_id is not None:
+                ref = _ref_in_run(run_dir, str(checkpoint_id))
+                if ref.path.resolve() == path.resolve():
+                    return ref
+            elif path.name == BEST_MODEL_FILE:
+                return _ref_in_run(run_dir, "best")
+        return CheckpointRef(path, path.name, checkpoint_id)
+    if not path.exists():
+        raise NotFoundError(f"{path}: no such file or directory")
+    return _ref_in_run(single_run(path), which)
+
+
+def parse_ref(spec: str) -> CheckpointRef:
+    """Parse ``diff``'s argument form: a file, a run (newest), or ``RUN:ID`` / ``RUN:best``."""
+    if not Path(spec).exists() and ":" in spec:
+        run, _, which = spec.rpartition(":")
+        return select_checkpoint(run, which)
+    return select_checkpoint(spec)
