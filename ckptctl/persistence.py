@@ -7,6 +7,7 @@ retention and the Drive copy happen on a background worker, one save at a time.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ from ckptctl.core.format import (
     TRAINING_LOG_FILE,
     TRAINING_STATE_FILE,
     FORMAT_VERSION,
+    INDEX_FILE,
     checkpoint_relpath,
     utc_now_iso,
 )
@@ -40,7 +42,7 @@ from ckptctl.errors import (
 )
 from ckptctl.storage.atomic import atomic_copy, atomic_write_json, cleanup_temporaries, hash_file, resolve_inside, verify_checksum
 from ckptctl.storage.lock import RunLock
-from ckptctl.storage.mirror import BackgroundMirror, SyncReport
+from ckptctl.storage.mirror import BackgroundMirror, SyncReport, sync_run
 from ckptctl.storage.runfiles import (
     commit_best,
     commit_index,
@@ -48,7 +50,7 @@ from ckptctl.storage.runfiles import (
     retention_items,
     set_aside,
 )
-from ckptctl.storage.scan import checkpoint_files_on_disk, checkpoint_names_present, read_best, read_index, read_training_state
+from ckptctl.storage.scan import checkpoint_files_on_disk, checkpoint_names_present, find_runs, read_best, read_index, read_training_state
 from ckptctl.torch_io import (
     Stager,
     apply_components,
@@ -181,7 +183,7 @@ class ModelPersistence:
                     initial_backoff=mirror_backoff[0],
                     max_backoff=mirror_backoff[1],
                 )
-                self._mirror.request()
+                self._request_mirror()
         except BaseException:
             self._executor.shutdown(wait=False)
             self._lock.release()
@@ -536,7 +538,13 @@ class ModelPersistence:
         state = {**self._training_state, **fields, "format_version": FORMAT_VERSION, "updated_at": utc_now_iso()}
         atomic_write_json(self.run_dir / TRAINING_STATE_FILE, state)
         self._training_state = state
+        self._request_mirror()  # so the mirror's copy ends with the final status too
         return dict(state)
+
+    def _request_mirror(self) -> None:
+        """Ask the Drive mirror for a sync, once the run has an index to mirror (a fresh run has none yet)."""
+        if self._mirror is not None and (self.run_dir / INDEX_FILE).is_file():
+            self._mirror.request()
 
     @property
     def training_state(self) -> dict[str, Any]:
@@ -697,3 +705,75 @@ class ModelPersistence:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------- finding and restoring runs
+
+
+def run_has_checkpoints(run_dir: str | os.PathLike) -> bool:
+    """True if ``run_dir`` lists a checkpoint in its index or holds a committed checkpoint file."""
+    run_dir = Path(run_dir)
+    if checkpoint_files_on_disk(run_dir):
+        return True
+    try:
+        return bool(read_index(run_dir).checkpoints)
+    except (FileNotFoundError, NotADirectoryError, CorruptIndexError):
+        return False
+
+
+def _run_activity(run_dir: Path) -> datetime.datetime:
+    """Time of the run's latest recorded activity, from its own metadata (the minimum if none)."""
+    times = []
+    state = read_training_state(run_dir) or {}
+    if isinstance(state.get("updated_at"), str):
+        times.append(state["updated_at"])
+    try:
+        latest = read_index(run_dir).latest
+        if latest is not None:
+            times.append(latest.timestamp)
+    except (FileNotFoundError, CorruptIndexError):
+        pass
+    newest = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+    for value in times:
+        try:
+            stamp = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            continue
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=datetime.timezone.utc)
+        newest = max(newest, stamp)
+    return newest
+
+
+def latest_run(path: str | os.PathLike) -> Path | None:
+    """The run in the folder ``path`` with the most recent activity by its own metadata.
+
+    Activity is the later of ``training_state.json``'s ``updated_at`` and the newest
+    checkpoint's timestamp in the index, never file modification times (a copy or a
+    restore changes those). Ties go to the greater name. None when ``path`` holds no run.
+    """
+    try:
+        runs = find_runs(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not runs:
+        return None
+    return max(runs, key=lambda run: (_run_activity(run), run.name))
+
+
+def restore_from_drive(drive_root: str | os.PathLike, run_name: str, output_dir: str | os.PathLike) -> Path:
+    """Copy the mirrored run ``drive_root/run_name`` to ``output_dir/run_name`` and return that path.
+
+    Every file is copied to a temporary name, checked against the mirror index's checksum
+    in the same pass, renamed and read back; the local index is written after its files,
+    so an interrupted restore continues when called again. Raises :class:`CkptctlError`
+    when the mirror holds no such run; holds the local run's lock while copying.
+    """
+    mirror = Path(drive_root) / run_name
+    if not run_has_checkpoints(mirror):
+        raise CkptctlError(f"{mirror}: no mirrored run with checkpoints there")
+    local = Path(output_dir) / run_name
+    local.mkdir(parents=True, exist_ok=True)
+    with RunLock(local):
+        sync_run(mirror, local)
+    return local
