@@ -81,6 +81,7 @@ def test_best_info_round_trip_and_rejects_escaping_path():
 
 def test_checksum_parsing_and_metric_cleaning():
     assert parse_checksum(SUM) == ("sha256", "ab" * 32)
+    assert parse_checksum("xxh3_128:00ff") == ("xxh3_128", "00ff")
     for bad in ("sha256", "sha256:", "sha256:XYZ", "crc:00"):
         with pytest.raises(ValueError):
             parse_checksum(bad)

@@ -116,7 +116,7 @@ def test_checkpoint_file_loads_with_weights_only_and_has_the_documented_keys(tmp
     (entry,) = index["checkpoints"]
     assert entry["path"] == "checkpoints/checkpoint_00000.pt"
     assert entry["size_bytes"] == os.path.getsize(run / entry["path"])
-    assert entry["checksum"].startswith("sha256:")
+    assert entry["checksum"].startswith("xxh3_128:")
 
 
 def test_maybe_save_rule_counts_global_steps_across_epochs(tmp_path):
@@ -160,7 +160,7 @@ def test_update_best_by_metric_mode_nan_and_without_a_matching_checkpoint(tmp_pa
         p.flush()
         assert p.best["source_id"] is None and p.best["value"] == 0.5
     best = read_best(run)
-    assert best.metrics == {"acc": 0.5} and best.checksum.startswith("sha256:")
+    assert best.metrics == {"acc": 0.5} and best.checksum.startswith("xxh3_128:")
     # the best value survives a restart: a worse one does not replace it
     with ModelPersistence(run, best_metric="acc") as p:
         assert p.update_best(1, 0, {"acc": 0.45}, **rig.components()) is False

@@ -134,3 +134,12 @@ def test_lock_excludes_second_writer_and_is_released_when_holder_is_killed(tmp_p
             child.kill()
     assert not is_locked(run)
     RunLock(run).acquire().release()  # recoverable after a crash
+
+
+def test_old_sha256_checksums_still_verify(tmp_path):
+    import hashlib
+
+    f = tmp_path / "old.pt"
+    f.write_bytes(b"written by an older ckptctl")
+    assert verify_checksum(f, "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest()) == 27
+    assert hash_file(f)[1].startswith("xxh3_128:")

@@ -14,19 +14,25 @@ import secrets
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import xxhash
+
 from ckptctl.core.format import TEMP_PREFIX, check_relative_path, is_temporary_name
-from ckptctl.core.manifest import format_checksum, parse_checksum
+from ckptctl.core.manifest import CHECKSUM_ALGORITHMS, format_checksum, parse_checksum
 from ckptctl.errors import CheckpointIntegrityError, UnsafePathError
 
 CHUNK_BYTES = 8 * 1024 * 1024
-DEFAULT_ALGORITHM = "sha256"
+DEFAULT_ALGORITHM = CHECKSUM_ALGORITHMS[0]
 
 ProgressCallback = Optional[Callable[[int, int], None]]
 
 
 def new_hasher(algorithm: str = DEFAULT_ALGORITHM):
-    """Return a fresh hash object for ``algorithm``."""
-    return hashlib.new(algorithm)
+    """Return a fresh hash object for ``algorithm`` (one of :data:`CHECKSUM_ALGORITHMS`)."""
+    if algorithm == "xxh3_128":
+        return xxhash.xxh3_128()
+    if algorithm in CHECKSUM_ALGORITHMS:
+        return hashlib.new(algorithm)
+    raise ValueError(f"unknown checksum algorithm {algorithm!r}")
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
