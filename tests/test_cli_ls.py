@@ -1,0 +1,129 @@
+"""``ckptctl ls``: tables, --json shape, damaged and hand-copied runs, exit codes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+
+from tests.cli_helpers import checksum, ckpt, index_of, invoke, write_index, write_run
+
+
+def test_ls_table_marks_latest_best_and_totals(tmp_path):
+    write_run(tmp_path / "runs", "run_a", n=4, best_at=1)
+    result = invoke("ls")
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "run_a" in out and "runs/run_a" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if "│" in line}
+    assert set(lines) == {"0", "1", "2", "3"}
+    assert "best" in lines["1"] and "latest" not in lines["1"]
+    assert "latest" in lines["3"]
+    assert "4 checkpoint(s)" in out
+    assert "best model: from checkpoint 1" in out
+
+
+def test_ls_json_shape_and_raw_numbers(tmp_path):
+    run = write_run(tmp_path / "runs", "run_a", n=3)
+    result = invoke("ls", "runs", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    (r,) = doc["runs"]
+    assert r["name"] == "run_a" and r["path"] == "runs/run_a"
+    sizes = [os.path.getsize(ckpt(run, i)) for i in range(3)]
+    assert [c["size_bytes"] for c in r["checkpoints"]] == sizes
+    assert r["total_bytes"] == sum(sizes) + os.path.getsize(run / "best_model.pt")
+    for c in r["checkpoints"]:
+        assert set(c) >= {"id", "epoch", "batch", "global_step", "metrics", "size_bytes", "timestamp", "path", "checksum"}
+        assert isinstance(c["size_bytes"], int)
+        assert dt.datetime.fromisoformat(c["timestamp"]).utcoffset() == dt.timedelta(0)
+        assert c["checksum"] == checksum(ckpt(run, c["id"]))
+        assert os.path.isfile(c["path"])
+    assert [c["latest"] for c in r["checkpoints"]] == [False, False, True]
+    assert set(r["best"]) >= {"source_id", "epoch", "batch", "metrics", "size_bytes", "path"}
+    assert r["best"]["source_id"] == 2 and r["best"]["size_bytes"] == os.path.getsize(run / "best_model.pt")
+
+
+def test_ls_one_run_directory_and_drive_root_alike(tmp_path):
+    drive = tmp_path / "drive"
+    drive.mkdir()
+    write_run(tmp_path / "runs", "run_a", n=2, drive=drive)
+    one = json.loads(invoke("ls", "runs/run_a", "--json").stdout)
+    mirror = json.loads(invoke("ls", str(drive), "--json").stdout)
+    assert [r["name"] for r in one["runs"]] == ["run_a"]
+    assert [r["name"] for r in mirror["runs"]] == ["run_a"]
+    assert [c["id"] for c in mirror["runs"][0]["checkpoints"]] == [0, 1]
+    local = json.loads(invoke("ls", "runs", "--json").stdout)["runs"][0]
+    assert all(c["mirrored"] for c in local["checkpoints"])
+    assert "drive" in invoke("ls", "runs").stdout
+
+
+def test_ls_empty_folder_is_an_empty_listing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = invoke("ls", "empty", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout) == {"runs": []}
+    assert invoke("ls", "empty").exit_code == 0
+
+
+def test_ls_missing_path_is_a_usage_error(tmp_path):
+    result = invoke("ls", "nowhere")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert "nowhere" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_ls_file_instead_of_folder_is_a_usage_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = invoke("ls", "afile")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: ")
+
+
+def test_ls_run_without_index_lists_files_cheaply(tmp_path):
+    run = write_run(tmp_path / "runs", "copied", n=3)
+    (run / "checkpoint_metadata.json").unlink()
+    result = invoke("ls", "--json")
+    assert result.exit_code == 0
+    (r,) = json.loads(result.stdout)["runs"]
+    assert r["indexed"] is False
+    assert [c["id"] for c in r["checkpoints"]] == [0, 1, 2]
+    assert all(c["epoch"] is None and not c["indexed"] for c in r["checkpoints"])
+    assert [c["size_bytes"] for c in r["checkpoints"]] == [os.path.getsize(ckpt(run, i)) for i in range(3)]
+    assert "unindexed" in invoke("ls").stdout
+
+
+def test_ls_garbage_index_still_lists_with_a_warning(tmp_path):
+    run = write_run(tmp_path / "runs", "run_a", n=2)
+    (run / "checkpoint_metadata.json").write_bytes(b"\x00{not json")
+    result = invoke("ls", "--json")
+    assert result.exit_code == 0
+    (r,) = json.loads(result.stdout)["runs"]
+    assert [c["id"] for c in r["checkpoints"]] == [0, 1]
+    assert "warning: run_a:" in result.stderr and "not valid JSON" in result.stderr
+
+
+def test_ls_hostile_index_entry_is_reported_not_followed(tmp_path):
+    run = write_run(tmp_path / "runs", "run_a", n=2)
+    outside = tmp_path / "secret.pt"
+    outside.write_bytes(b"x" * 1234)
+    index = index_of(run)
+    evil = dict(index["checkpoints"][0], id=7, path="../../secret.pt")
+    index["checkpoints"].append(evil)
+    write_index(run, index)
+    result = invoke("ls", "--json")
+    assert result.exit_code == 0
+    (r,) = json.loads(result.stdout)["runs"]
+    assert [c["id"] for c in r["checkpoints"]] == [0, 1]
+    assert "index entry 7 skipped" in result.stderr
+    assert r["total_bytes"] < sum(c["size_bytes"] for c in r["checkpoints"]) + 10**6
+
+
+def test_ls_missing_checkpoint_file_is_marked(tmp_path):
+    run = write_run(tmp_path / "runs", "run_a", n=3)
+    ckpt(run, 1).unlink()
+    result = invoke("ls", "--json")
+    (r,) = json.loads(result.stdout)["runs"]
+    assert [c["present"] for c in r["checkpoints"]] == [True, False, True]
+    assert "missing" in result.stderr
+    assert "MISSING" in invoke("ls").stdout
