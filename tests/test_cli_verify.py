@@ -1,0 +1,140 @@
+"""``ckptctl verify``: every status (ok, corrupt, missing, unsafe, nonfinite), --json, exit codes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from tests.cli_helpers import (
+    ckpt,
+    flip_byte,
+    index_of,
+    invoke,
+    malicious_bytes,
+    replace_indexed_file,
+    truncate,
+    write_index,
+    write_run,
+)
+
+
+def _by_id(doc):
+    return {(r["run"], r["id"], r["path"].rsplit("/", 1)[-1]): r for r in doc["results"]}
+
+
+def test_verify_healthy_run_json(tmp_path):
+    write_run(tmp_path / "runs", "run_a", n=3)
+    result = invoke("verify", "--json")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is True
+    assert [(r["id"], r["status"]) for r in doc["results"]] == [(0, "ok"), (1, "ok"), (2, "ok"), (None, "ok")]
+    assert doc["results"][-1]["path"].endswith("best_model.pt")
+    assert all(set(r) == {"run", "id", "path", "status", "detail"} for r in doc["results"])
+
+
+def test_verify_table_and_exit_zero(tmp_path):
+    write_run(tmp_path / "runs", "run_a", n=2)
+    result = invoke("verify", "runs/run_a")
+    assert result.exit_code == 0
+    assert "All good: 3 ok" in result.stdout
+
+
+def test_verify_truncated_bitflipped_and_missing(tmp_path):
+    run = write_run(tmp_path / "runs", "run_a", n=4)
+    truncate(ckpt(run, 0))
+    flip_byte(ckpt(run, 1))
+    ckpt(run, 2).unlink()
+    result = invoke("verify", "--json")
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is False
+    status = {r["id"]: r["status"] for r in doc["results"]}
+    assert status == {0: "corrupt", 1: "corrupt", 2: "missing", 3: "ok", None: "ok"}
+    details = {r["id"]: r["detail"] for r in doc["results"]}
+    assert "checksum mismatch" in details[1]
+    table = invoke("verify")
+    assert table.exit_code == 1 and "Problems found" in table.stdout and "corrupt" in table.stdout
+
+
+def test_verify_malicious_pickle_is_unsafe_and_never_runs(tmp_path):
+    run = write_run(tmp_path / "runs", "run_a", n=2)
+    marker = tmp_path / "pwned"
+    replace_indexed_file(run, 0, malicious_bytes(marker))
+    result = invoke("verify", "--json")
+    assert result.exit_code == 1
+    status = {r["id"]: r["status"] for r in json.loads(result.stdout)["results"]}
+    assert status[0] == "unsafe" and status[1] == "ok"
+    assert not marker.exists()
+
+
+def test_verify_garbage_index_reports_and_still_checks_files(tmp_path):
+    run = write_run(tmp_path / "runs", "run_a", n=2)
+    (run / "checkpoint_metadata.json").write_text("[1, 2")
+    result = invoke("verify", "--json")
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    first = doc["results"][0]
+    assert first["status"] == "corrupt" and first["path"].endswith("checkpoint_metadata.json")
+    loaded = [r for r in doc["results"] if r["id"] in (0, 1)]
+    assert [r["status"] for r in loaded] == ["ok", "ok"]
+    assert "not in the index" in loaded[0]["detail"]
+
+
+def test_verify_hostile_paths_are_corrupt_and_not_read(tmp_path):
+    run = write_run(tmp_path / "runs", "run_a", n=2)
+    outside = tmp_path / "outside.pt"
+    outside.write_bytes(ckpt(run, 0).read_bytes())
+    index = index_of(run)
+    index["checkpoints"].append(dict(index["checkpoints"][0], id=5, path="../../outside.pt"))
+    write_index(run, index)
+    (run / "checkpoints" / "checkpoint_00009.pt").symlink_to(outside)
+    index["checkpoints"].append(dict(index["checkpoints"][0], id=9, path="checkpoints/checkpoint_00009.pt"))
+    write_index(run, index)
+    result = invoke("verify", "--json")
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    bad = {r["id"]: r for r in doc["results"] if r["status"] != "ok"}
+    assert set(bad) == {5, 9}
+    assert all(r["status"] == "corrupt" for r in bad.values())
+    assert "outside the run" in bad[9]["detail"]
+
+
+def test_verify_deep_finds_nonfinite(tmp_path):
+    import torch
+
+    from ckptctl import ModelPersistence
+
+    run_dir = tmp_path / "runs" / "nan_run"
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = math.nan
+    p = ModelPersistence(run_dir, save_every_n_batches=1, background=False)
+    p.maybe_save(0, 0, {"loss": 1.0}, agent=model)
+    p.close()
+    shallow = invoke("verify", "--json")
+    assert shallow.exit_code == 0
+    deep = invoke("verify", "--deep", "--json")
+    assert deep.exit_code == 1
+    (r,) = json.loads(deep.stdout)["results"]
+    assert r["status"] == "nonfinite" and "agent.weight" in r["detail"]
+
+
+def test_verify_corrupt_best_model_has_null_id(tmp_path):
+    run = write_run(tmp_path / "runs", "run_a", n=2)
+    flip_byte(run / "best_model.pt")
+    doc = json.loads(invoke("verify", "--json").stdout)
+    best = [r for r in doc["results"] if r["id"] is None]
+    assert len(best) == 1 and best[0]["status"] == "corrupt" and best[0]["path"].endswith("best_model.pt")
+
+
+def test_verify_nothing_to_verify_exits_1(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = invoke("verify", "empty")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: ") and "nothing to verify" in result.stderr
+
+
+def test_verify_missing_path_exits_2(tmp_path):
+    result = invoke("verify", "nope")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: ")
