@@ -114,14 +114,14 @@ def complete_run_paths(incomplete: str) -> List[str]:
     """Run directories for shell completion: under ``runs/`` by default, or under the folder typed so far."""
     from ckptctl.storage.scan import find_runs
 
-    base = Path(incomplete).parent if "/" in incomplete else Path("runs")
+    typed_dir = "/" in incomplete
+    base = Path(incomplete[: incomplete.rindex("/") + 1]) if typed_dir else Path("runs")
     try:
         runs = find_runs(base)
     except OSError:
         return []
-    found = [str(base / r.name) if r != base else str(r) for r in runs]
-    if "/" not in incomplete:
-        found = [f"runs/{r.name}" for r in runs if r != base]
+    prefix = incomplete[: incomplete.rindex("/") + 1] if typed_dir else "runs/"
+    found = [prefix + r.name for r in runs if r != base]
     return [p for p in found if p.startswith(incomplete)]
 
 
@@ -439,7 +439,8 @@ def restore_command(
 
     Only missing, older or damaged local files are copied; an interrupted restore continues
     where it stopped. A local checkpoint newer than the mirror's is kept unless --force.
-    Afterwards `python -m ckptctl.trainloop --resume` continues from it.
+    Afterwards `python -m ckptctl.trainloop --resume --output-dir DIR --run-name NAME`
+    continues from it.
 
     \b
     Example:
@@ -479,7 +480,10 @@ def restore_command(
         for rel in report.kept_local:
             out.print(f"  kept local {rel}: newer than the mirror's (use --force to overwrite)")
         if report.resume_id is not None:
-            out.print(f"Resume will start from checkpoint {report.resume_id}: python -m ckptctl.trainloop --resume")
+            out.print(
+                f"Resume will start from checkpoint {report.resume_id}: "
+                f"python -m ckptctl.trainloop --resume --output-dir {to} --run-name {mirror_run.name}"
+            )
 
 
 # --------------------------------------------------------------------------- backup
