@@ -619,10 +619,10 @@ def run(args: argparse.Namespace) -> int:
                     name = signal.Signals(stop.signum).name
                     line = f"Interrupted by {name} after Epoch {epoch}, Batch {batch}; saved checkpoint {saved_id}"
                     persistence.append_log(line)
-                    console.stop()
-                    say(line)
                     persistence.update_training_state(status="interrupted", progress=progress, last_checkpoint=saved_id,
                                                       metrics=last_metrics, interrupted_by=name)
+                    console.stop()
+                    say(line)
                     closed = True
                     persistence.close(mirror_timeout=20.0)
                     return 128 + stop.signum

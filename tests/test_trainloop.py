@@ -1,0 +1,315 @@
+"""The paired trainloop, for real: subprocesses on real ARC pairs, stopped with real signals.
+
+The contract under test: on CPU, with the same flags and seed, a run that is SIGKILLed
+(once or several times) or SIGTERMed and resumed each time ends with a final checkpoint
+whose every tensor is bit-identical to an uninterrupted run's, and logs the same lines
+after each resume point. The Drive mirror survives real faults without stopping training.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptctl import trainloop
+from ckptctl.persistence import latest_run
+
+from .trainloop_helpers import (
+    FAST_FLAGS,
+    Trainer,
+    assert_log_consistent,
+    assert_mirror_verifies,
+    assert_same_final_state,
+    load_payload,
+    metric_lines,
+    newest_checkpoint,
+    read_json,
+    trainloop_cmd,
+    trainloop_env,
+)
+
+
+class _Reference:
+    """An uninterrupted run with FAST_FLAGS, started once per module in the background."""
+
+    def __init__(self, root: Path):
+        self.out = root / "runs"
+        self._trainer = Trainer(trainloop_cmd(self.out, "reference"), root)
+        self._rc: int | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        if self._rc is None:
+            self._rc = self._trainer.finish()
+            assert self._rc == 0, self._trainer.output[-3000:]
+        return self.out / "reference"
+
+    @property
+    def log(self) -> str:
+        return (self.run_dir / "training.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> _Reference:
+    return _Reference(tmp_path_factory.mktemp("reference"))
+
+
+def _batch_lines(lines: list[str]) -> list[str]:
+    return [l for l in metric_lines(lines) if ", Batch " in l]
+
+
+# --------------------------------------------------------------------------- exact resume
+
+
+def test_sigkill_twice_then_resume_is_bit_exact(reference, tmp_path):
+    rng = random.Random(20261129)
+    out = tmp_path / "runs"
+    rcs = []
+    for attempt in range(2):
+        extra = ("--resume",) if attempt else ()
+        t = Trainer(trainloop_cmd(out, "killed", *extra), tmp_path)
+        if attempt:
+            assert t.wait_for(lambda ls: any(l.startswith("Resumed from checkpoint") for l in ls)), t.output
+        assert t.wait_batches(rng.randint(3, 9)), t.output
+        time.sleep(rng.uniform(0.0, 0.03))  # between log lines: often inside a background save
+        t.kill(signal.SIGKILL)
+        rcs.append(t.finish())
+    assert rcs == [-signal.SIGKILL, -signal.SIGKILL], "a run ended before its kill; the test killed nothing"
+    state = read_json(out / "killed" / "training_state.json")
+    assert state["status"] == "running"  # SIGKILL leaves no chance to write anything else
+
+    t = Trainer(trainloop_cmd(out, "killed", "--resume"), tmp_path)
+    assert t.finish() == 0, t.output
+    assert "Resumed from checkpoint" in t.output
+
+    assert_same_final_state(reference.run_dir, out / "killed")
+    log = (out / "killed" / "training.log").read_text()
+    assert assert_log_consistent(reference.log, log) == 3  # started, resumed, resumed (or restarted)
+    assert log.count("Resumed from checkpoint") >= 1
+    state = read_json(out / "killed" / "training_state.json")
+    assert state["status"] == "completed"
+    assert state["config"]["batch_size"] == 8 and state["progress"]["global_step"] == 24
+
+
+def test_sigterm_saves_the_current_batch_then_fresh_machine_resumes_from_drive(reference, tmp_path):
+    out, drive = tmp_path / "runs", tmp_path / "drive"
+    drive.mkdir()
+    t = Trainer(trainloop_cmd(out, "term", "--drive-backup", str(drive)), tmp_path)
+    assert t.wait_batches(random.Random(5).randint(5, 12)), t.output
+    t.kill(signal.SIGTERM)
+    assert t.finish() == 128 + signal.SIGTERM, t.output
+    assert "SIGTERM: finishing the current batch" in t.output
+
+    run_dir = out / "term"
+    state = read_json(run_dir / "training_state.json")
+    assert state["status"] == "interrupted" and state["interrupted_by"] == "SIGTERM"
+    # It finished the batch in progress, logged it, and saved exactly there.
+    last = _batch_lines(t.lines)[-1]
+    entry, path = newest_checkpoint(run_dir)
+    assert last.startswith(f"Epoch {entry['epoch']}, Batch {entry['batch']}:"), (last, entry)
+    assert state["last_checkpoint"] == entry["id"]
+    assert load_payload(path)["extra"]["data_position"]["next_batch"] in (entry["batch"] + 1, 0)
+    # close() waited for the mirror: Drive holds the interrupted state, verified.
+    assert_mirror_verifies(run_dir, drive / "term")
+    assert read_json(drive / "term" / "training_state.json")["status"] == "interrupted"
+
+    shutil.rmtree(run_dir)  # a fresh machine: only Drive is left
+    t = Trainer(trainloop_cmd(out, "term", "--resume", "--drive-backup", str(drive)), tmp_path)
+    assert t.finish() == 0, t.output
+    assert "restoring it from the Drive mirror" in t.output
+    assert_same_final_state(reference.run_dir, run_dir)
+    assert assert_log_consistent(reference.log, (run_dir / "training.log").read_text()) == 2
+    assert_mirror_verifies(run_dir, drive / "term")
+    assert read_json(drive / "term" / "training_state.json")["status"] == "completed"
+
+
+@pytest.fixture
+def in_process_torch_settings():
+    """Running main() in-process sets torch's threads and determinism: put them back."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def test_resume_refuses_a_changed_data_position_unless_overridden(reference, tmp_path, capsys, in_process_torch_settings):
+    out = tmp_path / "runs"
+    shutil.copytree(reference.run_dir, out / "copy")
+    before = newest_checkpoint(out / "copy")[0]["id"]
+    flags = list(FAST_FLAGS)
+
+    def with_flag(name: str, value: str) -> list[str]:
+        changed = list(flags)
+        changed[changed.index(name) + 1] = value
+        return changed
+
+    argv = ["--output-dir", str(out), "--run-name", "copy", "--resume"]
+    assert trainloop.main(argv + with_flag("--batch-size", "4")) == 2
+    err = capsys.readouterr().err
+    assert "Error: cannot resume copy exactly" in err
+    assert "batch_size: checkpoint 8, now 4" in err and "--allow-data-change" in err
+
+    assert trainloop.main(argv + with_flag("--max-pairs", "60")) == 2
+    err = capsys.readouterr().err
+    assert "dataset_size: checkpoint 64, now 60" in err and "dataset_sha256" in err
+    assert newest_checkpoint(out / "copy")[0]["id"] == before  # nothing was trained or saved
+
+    # The explicit override resumes with the new layout (one more epoch in batches of 4).
+    assert trainloop.main(argv + with_flag("--batch-size", "4") + ["--epochs", "4", "--allow-data-change"]) == 0
+    entry = newest_checkpoint(out / "copy")[0]
+    assert (entry["epoch"], entry["batch"], entry["global_step"]) == (3, 15, 24 + 16)
+    assert read_json(out / "copy" / "training_state.json")["status"] == "completed"
+
+
+def test_resume_without_run_name_picks_the_newest_run_by_metadata_not_mtime(reference, tmp_path, in_process_torch_settings):
+    out = tmp_path / "runs"
+    for name in ("older", "newer"):
+        shutil.copytree(reference.run_dir, out / name)
+    state_path = out / "older" / "training_state.json"
+    state = read_json(state_path)
+    state["updated_at"] = "2020-01-01T00:00:00+00:00"
+    state_path.write_text(__import__("json").dumps(state))
+    index_path = out / "older" / "checkpoint_metadata.json"
+    index = read_json(index_path)
+    for entry in index["checkpoints"]:
+        entry["timestamp"] = "2020-01-01T00:00:00+00:00"
+    index_path.write_text(__import__("json").dumps(index))
+    future = time.time() + 3600  # the older run's files look newest on disk
+    for path in (out / "older").rglob("*"):
+        os.utime(path, (future, future))
+
+    assert latest_run(out) == out / "newer"
+    args = trainloop.parse_args(["--output-dir", str(out), "--resume"])
+    assert trainloop._choose_run(args, out, print) == ("newer", True)
+
+
+def test_help_explains_every_flag():
+    parser = trainloop.build_parser()
+    text = parser.format_help()
+    for flag in ("--epochs", "--device", "--resume", "--output-dir", "--run-name", "--save-every",
+                 "--save-every-minutes", "--max-checkpoints", "--drive-backup", "--seed", "--batch-size", "--lr"):
+        assert flag in text
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, action.option_strings
+    assert trainloop.parse_args([]).output_dir == "runs"
+    assert trainloop.parse_args([]).save_every == 50 and trainloop.parse_args([]).max_checkpoints == 5
+
+
+def test_data_order_is_a_pure_function_of_seed_and_epoch():
+    a = trainloop.epoch_order(100, seed=3, epoch=2)
+    torch.manual_seed(999)  # the global RNG plays no part
+    assert torch.equal(a, trainloop.epoch_order(100, seed=3, epoch=2))
+    assert not torch.equal(a, trainloop.epoch_order(100, seed=3, epoch=3))
+    assert not torch.equal(a, trainloop.epoch_order(100, seed=4, epoch=2))
+
+
+# --------------------------------------------------------------------------- Drive faults
+
+
+def _wait_until(predicate, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _mirrored_checkpoints(mirror_run: Path) -> list[Path]:
+    return sorted((mirror_run / "checkpoints").glob("checkpoint_*.pt")) if (mirror_run / "checkpoints").is_dir() else []
+
+
+def test_drive_unmounted_mid_run_never_stops_training_and_the_mirror_catches_up(reference, tmp_path):
+    out, drive, away = tmp_path / "runs", tmp_path / "drive", tmp_path / "drive_unmounted"
+    drive.mkdir()
+    t = Trainer(trainloop_cmd(out, "flaky", "--drive-backup", str(drive)), tmp_path)
+    try:
+        assert _wait_until(lambda: _mirrored_checkpoints(drive / "flaky")), t.output
+        # "Unmount": the Drive folder goes away and a plain file stands where it was.
+        os.rename(drive, away)
+        drive.write_text("Drive is not mounted\n")
+        # Training runs to the end while Drive is gone...
+        assert t.wait_for(lambda ls: any(l.startswith("Completed 3 epochs") for l in ls)), t.output
+        assert t.proc.poll() is None  # ...and close() is now waiting for the mirror
+    finally:
+        if drive.is_file():
+            drive.unlink()
+            os.rename(away, drive)  # Drive comes back
+    assert t.finish() == 0, t.output
+    assert "Drive mirror" in t.output and "failed (will retry)" in t.output and "recovered" in t.output
+    assert "WARNING Drive mirror" in (out / "flaky" / "training.log").read_text()
+    assert_same_final_state(reference.run_dir, out / "flaky")
+    assert_mirror_verifies(out / "flaky", drive / "flaky")
+    assert read_json(drive / "flaky" / "training_state.json")["status"] == "completed"
+    local = read_json(out / "flaky" / "checkpoint_metadata.json")["checkpoints"]
+    assert local[-1]["mirrored"] and local[-1]["mirrored"]["checksum"] == local[-1]["checksum"]
+
+
+def _can_mount_tmpfs(where: Path) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    where.mkdir(exist_ok=True)
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["umount", str(where)], check=True)
+    return ok
+
+
+def _remount(where: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True, capture_output=True)
+
+
+def test_drive_full_then_read_only_never_stops_training_and_the_mirror_catches_up(reference, tmp_path):
+    drive = tmp_path / "drive"
+    if not _can_mount_tmpfs(drive):
+        pytest.skip("needs root and mount(8) to make a real small/read-only filesystem for the Drive")
+    out = tmp_path / "runs"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(drive)], check=True)
+    try:
+        t = Trainer(trainloop_cmd(out, "full", "--drive-backup", str(drive)), tmp_path)
+        try:
+            assert t.wait_for(lambda ls: any("No space left on device" in l for l in ls)), t.output
+            _remount(drive, "size=64m,ro")  # room again, but read-only now
+            assert t.wait_for(lambda ls: any("Read-only file system" in l for l in ls)), t.output
+            assert t.wait_for(lambda ls: any(l.startswith("Completed 3 epochs") for l in ls)), t.output
+            assert t.proc.poll() is None  # training is done; close() waits for the mirror
+        finally:
+            _remount(drive, "rw")
+        assert t.finish() == 0, t.output
+        assert "recovered" in t.output
+        assert_same_final_state(reference.run_dir, out / "full")
+        assert_mirror_verifies(out / "full", drive / "full")
+        assert read_json(drive / "full" / "training_state.json")["status"] == "completed"
+    finally:
+        subprocess.run(["umount", "-l", str(drive)], capture_output=True)
+
+
+def test_second_signal_exits_at_once_while_close_waits_for_a_dead_drive(tmp_path):
+    out, drive, away = tmp_path / "runs", tmp_path / "drive", tmp_path / "gone"
+    drive.mkdir()
+    t = Trainer(trainloop_cmd(out, "twice", "--drive-backup", str(drive)), tmp_path)
+    assert _wait_until(lambda: _mirrored_checkpoints(drive / "twice")), t.output
+    os.rename(drive, away)
+    drive.write_text("gone\n")
+    t.kill(signal.SIGINT)
+    # The first signal: finish the batch, save locally, then close() waits (up to 20 s) for Drive.
+    assert t.wait_for(lambda ls: any(l.startswith("Interrupted by SIGINT") for l in ls)), t.output
+    started = time.monotonic()
+    t.kill(signal.SIGINT)
+    assert t.finish(timeout=15) == 128 + signal.SIGINT
+    assert time.monotonic() - started < 5.0
+    assert "SIGINT again: exiting now" in t.output
+    state = read_json(out / "twice" / "training_state.json")
+    assert state["status"] == "interrupted"
+    entry, path = newest_checkpoint(out / "twice")
+    assert state["last_checkpoint"] == entry["id"]
+    load_payload(path)
