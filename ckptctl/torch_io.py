@@ -12,6 +12,7 @@ import os
 import pickle
 from collections import OrderedDict
 import random
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -179,12 +180,36 @@ def build_payload(
 # --------------------------------------------------------------------------- save / load
 
 
+_CRC_LOCK = threading.Lock()
+
+
+def _save_without_zip_crc(payload: Mapping[str, Any], writer: Any) -> None:
+    """``torch.save`` with the zip container's CRC-32 turned off for this call.
+
+    The CRC halves the write speed, and every file already carries our own checksum,
+    computed in the same pass. The option is process-global in torch, so it is restored
+    right after (under a lock); files saved without it load normally with ``torch.load``.
+    """
+    set_crc = getattr(torch.serialization, "set_crc32_options", None)
+    get_crc = getattr(torch.serialization, "get_crc32_options", None)
+    if set_crc is None or get_crc is None:
+        torch.save(dict(payload), writer)
+        return
+    with _CRC_LOCK:
+        previous = get_crc()
+        set_crc(False)
+        try:
+            torch.save(dict(payload), writer)
+        finally:
+            set_crc(previous)
+
+
 def write_checkpoint_file(path: str | os.PathLike, payload: Mapping[str, Any]) -> tuple[int, str]:
     """``torch.save`` ``payload`` crash-safely to ``path``; return ``(size_bytes, checksum)``.
 
     The checksum is computed from the bytes as they are written (one pass).
     """
-    return atomic_write(path, lambda writer: torch.save(dict(payload), writer))
+    return atomic_write(path, lambda writer: _save_without_zip_crc(payload, writer))
 
 
 def _classify_load_error(path: Path, exc: BaseException) -> CheckpointIntegrityError:

@@ -1,0 +1,431 @@
+"""``ckptctl bench``: measure ckptctl against its anchors on this machine, side by side.
+
+Each goal is a ratio of two timings taken in the same run (so machine noise cancels):
+training stall vs DCP ``async_save`` and sync ``torch.save``; background save vs raw
+write+fsync; verify vs a cold sequential read (and its peak memory); restore vs ``cp``
++fsync; ``ckptctl ls``/``--help`` vs importing typer+rich+humanize; resume vs a plain
+``torch.load`` start-up. Times are medians of ``repeats`` runs. Nothing here asserts a
+timing: the numbers are reported, and the CLI renders them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ckptctl.core.format import CHECKPOINT_DIR, INDEX_FILE, checkpoint_relpath, utc_now_iso
+
+StepCallback = Optional[Callable[[str], None]]
+
+#: (name, goal, direction, what it compares) for every ratio reported.
+GOALS = [
+    ("stall_vs_dcp_async", 0.5, "<=", "training stall per save / DCP async_save blocking time"),
+    ("stall_vs_sync_save", 0.1, "<=", "training stall per save / sync torch.save+fsync"),
+    ("background_save_vs_raw_write", 0.8, ">=", "background save throughput / raw write+fsync"),
+    ("verify_vs_cold_read", 0.8, ">=", "verify (checksum+trial load) speed / cold sequential read"),
+    ("verify_rss_vs_file", 0.25, "<=", "verify peak RSS above baseline / file size"),
+    ("restore_vs_cp", 0.8, ">=", "restore from Drive speed / cp+fsync"),
+    ("ls_vs_import", 3.0, "<=", "ckptctl ls (100 runs x 5) / import typer, rich, humanize"),
+    ("ls_large_vs_small", 1.5, "<=", "ckptctl ls with 1 GB checkpoints / with 1 MB ones"),
+    ("help_vs_import", 3.0, "<=", "ckptctl --help / import typer, rich, humanize"),
+    ("resume_vs_plain_load", 1.5, "<=", "resume to first step / plain torch.load start-up"),
+]
+
+
+def parse_size(text: str) -> int:
+    """Parse ``1GiB``, ``512MB``, ``15GB``, ``100k``, ``123`` into bytes (GB = 10^9, GiB = 2^30)."""
+    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+             "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+    cleaned = text.strip().lower().replace(" ", "")
+    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = cleaned[len(number):]
+    if not number or unit not in units:
+        raise ValueError(f"not a size: {text!r} (try 1GiB, 512MB, 15GB)")
+    value = float(number) * units[unit]
+    if value < 0 or not math.isfinite(value):
+        raise ValueError(f"not a size: {text!r}")
+    return int(value)
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _drop_cache(path: Path) -> None:
+    """Ask the kernel to forget ``path``'s cached pages, so the next read is cold."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _read_all(path: Path) -> int:
+    done = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(8 * 1024 * 1024)
+        while n := f.readinto(buf):
+            done += n
+    return done
+
+
+def _make_blob(size_bytes: int, tensors: int = 16):
+    """A module holding ``size_bytes`` of float32 buffers in ``tensors`` pieces (the saved state)."""
+    import torch
+
+    class Blob(torch.nn.Module):
+        pass
+
+    blob = Blob()
+    per = max(1, size_bytes // 4 // tensors)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(tensors):
+        blob.register_buffer(f"w{i}", torch.rand(per, generator=gen))
+    return blob
+
+
+def _bench_saves(work: Path, size_bytes: int, repeats: int, step: StepCallback) -> dict[str, Any]:
+    import torch
+
+    from ckptctl.persistence import ModelPersistence
+
+    blob = _make_blob(size_bytes)
+    state = blob.state_dict()
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    out: dict[str, Any] = {"state_bytes": nbytes}
+
+    step and step("save: ckptctl stall and background write")
+    run = work / "runs" / "bench_run"
+    p = ModelPersistence(run, max_checkpoints=2, save_every_n_batches=1)
+    p.save_checkpoint(0, 0, {"loss": 0.0}, agent=blob)
+    p.flush()  # the first save allocates the staging buffers
+    stalls, backgrounds = [], []
+    for i in range(repeats):
+        start = time.perf_counter()
+        p.save_checkpoint(0, i + 1, {"loss": float(i)}, agent=blob)
+        returned = time.perf_counter()
+        p.flush()
+        done = time.perf_counter()
+        stalls.append(returned - start)
+        backgrounds.append(done - returned)
+    out["staging_bytes"] = p._stager.staged_bytes
+    latest = p.checkpoints[max(p.checkpoints)]
+    out["checkpoint_path"] = str(run / latest["path"])
+    out["checkpoint_checksum"] = latest["checksum"]
+    out["checkpoint_bytes"] = latest["size_bytes"]
+    p.close()
+    out["stall_s"] = statistics.median(stalls)
+    out["background_save_s"] = statistics.median(backgrounds)
+
+    step and step("save: sync torch.save + fsync")
+    sync_path = work / "sync.pt"
+
+    def sync_save() -> None:
+        with open(sync_path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    out["sync_save_s"] = _median_time(sync_save, repeats)
+
+    step and step("save: raw write + fsync")
+    raw_path = work / "raw.bin"
+    views = [memoryview(t.numpy()).cast("B") for t in state.values()]
+
+    def raw_write() -> None:
+        with open(raw_path, "wb", buffering=0) as f:
+            for view in views:
+                f.write(view)
+            os.fsync(f.fileno())
+
+    out["raw_write_s"] = _median_time(raw_write, repeats)
+
+    step and step("save: DCP async_save (blocking part)")
+    out["dcp_async_blocking_s"] = _bench_dcp(work, state, repeats)
+    for path in (sync_path, raw_path):
+        path.unlink(missing_ok=True)
+    return out
+
+
+def _bench_dcp(work: Path, state: dict, repeats: int) -> float | None:
+    import warnings
+
+    try:
+        import torch.distributed.checkpoint as dcp
+    except Exception:
+        return None
+    times = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i in range(repeats + 1):
+                target = work / f"dcp_{i}"
+                start = time.perf_counter()
+                future = dcp.async_save(state, checkpoint_id=str(target))
+                blocking = time.perf_counter() - start
+                future.result()
+                if i > 0:  # the first call warms DCP up
+                    times.append(blocking)
+                shutil.rmtree(target, ignore_errors=True)
+    except Exception:
+        return None
+    return statistics.median(times) if times else None
+
+
+_VERIFY_CHILD = textwrap.dedent(
+    """
+    import resource, sys
+    from ckptctl.torch_io import verify_file
+    if sys.argv[1] == "verify":
+        verify_file(sys.argv[2], sys.argv[3])
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    """
+)
+
+
+def _child_peak_rss(args: list[str]) -> int:
+    result = subprocess.run([sys.executable, "-c", _VERIFY_CHILD, *args], capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def _bench_verify(saves: dict[str, Any], repeats: int, step: StepCallback) -> dict[str, Any]:
+    from ckptctl.torch_io import verify_file
+
+    path = Path(saves["checkpoint_path"])
+    checksum = saves["checkpoint_checksum"]
+    step and step("verify: checksum + trial load, cold cache")
+
+    def verify_cold() -> None:
+        _drop_cache(path)
+        verify_file(path, checksum)
+
+    def read_cold() -> None:
+        _drop_cache(path)
+        _read_all(path)
+
+    out = {"verify_s": _median_time(verify_cold, repeats), "cold_read_s": _median_time(read_cold, repeats)}
+    step and step("verify: peak memory of a verify process")
+    _drop_cache(path)
+    out["verify_peak_rss_bytes"] = _child_peak_rss(["verify", str(path), checksum])
+    out["baseline_peak_rss_bytes"] = _child_peak_rss(["baseline"])
+    return out
+
+
+def _bench_restore(work: Path, saves: dict[str, Any], drive: Path | None, repeats: int, step: StepCallback) -> dict[str, Any]:
+    from ckptctl.storage.mirror import sync_run
+    from ckptctl.storage.scan import checkpoint_files_on_disk
+
+    run = Path(saves["checkpoint_path"]).parent.parent
+    drive_root = Path(drive) if drive else work / "drive"
+    mirror = drive_root / f"ckptctl-bench-{os.getpid()}" / run.name
+    step and step(f"restore: mirror to {drive_root}")
+    start = time.perf_counter()
+    sync_run(run, mirror)
+    out: dict[str, Any] = {"backup_s": time.perf_counter() - start}
+    files = sorted(checkpoint_files_on_disk(mirror).values())
+    out["restore_bytes"] = sum(f.stat().st_size for f in files)
+
+    step and step("restore: copy + checksum back from the mirror")
+    restored = work / "restored"
+
+    def restore() -> None:
+        shutil.rmtree(restored, ignore_errors=True)
+        for f in files:
+            _drop_cache(f)
+        sync_run(mirror, restored / run.name, include_logs=False)
+
+    def cp_fsync() -> None:
+        target = work / "cp"
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir()
+        for f in files:
+            _drop_cache(f)
+            dst = target / f.name
+            shutil.copyfile(f, dst)
+            fd = os.open(dst, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+    out["restore_s"] = _median_time(restore, repeats)
+    out["cp_fsync_s"] = _median_time(cp_fsync, repeats)
+    shutil.rmtree(mirror.parent, ignore_errors=True)
+    return out
+
+
+def _write_listing_fixture(root: Path, runs: int, per_run: int, checkpoint_bytes: int) -> None:
+    """Runs with a real index and sparse checkpoint files of the given size (ls must not read them)."""
+    for r in range(runs):
+        run = root / f"run_{r:03d}"
+        (run / CHECKPOINT_DIR).mkdir(parents=True)
+        entries = []
+        for i in range(per_run):
+            rel = checkpoint_relpath(i)
+            with open(run / rel, "wb") as f:
+                f.truncate(checkpoint_bytes)
+            entries.append({"id": i, "path": rel, "epoch": 0, "batch": i * 50 + 49, "global_step": i * 50 + 50,
+                            "metrics": {"loss": 1.0 / (i + 1), "accuracy_delta": 0.01 * i}, "timestamp": utc_now_iso(),
+                            "size_bytes": checkpoint_bytes, "checksum": "xxh3_128:" + "0" * 32})
+        index = {"format_version": 1, "run_name": run.name, "next_id": per_run, "checkpoints": entries}
+        (run / INDEX_FILE).write_text(json.dumps(index))
+
+
+def _cli_time(args: list[str], repeats: int) -> float:
+    def run() -> None:
+        subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+    run()  # warm the file cache
+    return _median_time(run, repeats)
+
+
+def _bench_cli(work: Path, repeats: int, step: StepCallback) -> dict[str, Any]:
+    step and step("listing: ckptctl ls over 100 runs x 5 checkpoints")
+    small, large = work / "ls_small", work / "ls_large"
+    _write_listing_fixture(small, 100, 5, 1_000_000)
+    _write_listing_fixture(large, 100, 5, 1_000_000_000)
+    cli = [sys.executable, "-m", "ckptctl"]
+    reps = max(repeats, 5)
+    out = {
+        "import_typer_rich_humanize_s": _cli_time([sys.executable, "-c", "import typer, rich, humanize"], reps),
+        "ls_small_s": _cli_time(cli + ["ls", str(small)], reps),
+        "ls_large_s": _cli_time(cli + ["ls", str(large)], reps),
+        "help_s": _cli_time(cli + ["--help"], reps),
+    }
+    shutil.rmtree(small, ignore_errors=True)
+    shutil.rmtree(large, ignore_errors=True)
+    return out
+
+
+_RESUME_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    start = time.perf_counter()
+    import torch
+    from ckptctl.bench import _make_blob
+    blob = _make_blob(int(sys.argv[3]))
+    if sys.argv[1] == "resume":
+        from ckptctl.persistence import ModelPersistence
+        p = ModelPersistence(sys.argv[2])
+        p.resume(agent=blob)
+    else:
+        blob.load_state_dict(torch.load(sys.argv[2], map_location="cpu", weights_only=True)["agent"])
+    next(iter(blob.buffers())).add_(1.0)  # the first step
+    print(time.perf_counter() - start)
+    if sys.argv[1] == "resume":
+        p.close()
+    """
+)
+
+
+def _bench_resume(saves: dict[str, Any], repeats: int, step: StepCallback) -> dict[str, Any]:
+    step and step("resume: process start to first step")
+    path = Path(saves["checkpoint_path"])
+    run = path.parent.parent
+    size = str(saves["state_bytes"])
+
+    def child(mode: str, target: Path) -> float:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", _RESUME_CHILD, mode, str(target), size], check=True, capture_output=True)
+        return time.perf_counter() - start
+
+    resume = statistics.median(child("resume", run) for _ in range(repeats))
+    plain = statistics.median(child("plain", path) for _ in range(repeats))
+    return {"resume_s": resume, "plain_load_s": plain}
+
+
+def _ratios(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    def safe(a: float | None, b: float | None) -> float | None:
+        if a is None or b is None or b == 0:
+            return None
+        return a / b
+
+    values = {
+        "stall_vs_dcp_async": safe(m.get("stall_s"), m.get("dcp_async_blocking_s")),
+        "stall_vs_sync_save": safe(m.get("stall_s"), m.get("sync_save_s")),
+        "background_save_vs_raw_write": safe(m.get("raw_write_s"), m.get("background_save_s")),
+        "verify_vs_cold_read": safe(m.get("cold_read_s"), m.get("verify_s")),
+        "verify_rss_vs_file": safe(
+            None if "verify_peak_rss_bytes" not in m else max(0, m["verify_peak_rss_bytes"] - m["baseline_peak_rss_bytes"]),
+            m.get("checkpoint_bytes"),
+        ),
+        "restore_vs_cp": safe(m.get("cp_fsync_s"), m.get("restore_s")),
+        "ls_vs_import": safe(m.get("ls_large_s"), m.get("import_typer_rich_humanize_s")),
+        "ls_large_vs_small": safe(m.get("ls_large_s"), m.get("ls_small_s")),
+        "help_vs_import": safe(m.get("help_s"), m.get("import_typer_rich_humanize_s")),
+        "resume_vs_plain_load": safe(m.get("resume_s"), m.get("plain_load_s")),
+    }
+    out = {}
+    for name, goal, direction, what in GOALS:
+        value = values[name]
+        ok = None if value is None else (value <= goal if direction == "<=" else value >= goal)
+        out[name] = {"value": value, "goal": goal, "direction": direction, "ok": ok, "what": what}
+    return out
+
+
+def recommend_save_every(stall_s: float, batch_time_s: float, budget: float = 0.01) -> int:
+    """The smallest ``--save-every`` (batches) keeping the training stall under ``budget`` of training time."""
+    if batch_time_s <= 0:
+        raise ValueError("batch time must be positive")
+    return max(1, math.ceil(stall_s / (budget * batch_time_s)))
+
+
+def run_bench(
+    size_bytes: int = 1 << 30,
+    *,
+    drive: str | os.PathLike | None = None,
+    workdir: str | os.PathLike | None = None,
+    repeats: int = 3,
+    batch_time_s: float = 0.5,
+    sections: tuple[str, ...] = ("save", "verify", "restore", "cli", "resume"),
+    on_step: StepCallback = None,
+) -> dict[str, Any]:
+    """Run the benchmark; return ``{"size_bytes", "measurements", "ratios", "recommendation"}``.
+
+    Works in a temporary folder under ``workdir`` (default: the system temp dir) that is
+    removed afterwards; ``drive`` is where the Drive mirror part copies to and from.
+    """
+    if size_bytes < 1024:
+        raise ValueError("size must be at least 1 KiB")
+    work = Path(tempfile.mkdtemp(prefix="ckptctl-bench-", dir=workdir))
+    measurements: dict[str, Any] = {"size_bytes": size_bytes}
+    try:
+        saves = _bench_saves(work, size_bytes, repeats, on_step)
+        measurements.update(saves)
+        if "verify" in sections:
+            measurements.update(_bench_verify(saves, repeats, on_step))
+        if "restore" in sections:
+            measurements.update(_bench_restore(work, saves, Path(drive) if drive else None, repeats, on_step))
+        if "cli" in sections:
+            measurements.update(_bench_cli(work, repeats, on_step))
+        if "resume" in sections:
+            measurements.update(_bench_resume(saves, repeats, on_step))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for key in ("checkpoint_path", "checkpoint_checksum"):
+        measurements.pop(key, None)
+    return {
+        "size_bytes": size_bytes,
+        "measurements": measurements,
+        "ratios": _ratios(measurements),
+        "recommendation": {
+            "batch_time_s": batch_time_s,
+            "save_every": recommend_save_every(measurements["stall_s"], batch_time_s),
+            "stall_s": measurements["stall_s"],
+        },
+    }

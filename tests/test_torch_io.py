@@ -1,0 +1,91 @@
+"""Torch IO fast paths give the same tensors as the plain ones; safe loading refuses pickled code."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from ckptctl.errors import CheckpointIntegrityError
+from ckptctl.storage.atomic import hash_file
+from ckptctl.torch_io import Stager, build_payload, find_nonfinite, safe_load, verify_file, write_checkpoint_file
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7), torch.nn.Linear(7, 2))
+
+
+def _payload(stager, model, opt):
+    return build_payload(stager, checkpoint_id=0, epoch=0, batch=0, global_step=1, metrics={"loss": 1.0},
+                         timestamp="t", components={"agent": model, "optimizer": opt})
+
+
+def test_staged_payload_equals_the_live_state_and_buffers_are_reused():
+    model = _model()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 5)).sum().backward()
+    opt.step()
+    stager = Stager()
+    first = _payload(stager, model, opt)
+    buffers_after_first = stager.staged_bytes
+    for name, value in model.state_dict().items():
+        assert torch.equal(first["agent"][name], value)
+        assert first["agent"][name].data_ptr() != value.data_ptr()  # a copy, not a view
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    second = _payload(stager, model, opt)
+    assert stager.staged_bytes == buffers_after_first  # no new allocation
+    assert second["agent"]["0.weight"].data_ptr() == first["agent"]["0.weight"].data_ptr()
+    assert torch.equal(second["agent"]["0.weight"], model[0].weight)
+    assert second["agent"]._metadata == model.state_dict()._metadata  # BatchNorm version info kept
+
+
+def test_fast_write_loads_like_plain_torch_save_and_restores_the_crc_option(tmp_path):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    payload = _payload(Stager(), model, opt)
+    before = torch.serialization.get_crc32_options()
+    size, checksum = write_checkpoint_file(tmp_path / "fast.pt", payload)
+    assert torch.serialization.get_crc32_options() == before
+    assert (size, checksum) == hash_file(tmp_path / "fast.pt")
+    torch.save(payload, tmp_path / "plain.pt")
+    fast = torch.load(tmp_path / "fast.pt", weights_only=True)
+    plain = torch.load(tmp_path / "plain.pt", weights_only=True)
+    for name in plain["agent"]:
+        assert torch.equal(fast["agent"][name], plain["agent"][name])
+    assert fast["optimizer"]["param_groups"] == plain["optimizer"]["param_groups"]
+    assert fast["metrics"] == plain["metrics"]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickled_code_is_reported_unsafe_and_never_runs(tmp_path):
+    torch.save({"agent": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointIntegrityError) as err:
+        safe_load(tmp_path / "evil.pt")
+    assert err.value.status == "unsafe"
+    with open(tmp_path / "legacy.pt", "wb") as f:
+        pickle.dump({"x": _Evil()}, f)
+    with pytest.raises(CheckpointIntegrityError) as err:
+        safe_load(tmp_path / "legacy.pt")
+    assert err.value.status in ("unsafe", "corrupt")
+    assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
+
+
+def test_verify_deep_finds_nonfinite_tensors(tmp_path):
+    good = {"agent": {"w": torch.ones(3)}, "rng": {}}
+    bad = {"agent": {"w": torch.tensor([1.0, float("nan")]), "i": torch.tensor([1])}}
+    size, checksum = write_checkpoint_file(tmp_path / "good.pt", good)
+    verify_file(tmp_path / "good.pt", checksum, deep=True)
+    _, checksum = write_checkpoint_file(tmp_path / "bad.pt", bad)
+    verify_file(tmp_path / "bad.pt", checksum)  # shallow verify passes
+    with pytest.raises(CheckpointIntegrityError) as err:
+        verify_file(tmp_path / "bad.pt", checksum, deep=True)
+    assert err.value.status == "nonfinite" and "agent.w" in str(err.value)
+    assert find_nonfinite(bad) == ["agent.w"]
