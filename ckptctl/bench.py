@@ -195,7 +195,13 @@ _VERIFY_CHILD = textwrap.dedent(
     from ckptctl.torch_io import verify_file
     if sys.argv[1] == "verify":
         verify_file(sys.argv[2], sys.argv[3])
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # VmHWM is this process's own peak; ru_maxrss can carry the parent's peak across exec.
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(peak)
     """
 )
 
