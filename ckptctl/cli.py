@@ -62,7 +62,26 @@ def error_message(exc: BaseException) -> tuple[str, int]:
 
 
 class _Group(TyperGroup):
-    """Runs each command inside the error table: no traceback reaches the user."""
+    """Runs each command inside the error table, and prints usage errors as one ``Error:`` line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Click's main, but a usage error is one line (``Error: … (see 'ckptctl CMD --help')``), exit 2."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                exc.show()
+            else:
+                ctx = getattr(exc, "ctx", None)
+                hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                sys.stderr.write(f"Error: {' '.join(exc.format_message().split())}{hint}\n")
+            sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
+        except typer.Abort:
+            sys.stderr.write("Error: aborted\n")
+            sys.exit(EXIT_PROBLEMS)
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
     def invoke(self, ctx):
         try:
@@ -169,7 +188,7 @@ JSON_HELP = "Print JSON on stdout (raw numbers: bytes as int, UTC ISO timestamps
 
 @app.command("ls")
 def ls_command(
-    path: Path = typer.Argument(Path("runs"), metavar="[PATH]", help=PATH_HELP, autocompletion=complete_run_paths),
+    path: Path = typer.Argument(Path("runs"), metavar="PATH", help=PATH_HELP, autocompletion=complete_run_paths),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """List runs and their checkpoints: id, epoch, batch, metrics, size, age, and marks.
@@ -205,7 +224,7 @@ def ls_command(
 
 @app.command("verify")
 def verify_command(
-    path: Path = typer.Argument(Path("runs"), metavar="[PATH]", help=PATH_HELP, autocompletion=complete_run_paths),
+    path: Path = typer.Argument(Path("runs"), metavar="PATH", help=PATH_HELP, autocompletion=complete_run_paths),
     deep: bool = typer.Option(False, "--deep", help="Also check that every floating-point tensor is finite."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -278,7 +297,7 @@ def show_command(
 
 @app.command("resume-info")
 def resume_info_command(
-    path: Path = typer.Argument(Path("runs"), metavar="[PATH]", help=PATH_HELP, autocompletion=complete_run_paths),
+    path: Path = typer.Argument(Path("runs"), metavar="PATH", help=PATH_HELP, autocompletion=complete_run_paths),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Say which checkpoint --resume would load and why, and which newer ones it would skip.
@@ -312,7 +331,7 @@ def resume_info_command(
 
 @app.command("prune")
 def prune_command(
-    path: Path = typer.Argument(Path("runs"), metavar="[PATH]", help=PATH_HELP, autocompletion=complete_run_paths),
+    path: Path = typer.Argument(Path("runs"), metavar="PATH", help=PATH_HELP, autocompletion=complete_run_paths),
     keep: Optional[int] = typer.Option(None, "--keep", min=1, help="Keep the newest N checkpoints (plus protected ones)."),
     max_size: Optional[str] = typer.Option(None, "--max-size", help="Per run, delete oldest until checkpoints fit, e.g. 15GB, 500MiB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop; delete nothing."),

@@ -193,3 +193,63 @@ echo "RUN:${{COMPREPLY[*]}}"
     )
     assert "CMD:prune" in proc.stdout, proc.stdout + proc.stderr
     assert "RUN:runs/gamma" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["prune", "--keep", "0"], ["ls", "--bogus"], ["--bogus"], ["frobnicate"], ["restore"], ["diff", "only_one"]],
+)
+def test_usage_errors_are_one_line_exit_2(args):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "--help" in result.stderr
+
+
+def _in_pty(args: list[str], answer: bytes, cwd: Path) -> tuple[int, str]:
+    """Run ckptctl with stdin/stdout/stderr on a pseudo-terminal, type ``answer``; return (exit code, output)."""
+    import os
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child
+        os.chdir(cwd)
+        os.environ["PYTHONPATH"] = str(REPO)
+        cmd = ckptctl_cmd() + args
+        os.execv(cmd[0], cmd)
+    output = b""
+    sent = False
+    while True:
+        ready, _, _ = select.select([fd], [], [], 60)
+        if not ready:
+            break
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+        if not sent and b"[y/N]" in output:
+            os.write(fd, answer)
+            sent = True
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+
+def test_prune_asks_on_a_terminal(tmp_path):
+    run = write_run(tmp_path / "runs", "run_a", n=3)
+    code, out = _in_pty(["prune", "--keep", "1"], b"n\n", tmp_path)
+    assert code == 1 and "[y/N]" in out and "Nothing deleted" in out
+    assert len(list((run / "checkpoints").iterdir())) == 3
+    code, out = _in_pty(["prune", "--keep", "1"], b"y\n", tmp_path)
+    assert code == 0, out
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint_00002.pt"]
+
+
+def test_verify_on_a_terminal_draws_progress_and_still_reports(tmp_path):
+    write_run(tmp_path / "runs", "run_a", n=2)
+    code, out = _in_pty(["verify"], b"", tmp_path)
+    assert code == 0, out
+    assert "All good: 3 ok" in out
