@@ -378,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drive-backup", default=os.environ.get(DRIVE_ENV) or None, metavar="PATH",
                         help=f"mirror the run to PATH/<run name>/ in the background, verified (default: ${DRIVE_ENV} "
                              "if set); Drive faults are retried and never stop training")
+    parser.add_argument("--drive-retry-max", type=float, default=30.0, metavar="SECONDS",
+                        help="longest wait between retries of a failing Drive mirror (retries start at 0.5 s and double)")
     parser.add_argument("--seed", type=int, default=0, help="seeds model init, data order, dropout, random and numpy")
     parser.add_argument("--batch-size", type=int, default=32, help="pairs per batch")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (cosine-annealed per batch)")
@@ -408,6 +410,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--save-every-minutes must be positive")
     if args.lr <= 0:
         parser.error("--lr must be positive")
+    if args.drive_retry_max <= 0:
+        parser.error("--drive-retry-max must be positive")
     return args
 
 
@@ -527,7 +531,7 @@ def run(args: argparse.Namespace) -> int:
         best_mode="max",
         drive_backup=args.drive_backup,
         save_every_seconds=args.save_every_minutes * 60 if args.save_every_minutes else None,
-        mirror_backoff=(0.5, 30.0),
+        mirror_backoff=(min(0.5, args.drive_retry_max), args.drive_retry_max),
     )
     handler = _RunLogHandler(persistence.append_log)
     logging.getLogger("ckptctl").addHandler(handler)
@@ -678,4 +682,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # Everything is saved, fsynced and closed by now (persistence.close() joined its workers).
+    # Skip the interpreter teardown, which takes over a second once torch has loaded dynamo.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

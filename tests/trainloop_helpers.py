@@ -24,6 +24,7 @@ import torch
 FAST_FLAGS = (
     "--max-pairs", "64", "--max-eval-pairs", "48", "--batch-size", "8", "--epochs", "3",
     "--save-every", "2", "--log-every", "1", "--max-checkpoints", "3", "--seed", "7", "--no-progress",
+    "--drive-retry-max", "1",
 )
 
 _METRIC_LINE = re.compile(r"^Epoch (\d+)(?:, Batch (\d+):| validation:)")
