@@ -36,6 +36,10 @@ class BackgroundSaveError(CkptctlError):
     """A checkpoint save that ran in the background failed; reported on the next call."""
 
 
+class DiskFullError(CkptctlError):
+    """The disk is full and no checkpoint may be freed to make room for a new one."""
+
+
 class RestoreStateError(CkptctlError):
     """A checkpoint loaded but restoring a component or an RNG state from it failed."""
 

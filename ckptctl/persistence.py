@@ -8,6 +8,7 @@ retention and the Drive copy happen on a background worker, one save at a time.
 from __future__ import annotations
 
 import datetime
+import errno
 import logging
 import math
 import os
@@ -30,12 +31,13 @@ from ckptctl.core.format import (
     utc_now_iso,
 )
 from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index, clean_metrics
-from ckptctl.core.retention import ids_to_delete
+from ckptctl.core.retention import ids_to_delete, protected_ids
 from ckptctl.errors import (
     BackgroundSaveError,
     CheckpointIntegrityError,
     CkptctlError,
     CorruptIndexError,
+    DiskFullError,
     NoValidCheckpointError,
     RestoreStateError,
     UnsafePathError,
@@ -387,7 +389,7 @@ class ModelPersistence:
 
     def _write_checkpoint_job(self, request: _SaveRequest, payload: dict[str, Any]) -> None:
         relpath = checkpoint_relpath(request.checkpoint_id)
-        size, checksum = write_checkpoint_file(self.run_dir / relpath, payload)
+        size, checksum = self._write_making_room(relpath, payload)
         entry = CheckpointEntry(
             id=request.checkpoint_id,
             path=relpath,
@@ -416,6 +418,50 @@ class ModelPersistence:
         delete_checkpoint_files(self.run_dir, [e for e in grown.checkpoints if e.id in victims])
         if self._mirror is not None:
             self._mirror.request()
+
+    def _write_making_room(self, relpath: str, payload: dict[str, Any]) -> tuple[int, str]:
+        """Write a checkpoint file; on a full disk free the oldest unprotected checkpoint and retry.
+
+        The newest checkpoint, the best model's source and pinned ones are never freed, so
+        the run stays resumable; when nothing else is left, :class:`DiskFullError` says so.
+        """
+        while True:
+            try:
+                return write_checkpoint_file(self.run_dir / relpath, payload)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                victim = self._oldest_unprotected()
+                if victim is None:
+                    raise DiskFullError(
+                        f"{self.run_dir}: disk full writing {relpath} ({exc.strerror}); nothing left to free "
+                        "(the newest checkpoint, the best model's source and pinned ones are kept)"
+                    ) from None
+                log.warning("%s: disk full writing %s; freeing checkpoint %d early", self.run_dir, relpath, victim.id)
+                self._drop_entries([victim])
+
+    def _oldest_unprotected(self) -> CheckpointEntry | None:
+        with self._index_lock:
+            entries = self._index.checkpoints
+            keep = protected_ids(
+                retention_items(entries), best_source_id=self._best.source_id if self._best else None
+            )
+            return next((e for e in entries if e.id not in keep), None)
+
+    def _drop_entries(self, victims: list[CheckpointEntry]) -> None:
+        """Remove ``victims`` from the index, then delete their files (files first if the index cannot be written)."""
+        gone = {v.id for v in victims}
+        with self._index_lock:
+            smaller = self._index.with_entries([e for e in self._index.checkpoints if e.id not in gone])
+            try:
+                commit_index(self.run_dir, smaller)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                delete_checkpoint_files(self.run_dir, victims)  # old, not the newest: resume is unaffected
+                commit_index(self.run_dir, smaller)
+            self._index = smaller
+        delete_checkpoint_files(self.run_dir, victims)
 
     def update_best(
         self,

@@ -52,11 +52,20 @@ class HashingWriter:
         self._hasher = new_hasher(algorithm)
         self.algorithm = algorithm
         self.bytes_written = 0
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
-        """Write ``data`` and feed it to the hash."""
+        """Write ``data`` and feed it to the hash.
+
+        An OSError (disk full, I/O error) is remembered in :attr:`error` before it is
+        raised, because some callers (torch's zip writer) replace it with their own error.
+        """
         self._hasher.update(data)
-        written = self._raw.write(data)
+        try:
+            written = self._raw.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
         self.bytes_written += len(memoryview(data).cast("B")) if not isinstance(data, bytes) else len(data)
         return written
 
@@ -90,6 +99,7 @@ def atomic_write(
     """
     final_path = Path(final_path)
     tmp = temporary_path_for(final_path)
+    writer = None
     try:
         with open(tmp, "xb") as raw:
             writer = HashingWriter(raw, algorithm)
@@ -97,8 +107,10 @@ def atomic_write(
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, final_path)
-    except BaseException:
+    except BaseException as exc:
         _remove_quietly(tmp)
+        if writer is not None and writer.error is not None and writer.error is not exc:
+            raise writer.error from None  # the real cause (e.g. ENOSPC), not the caller's wrapper
         raise
     fsync_dir(final_path.parent)
     return writer.bytes_written, writer.checksum()
