@@ -42,21 +42,6 @@ GOALS = [
 ]
 
 
-def parse_size(text: str) -> int:
-    """Parse ``1GiB``, ``512MB``, ``15GB``, ``100k``, ``123`` into bytes (GB = 10^9, GiB = 2^30)."""
-    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-             "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
-    cleaned = text.strip().lower().replace(" ", "")
-    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = cleaned[len(number):]
-    if not number or unit not in units:
-        raise ValueError(f"not a size: {text!r} (try 1GiB, 512MB, 15GB)")
-    value = float(number) * units[unit]
-    if value < 0 or not math.isfinite(value):
-        raise ValueError(f"not a size: {text!r}")
-    return int(value)
-
-
 def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     times = []
     for _ in range(repeats):
