@@ -458,6 +458,7 @@ def restore_command(
 
     Only missing, older or damaged local files are copied; an interrupted restore continues
     where it stopped. A local checkpoint newer than the mirror's is kept unless --force.
+    Exits 1 if some mirror entry could not be restored (each is listed).
     Afterwards `python -m ckptctl.trainloop --resume --output-dir DIR --run-name NAME`
     continues from it.
 
@@ -477,8 +478,6 @@ def restore_command(
     render.info(f"restoring {mirror_run} -> {dest}")
     with render.progress("restoring", enabled=not json_out) as on_progress:
         report = restore_run(mirror_run, dest, only_id=checkpoint_id, force=force, on_progress=on_progress)
-    for problem in report.problems:
-        render.warn(problem)
     if json_out:
         render.print_json(
             {
@@ -498,11 +497,15 @@ def restore_command(
         out.print(f"Restored {len(report.copied)} file(s) ({render.size(report.bytes_copied)}) into {report.dest}; {len(report.already)} already present.")
         for rel in report.kept_local:
             out.print(f"  kept local {rel}: newer than the mirror's (use --force to overwrite)")
+        for problem in report.problems:
+            out.print(f"  not restored: {problem}")
         if report.resume_id is not None:
             out.print(
                 f"Resume will start from checkpoint {report.resume_id}: "
                 f"python -m ckptctl.trainloop --resume --output-dir {to} --run-name {mirror_run.name}"
             )
+    if report.problems:
+        raise typer.Exit(EXIT_PROBLEMS)
 
 
 # --------------------------------------------------------------------------- backup

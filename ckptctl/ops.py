@@ -90,22 +90,21 @@ def _plan_verify(run_dir: Path) -> tuple[list[_Job], list[VerifyResult]]:
     for checkpoint_id, path in sorted(checkpoint_files_on_disk(run_dir).items()):
         if checkpoint_id not in indexed:
             jobs.append(_Job(checkpoint_id, path, str(path), None, "not in the index: checked by loading only"))
-    best_file = run_dir / BEST_MODEL_FILE
     try:
         best = read_best(run_dir)
+        best_detail = "no best_metadata.json: checked by loading only"
     except (CorruptIndexError, UnsafePathError) as exc:
         best = None
+        best_detail = "no usable best_metadata.json: checked by loading only"
         bad(None, str(run_dir / BEST_METADATA_FILE), f"best metadata unreadable: {exc}")
-        if best_file.is_file():
-            jobs.append(_Job(None, best_file, str(best_file), None, "no usable best_metadata.json: checked by loading only"))
-    if best is not None:
-        shown = str(run_dir / best.path)
-        try:
-            jobs.append(_Job(None, resolve_inside(run_dir, best.path), shown, best.checksum))
-        except UnsafePathError as exc:
-            bad(None, shown, f"not read: {exc}")
-    elif not any(r.path == str(run_dir / BEST_METADATA_FILE) for r in found) and best_file.is_file() and not best_file.is_symlink():
-        jobs.append(_Job(None, best_file, str(best_file), None, "no best_metadata.json: checked by loading only"))
+    relpath, checksum = (best.path, best.checksum) if best is not None else (BEST_MODEL_FILE, None)
+    shown = str(run_dir / relpath)
+    try:
+        best_file = resolve_inside(run_dir, relpath)
+        if best is not None or best_file.is_file():
+            jobs.append(_Job(None, best_file, shown, checksum, "" if best is not None else best_detail))
+    except UnsafePathError as exc:
+        bad(None, shown, f"not read: {exc}")
     for job in jobs:
         try:
             job.size = job.path.stat().st_size if job.path else 0

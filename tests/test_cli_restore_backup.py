@@ -180,3 +180,28 @@ def test_backup_errors_and_lock(tmp_path):
     os.makedirs(os.environ["CKPTCTL_DRIVE"])
     assert invoke("backup", "runs").exit_code == 0
     assert (tmp_path / "drive_default" / "run_a" / "checkpoint_metadata.json").is_file()
+
+
+def test_restore_reports_hostile_mirror_entries_and_restores_the_rest(tmp_path):
+    drive = _drive(tmp_path)
+    write_run(tmp_path / "work", "run_a", n=2, drive=drive)
+    secret = tmp_path / "secret.pt"
+    secret.write_bytes(b"not yours")
+    mirror = drive / "run_a"
+    index = index_of(mirror)
+    index["checkpoints"].append(dict(index["checkpoints"][0], id=7, path="../../secret.pt"))
+    write_index(mirror, index)
+    result = invoke("restore", "--from-drive", "--drive", drive, "--json")
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert any("7" in p for p in doc["problems"])
+    local = tmp_path / "runs" / "run_a"
+    assert [e["id"] for e in index_of(local)["checkpoints"]] == [0, 1]
+    assert not any(p.read_bytes() == b"not yours" for p in local.rglob("*") if p.is_file())
+
+
+def test_backup_of_a_run_without_index_is_refused(tmp_path):
+    run = write_run(tmp_path / "runs", "run_a", n=1)
+    (run / "checkpoint_metadata.json").unlink()
+    result = invoke("backup", "runs", "--drive", _drive(tmp_path))
+    assert result.exit_code == 1 and "has no index" in result.stderr

@@ -138,3 +138,15 @@ def test_verify_nothing_to_verify_exits_1(tmp_path):
 def test_verify_missing_path_exits_2(tmp_path):
     result = invoke("verify", "nope")
     assert result.exit_code == 2 and result.stderr.startswith("Error: ")
+
+
+def test_verify_best_model_symlink_outside_is_not_read(tmp_path):
+    run = write_run(tmp_path / "runs", "run_a", n=1)
+    outside = tmp_path / "elsewhere.pt"
+    outside.write_bytes((run / "best_model.pt").read_bytes())
+    (run / "best_metadata.json").unlink()
+    (run / "best_model.pt").unlink()
+    (run / "best_model.pt").symlink_to(outside)
+    doc = json.loads(invoke("verify", "--json").stdout)
+    (best,) = [r for r in doc["results"] if r["id"] is None]
+    assert best["status"] == "corrupt" and "outside the run" in best["detail"]

@@ -114,8 +114,9 @@ def plan_prune(
         )
     )
     protected: dict[int, str] = {}
+    never = protected_ids(items, best_source_id=best_source, newest_good_id=newest_good)
     for item in items:
-        if item.id in protected_ids(items, best_source_id=best_source, newest_good_id=newest_good):
+        if item.id in never:
             reasons = []
             if item.pinned:
                 reasons.append("pinned")

@@ -200,7 +200,11 @@ def restore_run(
             copies.append(_Copy(m.path, src, dst, m.checksum, _size(src), entry=m))
         for checkpoint_id, src in sorted(mirror_files.items()):
             rel = f"{CHECKPOINT_DIR}/{src.name}"
-            dst = dest_run / rel
+            try:
+                dst = resolve_inside(dest_run, rel)
+            except UnsafePathError as exc:
+                report.problems.append(f"checkpoint {checkpoint_id}: {exc}")
+                continue
             if dst.exists() and not force:
                 report.kept_local.append(rel)
                 continue
@@ -277,6 +281,12 @@ def backup_run(local_run: str | os.PathLike, drive: str | os.PathLike, *, on_pro
     local_run, drive = Path(local_run), Path(drive)
     if not drive.is_dir():
         raise NotFoundError(f"Drive folder {drive} not found (is Drive mounted? set --drive or CKPTCTL_DRIVE)")
+    try:
+        read_index(local_run)
+    except FileNotFoundError:
+        raise CkptctlError(
+            f"{local_run}: has no index (copied by hand?); open it once with the library so it is rebuilt, then back it up"
+        ) from None
     with RunLock(local_run):
         report = sync_run(local_run, drive / local_run.resolve().name, on_progress=on_progress)
         if report.mirrored:

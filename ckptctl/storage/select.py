@@ -93,13 +93,13 @@ def select_checkpoint(path: str | os.PathLike, which: str | None = None) -> Chec
             raise NotFoundError(f"{path}: is a file; an id only goes with a run folder")
         checkpoint_id = parse_checkpoint_filename(path.name)
         run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
-        if is_run_dir(run_dir):
-            if checkpoint_id is not None:
-                ref = _ref_in_run(run_dir, str(checkpoint_id))
-                if ref.path.resolve() == path.resolve():
-                    return ref
-            elif path.name == BEST_MODEL_FILE:
-                return _ref_in_run(run_dir, "best")
+        if is_run_dir(run_dir) and (checkpoint_id is not None or path.name == BEST_MODEL_FILE):
+            try:
+                ref = _ref_in_run(run_dir, "best" if checkpoint_id is None else str(checkpoint_id))
+            except (NotFoundError, UnsafePathError):
+                ref = None
+            if ref is not None and ref.path.resolve() == path.resolve():
+                return ref  # the file the index describes: check it against the index checksum too
         return CheckpointRef(path, path.name, checkpoint_id)
     if not path.exists():
         raise NotFoundError(f"{path}: no such file or directory")
