@@ -57,6 +57,9 @@ from ckptctl.torch_io import (
     Stager,
     apply_components,
     build_payload,
+    component_states,
+    available_memory_bytes,
+    tensor_bytes,
     payload_metadata,
     restore_rng,
     safe_load,
@@ -121,6 +124,11 @@ class ModelPersistence:
 
     The run directory is locked while this object is open (one writer at a time).
     Components are any objects with ``state_dict()``/``load_state_dict()``, passed by name.
+
+    ``staging``: ``"copy"`` snapshots into reusable CPU buffers (one CPU copy of the
+    state) and writes in the background; ``"none"`` writes the live tensors before
+    returning (no extra memory, the whole write stalls training); ``"auto"`` (default)
+    copies unless the buffers would need more than half of the available memory.
     """
 
     def __init__(
@@ -134,6 +142,7 @@ class ModelPersistence:
         *,
         save_every_seconds: float | None = None,
         background: bool = True,
+        staging: str = "auto",
         mirror_backoff: tuple[float, float] = (1.0, 300.0),
     ):
         if int(max_checkpoints) < 1:
@@ -142,6 +151,8 @@ class ModelPersistence:
             raise ValueError(f"save_every_n_batches must be at least 1, got {save_every_n_batches}")
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        if staging not in ("auto", "copy", "none"):
+            raise ValueError(f"staging must be 'auto', 'copy' or 'none', got {staging!r}")
         if save_every_seconds is not None and save_every_seconds <= 0:
             raise ValueError(f"save_every_seconds must be positive, got {save_every_seconds}")
         self.run_dir = Path(run_dir)
@@ -152,6 +163,7 @@ class ModelPersistence:
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.background = background
+        self.staging = staging
         self.last_resume_skipped: list[dict[str, Any]] = []
 
         (self.run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
@@ -366,26 +378,61 @@ class ModelPersistence:
         if global_step is not None:
             self._global_step = int(global_step)
         metrics = clean_metrics(metrics)
+        states = component_states(components)
         self._wait_for_staging_buffers()
         self._raise_background_error()
         checkpoint_id = self._next_id
         self._next_id += 1
         request = _SaveRequest(checkpoint_id, int(epoch), int(batch), self._global_step)
+        self._last_save = request
+        self._last_save_time = time.monotonic()
+        self._snapshot_and_submit(self._write_checkpoint_job, request, checkpoint_id, metrics, states, extra)
+        return checkpoint_id
+
+    def _should_stage(self, states: Mapping[str, Any]) -> bool:
+        """Copy into staging buffers unless told not to, or (``auto``) the copy would not fit in memory."""
+        if self.staging != "auto":
+            return self.staging == "copy"
+        needed = tensor_bytes(states) - self._stager.staged_bytes
+        available = available_memory_bytes()
+        return needed <= 0 or available is None or needed <= available // 2
+
+    def _snapshot_and_submit(
+        self,
+        job: Callable[..., None],
+        request: _SaveRequest,
+        checkpoint_id: int | None,
+        metrics: dict[str, float],
+        states: Mapping[str, Any],
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Snapshot ``states`` with RNG and queue ``job(request, payload)``.
+
+        Staged (copied into the reusable buffers), the call returns at once. Without
+        staging (``staging="none"``, or a state too large to copy), the live tensors are
+        written before this returns, so training cannot change them mid-write.
+        """
+        stager = self._stager if self._should_stage(states) else Stager(copy=False)
         payload = build_payload(
-            self._stager,
+            stager,
             checkpoint_id=checkpoint_id,
             epoch=request.epoch,
             batch=request.batch,
             global_step=request.global_step,
             metrics=metrics,
             timestamp=utc_now_iso(),
-            components=components,
+            states=states,
             extra=extra,
         )
-        self._last_save = request
-        self._last_save_time = time.monotonic()
-        self._staging_future = self._submit(self._write_checkpoint_job, request, payload)
-        return checkpoint_id
+        future = self._submit(job, request, payload)
+        if stager.copy:
+            self._staging_future = future
+            return
+        try:
+            future.result()
+        except BaseException:
+            pass
+        self._raise_background_error()
 
     def _write_checkpoint_job(self, request: _SaveRequest, payload: dict[str, Any]) -> None:
         relpath = checkpoint_relpath(request.checkpoint_id)
@@ -493,18 +540,10 @@ class ModelPersistence:
         else:
             if not components:
                 raise ValueError("update_best needs the components to save, e.g. agent=model")
+            states = component_states(components)
             self._wait_for_staging_buffers()
-            payload = build_payload(
-                self._stager,
-                checkpoint_id=None,
-                epoch=int(epoch),
-                batch=int(batch),
-                global_step=step,
-                metrics=metrics,
-                timestamp=utc_now_iso(),
-                components=components,
-            )
-            self._staging_future = self._submit(self._best_from_payload_job, payload)
+            request = _SaveRequest(-1, int(epoch), int(batch), step)
+            self._snapshot_and_submit(self._best_from_payload_job, request, None, metrics, states)
         self._best_value = value
         return True
 
@@ -536,7 +575,7 @@ class ModelPersistence:
         if self._mirror is not None:
             self._mirror.request()
 
-    def _best_from_payload_job(self, payload: dict[str, Any]) -> None:
+    def _best_from_payload_job(self, request: _SaveRequest, payload: dict[str, Any]) -> None:
         size, checksum = write_checkpoint_file(self.run_dir / BEST_MODEL_FILE, payload)
         info = self._best_info(
             None, payload["epoch"], payload["batch"], payload["global_step"], payload["metrics"], payload["timestamp"], size, checksum

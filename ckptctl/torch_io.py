@@ -94,13 +94,17 @@ def restore_rng(rng: Mapping[str, Any]) -> list[str]:
 class Stager:
     """Copies state dicts into CPU buffers that are reused from one save to the next.
 
+    With ``copy=False`` it passes tensors through untouched (no memory cost), for a
+    caller that writes them synchronously before training changes them.
+
     The first save allocates one buffer per tensor (the staging memory cost: one CPU copy
     of the saved state); later saves with the same shapes only ``copy_`` into them, which
     is the cheapest consistent snapshot. A caller must not stage again while a payload
     from the previous :meth:`stage` is still being written.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, copy: bool = True) -> None:
+        self.copy = copy
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     @property
@@ -127,6 +131,8 @@ class Stager:
 
     def _stage_tensor(self, tensor: torch.Tensor, key: tuple) -> torch.Tensor:
         tensor = tensor.detach()
+        if not self.copy:
+            return tensor  # pass-through: the caller writes before the state changes
         if tensor.layout != torch.strided or tensor.is_quantized:
             return tensor.to("cpu", copy=True)
         buf = self._buffers.get(key)
@@ -147,6 +153,28 @@ def component_state(name: str, component: Any) -> Any:
     return state_dict()
 
 
+def component_states(components: Mapping[str, Any]) -> dict[str, Any]:
+    """``{name: state_dict()}`` for every component, checking names and types."""
+    return {name: component_state(name, component) for name, component in components.items()}
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Total bytes of the tensors nested in ``obj``."""
+    return sum(t.numel() * t.element_size() for _, t in iter_tensors(obj))
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` from /proc/meminfo (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def build_payload(
     stager: Stager,
     *,
@@ -156,10 +184,13 @@ def build_payload(
     global_step: int,
     metrics: Mapping[str, float],
     timestamp: str,
-    components: Mapping[str, Any],
+    states: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Take a consistent CPU snapshot of every component plus RNG, as the dict that gets saved."""
+    """Take a consistent CPU snapshot of every component's state plus RNG, as the dict that gets saved.
+
+    ``states`` maps component names to their ``state_dict()`` (see :func:`component_states`).
+    """
     payload: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "checkpoint_id": checkpoint_id,
@@ -168,12 +199,12 @@ def build_payload(
         "global_step": int(global_step),
         "metrics": dict(metrics),
         "timestamp": timestamp,
-        "components": sorted(components),
+        "components": sorted(states),
         "extra": dict(extra or {}),
     }
     payload["rng"] = stager.stage(capture_rng(), ("__rng__",))
-    for name, component in components.items():
-        payload[name] = stager.stage(component_state(name, component), (name,))
+    for name, state in states.items():
+        payload[name] = stager.stage(state, (name,))
     return payload
 
 

@@ -376,7 +376,7 @@ def test_setup_drive_backup_explains_a_missing_mount(tmp_path):
 
 
 def test_invalid_arguments_are_rejected(tmp_path):
-    for kwargs in ({"max_checkpoints": 0}, {"save_every_n_batches": 0}, {"best_mode": "up"}):
+    for kwargs in ({"max_checkpoints": 0}, {"save_every_n_batches": 0}, {"best_mode": "up"}, {"staging": "maybe"}):
         with pytest.raises(ValueError):
             ModelPersistence(tmp_path / "r", **kwargs)
     with ModelPersistence(tmp_path / "r") as p:
@@ -384,3 +384,20 @@ def test_invalid_arguments_are_rejected(tmp_path):
             p.save_checkpoint(0, 0, {}, rng=torch.nn.Linear(1, 1))
         with pytest.raises(ValueError, match="at least one component"):
             p.save_checkpoint(0, 0, {})
+
+
+@pytest.mark.parametrize("staging", ["copy", "none", "auto"])
+def test_every_staging_mode_saves_the_state_of_the_moment(tmp_path, staging):
+    """Without staging the write finishes before save returns, so later training cannot leak in."""
+    run = tmp_path / staging
+    rig = Rig()
+    with ModelPersistence(run, staging=staging, save_every_n_batches=1) as p:
+        expected = {k: v.clone() for k, v in rig.agent.state_dict().items()}
+        p.save_checkpoint(0, 0, {}, **rig.components())
+        with torch.no_grad():
+            for param in rig.agent.parameters():
+                param.add_(100.0)  # training goes on right after the call returns
+        p.flush()
+    saved = torch.load(run / "checkpoints" / "checkpoint_00000.pt", weights_only=True)["agent"]
+    for name, value in expected.items():
+        assert torch.equal(saved[name], value), name

@@ -10,7 +10,7 @@ import torch
 
 from ckptctl.errors import CheckpointIntegrityError
 from ckptctl.storage.atomic import hash_file
-from ckptctl.torch_io import Stager, build_payload, find_nonfinite, safe_load, verify_file, write_checkpoint_file
+from ckptctl.torch_io import Stager, build_payload, component_states, find_nonfinite, safe_load, verify_file, write_checkpoint_file
 
 
 def _model():
@@ -20,7 +20,7 @@ def _model():
 
 def _payload(stager, model, opt):
     return build_payload(stager, checkpoint_id=0, epoch=0, batch=0, global_step=1, metrics={"loss": 1.0},
-                         timestamp="t", components={"agent": model, "optimizer": opt})
+                         timestamp="t", states=component_states({"agent": model, "optimizer": opt}))
 
 
 def test_staged_payload_equals_the_live_state_and_buffers_are_reused():
