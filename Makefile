@@ -16,8 +16,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 venv: $(VENV)/.installed
 
+# The paired trainloop on real ARC pairs: a run killed mid-training (SIGKILL), resumed, killed
+# again with its local folder deleted (a recycled VM), restored from the stand-in Drive folder
+# drive/, finished, and compared tensor by tensor with an uninterrupted run. Then the listing.
 demo: venv
-	$(PY) -m ckptctl.demo
+	$(PY) -m ckptctl.trainloop_demo runs drive
+	$(VENV)/bin/ckptctl ls runs/demo
+	$(VENV)/bin/ckptctl verify drive/demo
 
 test: venv
 	$(PY) -m pytest -q
