@@ -27,7 +27,16 @@ def console(stderr: bool = False) -> Console:
     """A console on the current stdout (or stderr); wide and plain when not a terminal."""
     stream = sys.stderr if stderr else sys.stdout
     is_tty = hasattr(stream, "isatty") and stream.isatty()
-    return Console(file=stream, width=None if is_tty else 120, highlight=False, soft_wrap=not is_tty and stderr)
+    # markup=False: run names, paths and error details are printed as they are, never parsed as [style] tags.
+    return Console(file=stream, width=None if is_tty else 120, highlight=False, markup=False, soft_wrap=not is_tty and stderr)
+
+
+def heading(name: str, rest: str = "") -> Text:
+    """A bold run or checkpoint name followed by plain text."""
+    text = Text(name, style="bold")
+    if rest:
+        text.append(f"  {rest}")
+    return text
 
 
 def print_json(data: Any) -> None:
@@ -139,7 +148,7 @@ def render_ls(doc: dict[str, Any]) -> None:
             flags.append("in use by a trainer")
         if not run.get("indexed"):
             flags.append("no index")
-        title = f"[bold]{run['name']}[/bold]  {run['path']}" + (f"  ({', '.join(flags)})" if flags else "")
+        title = heading(run["name"], f"{run['path']}" + (f"  ({', '.join(flags)})" if flags else ""))
         metrics = _metric_columns(rows)
         table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
         table.add_column("ID", justify="right", no_wrap=True)
@@ -224,7 +233,7 @@ def render_verify(doc: dict[str, Any]) -> None:
 def render_show(d: dict[str, Any]) -> None:
     """``show``: one checkpoint in depth."""
     out = console()
-    out.print(f"[bold]{d['label']}[/bold]  {d['path']}")
+    out.print(heading(d["label"], d["path"]))
     out.print(f"  size {size(d['size_bytes'])}, saved {age(d['timestamp'])} ({d['timestamp']})")
     out.print(f"  checksum against index: {'verified' if d['checksum_verified'] else 'not in an index (loaded safely only)'}")
     out.print(f"  epoch {d['epoch']}, batch {d['batch']}, global step {d['global_step']}")
@@ -282,7 +291,7 @@ def render_diff(d: dict[str, Any], show_all: bool = False) -> None:
 def render_resume_info(d: dict[str, Any]) -> None:
     """``resume-info``: what resume would load, and what it would skip."""
     out = console()
-    out.print(f"[bold]{d['run']}[/bold]  {d['path']}")
+    out.print(heading(d["run"], d["path"]))
     if d.get("index_problem"):
         out.print(f"  index unreadable ({d['index_problem']}); resume rebuilds it from the checkpoint files")
     for s in d["skipped"]:
@@ -309,7 +318,7 @@ def render_prune_plans(plans: list[Any], dry_run: bool) -> None:
     freed = 0
     count = 0
     for plan in plans:
-        out.print(f"[bold]{plan.run_dir.name}[/bold]  {plan.run_dir}")
+        out.print(heading(plan.run_dir.name, str(plan.run_dir)))
         for entry in plan.delete:
             out.print(f"  delete checkpoint {entry.id:>4}  {size(plan.sizes.get(entry.id, 0)):>9}  {entry.path}")
         for entry in plan.keep:

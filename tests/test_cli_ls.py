@@ -127,3 +127,10 @@ def test_ls_missing_checkpoint_file_is_marked(tmp_path):
     assert [c["present"] for c in r["checkpoints"]] == [True, False, True]
     assert "missing" in result.stderr
     assert "MISSING" in invoke("ls").stdout
+
+
+def test_names_that_look_like_markup_are_printed_as_they_are(tmp_path):
+    write_run(tmp_path / "runs", "exp[red]1[b]", n=1)
+    out = invoke("ls").stdout
+    assert "exp[red]1[b]" in out
+    assert "exp[red]1[b]" in invoke("verify").stdout
