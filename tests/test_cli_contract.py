@@ -253,3 +253,16 @@ def test_verify_on_a_terminal_draws_progress_and_still_reports(tmp_path):
     code, out = _in_pty(["verify"], b"", tmp_path)
     assert code == 0, out
     assert "All good: 3 ok" in out
+
+
+def test_layers_import_only_what_they_may():
+    """Storage modules the CLI added import neither torch nor the CLI libraries; render imports no torch."""
+    probe = (
+        "import sys\n"
+        "import ckptctl.storage.listing, ckptctl.storage.plans, ckptctl.storage.restore, ckptctl.storage.select, ckptctl.core.units\n"
+        "bad = sorted(m for m in ('torch', 'typer', 'rich', 'humanize') if m in sys.modules)\n"
+        "import ckptctl.render\n"
+        "print(','.join(bad) or 'clean', 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.stdout.split() == ["clean", "False"], proc.stdout + proc.stderr
