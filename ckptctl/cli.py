@@ -332,8 +332,8 @@ def resume_info_command(
 @app.command("prune")
 def prune_command(
     path: Path = typer.Argument(Path("runs"), metavar="PATH", help=PATH_HELP, autocompletion=complete_run_paths),
-    keep: Optional[int] = typer.Option(None, "--keep", min=1, help="Keep the newest N checkpoints (plus protected ones)."),
-    max_size: Optional[str] = typer.Option(None, "--max-size", help="Per run, delete oldest until checkpoints fit, e.g. 15GB, 500MiB."),
+    keep: Optional[int] = typer.Option(None, "--keep", min=1, metavar="N", help="Keep the newest N checkpoints (plus protected ones)."),
+    max_size: Optional[str] = typer.Option(None, "--max-size", metavar="SIZE", help="Per run, delete oldest until checkpoints fit, e.g. 15GB, 500MiB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop; delete nothing."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -447,10 +447,10 @@ def promote_command(
 @app.command("restore")
 def restore_command(
     from_drive: bool = typer.Option(False, "--from-drive", help="Restore from the Drive mirror (required)."),
-    drive: Optional[Path] = typer.Option(None, "--drive", help="Drive mirror root [default: $CKPTCTL_DRIVE, else /content/drive/MyDrive/ARC-EFE-Backups]."),
-    run: Optional[str] = typer.Option(None, "--run", help="Run name on the mirror [default: the run with the newest checkpoint].", autocompletion=complete_drive_runs),
-    checkpoint_id: Optional[int] = typer.Option(None, "--id", help="Restore only this checkpoint (plus the best model)."),
-    to: Path = typer.Option(Path("runs"), "--to", help="Local folder of runs; the run lands in DIR/<run name>."),
+    drive: Optional[Path] = typer.Option(None, "--drive", metavar="PATH", help="Drive mirror root [default: $CKPTCTL_DRIVE, else /content/drive/MyDrive/ARC-EFE-Backups]."),
+    run: Optional[str] = typer.Option(None, "--run", metavar="NAME", help="Run name on the mirror [default: the run with the newest checkpoint].", autocompletion=complete_drive_runs),
+    checkpoint_id: Optional[int] = typer.Option(None, "--id", metavar="N", help="Restore only this checkpoint (plus the best model)."),
+    to: Path = typer.Option(Path("runs"), "--to", metavar="DIR", help="Local folder of runs; the run lands in DIR/<run name>."),
     force: bool = typer.Option(False, "--force", help="Overwrite local checkpoints even when they are newer than the mirror's."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -514,7 +514,7 @@ def restore_command(
 @app.command("backup")
 def backup_command(
     path: Path = typer.Argument(Path("runs"), help="A run directory or a folder of runs.", autocompletion=complete_run_paths),
-    drive: Optional[Path] = typer.Option(None, "--drive", help="Drive mirror root [default: $CKPTCTL_DRIVE, else /content/drive/MyDrive/ARC-EFE-Backups]."),
+    drive: Optional[Path] = typer.Option(None, "--drive", metavar="PATH", help="Drive mirror root [default: $CKPTCTL_DRIVE, else /content/drive/MyDrive/ARC-EFE-Backups]."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Push runs to the Drive mirror now, with the background mirror's verified, atomic copy.
@@ -564,7 +564,7 @@ def backup_command(
 def diff_command(
     a: str = typer.Argument(..., help="A checkpoint file, a run (its newest), or RUN:ID / RUN:best."),
     b: str = typer.Argument(..., help="The same forms as A."),
-    atol: float = typer.Option(0.0, "--atol", min=0.0, help="Treat values within this absolute difference as equal."),
+    atol: float = typer.Option(0.0, "--atol", min=0.0, metavar="X", help="Treat values within this absolute difference as equal."),
     show_all: bool = typer.Option(False, "--all", help="List every tensor, not only those that differ."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
