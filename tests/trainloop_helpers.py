@@ -27,6 +27,15 @@ FAST_FLAGS = (
     "--drive-retry-max", "1",
 )
 
+
+def replace_flags(flags: tuple[str, ...], changes: dict[str, str]) -> tuple[str, ...]:
+    """``flags`` with the values of the flags named in ``changes`` replaced."""
+    out = list(flags)
+    for name, value in changes.items():
+        out[out.index(name) + 1] = value
+    return tuple(out)
+
+
 _METRIC_LINE = re.compile(r"^Epoch (\d+)(?:, Batch (\d+):| validation:)")
 _RESUMED = re.compile(r"^Resumed from checkpoint \d+ at Epoch (\d+), Batch (\d+)$")
 
