@@ -20,7 +20,7 @@ from ckptctl.core.format import BEST_METADATA_FILE, BEST_MODEL_FILE, INDEX_FILE
 from ckptctl.core.manifest import BestInfo
 from ckptctl.errors import CheckpointIntegrityError, CorruptIndexError, NotFoundError, UnsafePathError
 from ckptctl.storage.atomic import atomic_copy, resolve_inside
-from ckptctl.storage.lock import RunLock
+from ckptctl.storage.lock import RunLock, is_locked
 from ckptctl.storage.runfiles import commit_best, commit_index
 from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index
 from ckptctl.storage.select import CheckpointRef
@@ -146,7 +146,20 @@ def verify_runs(
             done = base + job.size
             if on_progress:
                 on_progress(done, total)
-    return results
+    return _drop_pruned_meanwhile(results, run_dirs)
+
+
+def _drop_pruned_meanwhile(results: list[VerifyResult], run_dirs: list[Path]) -> list[VerifyResult]:
+    """A live trainer's retention may delete a checkpoint between reading the index and hashing it: not a problem."""
+    gone: dict[str, set[int]] = {}
+    for run in run_dirs:
+        if any(r.run == run.name and r.status == "missing" for r in results) and is_locked(run):
+            try:
+                still = set(read_index(run).by_id())
+            except (FileNotFoundError, CorruptIndexError):
+                continue
+            gone[run.name] = {r.id for r in results if r.run == run.name and r.id is not None and r.id not in still}
+    return [r for r in results if not (r.status == "missing" and r.id in gone.get(r.run, ()))]
 
 
 # --------------------------------------------------------------------------- show

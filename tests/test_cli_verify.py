@@ -150,3 +150,24 @@ def test_verify_best_model_symlink_outside_is_not_read(tmp_path):
     doc = json.loads(invoke("verify", "--json").stdout)
     (best,) = [r for r in doc["results"] if r["id"] is None]
     assert best["status"] == "corrupt" and "outside the run" in best["detail"]
+
+
+def test_verify_ignores_a_checkpoint_a_live_trainer_pruned_meanwhile(tmp_path):
+    """The race: verify read an index listing checkpoint 0, then the trainer's retention removed it."""
+    from ckptctl import ModelPersistence
+    from ckptctl.ops import _drop_pruned_meanwhile, verify_runs
+
+    run = write_run(tmp_path / "runs", "run_a", n=3)
+    ckpt(run, 0).unlink()  # the file is gone while the index (as verify read it) still lists it
+    results = verify_runs([run])
+    assert [(r.id, r.status) for r in results if r.status != "ok"] == [(0, "missing")]
+    index = index_of(run)
+    index["checkpoints"] = index["checkpoints"][1:]
+    write_index(run, index)  # ...and the trainer has since committed an index without it
+    assert [r.id for r in _drop_pruned_meanwhile(results, [run])] == [0, 1, 2, None]  # no trainer: still reported
+    trainer = ModelPersistence(run)
+    try:
+        kept = _drop_pruned_meanwhile(results, [run])
+        assert [r.id for r in kept] == [1, 2, None] and all(r.status == "ok" for r in kept)
+    finally:
+        trainer.close()
