@@ -213,11 +213,14 @@ def _in_pty(args: list[str], answer: bytes, cwd: Path) -> tuple[int, str]:
     import select
 
     pid, fd = pty.fork()
-    if pid == 0:  # child
-        os.chdir(cwd)
-        os.environ["PYTHONPATH"] = str(REPO)
-        cmd = ckptctl_cmd() + args
-        os.execv(cmd[0], cmd)
+    if pid == 0:  # child: never return into pytest
+        try:
+            os.chdir(cwd)
+            os.environ["PYTHONPATH"] = str(REPO)
+            cmd = ckptctl_cmd() + args
+            os.execv(cmd[0], cmd)
+        finally:
+            os._exit(127)
     output = b""
     sent = False
     while True:
