@@ -45,7 +45,14 @@ from torch import nn
 
 from ckptctl.arcdata import CHANNELS, COLOURS, IGNORE, PairSet, copy_baseline_accuracy, hash_ids, load_arc
 from ckptctl.errors import CkptctlError
-from ckptctl.persistence import ModelPersistence, latest_run, restore_from_drive, run_has_checkpoints, setup_drive_backup
+from ckptctl.persistence import (
+    ModelPersistence,
+    latest_run,
+    newest_checkpoint_id,
+    restore_from_drive,
+    run_has_checkpoints,
+    setup_drive_backup,
+)
 
 log = logging.getLogger("ckptctl.trainloop")
 
@@ -486,10 +493,13 @@ def _choose_run(args: argparse.Namespace, output_dir: Path, say: Callable[[str],
                 + "; starting a fresh run")
             return _unique_run_name(output_dir), False
         name = newest.name
-    if not run_has_checkpoints(output_dir / name) and args.drive_backup:
-        mirror = Path(args.drive_backup) / name
-        if run_has_checkpoints(mirror):
-            say(f"no local checkpoint for {name}; restoring it from the Drive mirror {mirror}")
+    if args.drive_backup:
+        local_id = newest_checkpoint_id(output_dir / name)
+        mirror_id = newest_checkpoint_id(Path(args.drive_backup) / name)
+        if mirror_id is not None and (local_id is None or mirror_id > local_id):
+            # A fresh machine (or one whose restore was cut short): bring the run back from Drive.
+            what = "no local checkpoint" if local_id is None else f"the Drive mirror is ahead (checkpoint {mirror_id} > {local_id})"
+            say(f"{what} for {name}; restoring it from the Drive mirror {Path(args.drive_backup) / name}")
             restore_from_drive(args.drive_backup, name, output_dir)
     if not run_has_checkpoints(output_dir / name):
         say(f"--resume: run {name} has no checkpoint yet; starting it fresh")

@@ -8,6 +8,7 @@ after each resume point. The Drive mirror survives real faults without stopping 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -32,6 +33,7 @@ from .trainloop_helpers import (
     metric_lines,
     newest_checkpoint,
     read_json,
+    replace_flags,
     trainloop_cmd,
     trainloop_env,
 )
@@ -177,12 +179,12 @@ def test_resume_without_run_name_picks_the_newest_run_by_metadata_not_mtime(refe
     state_path = out / "older" / "training_state.json"
     state = read_json(state_path)
     state["updated_at"] = "2020-01-01T00:00:00+00:00"
-    state_path.write_text(__import__("json").dumps(state))
+    state_path.write_text(json.dumps(state))
     index_path = out / "older" / "checkpoint_metadata.json"
     index = read_json(index_path)
     for entry in index["checkpoints"]:
         entry["timestamp"] = "2020-01-01T00:00:00+00:00"
-    index_path.write_text(__import__("json").dumps(index))
+    index_path.write_text(json.dumps(index))
     future = time.time() + 3600  # the older run's files look newest on disk
     for path in (out / "older").rglob("*"):
         os.utime(path, (future, future))
@@ -231,7 +233,9 @@ def _mirrored_checkpoints(mirror_run: Path) -> list[Path]:
 def test_drive_unmounted_mid_run_never_stops_training_and_the_mirror_catches_up(reference, tmp_path):
     out, drive, away = tmp_path / "runs", tmp_path / "drive", tmp_path / "drive_unmounted"
     drive.mkdir()
-    t = Trainer(trainloop_cmd(out, "flaky", "--drive-backup", str(drive)), tmp_path)
+    # Saves by the clock only (every 30 ms): the save schedule must not change the training.
+    flags = replace_flags(FAST_FLAGS, {"--save-every": "1000"}) + ("--save-every-minutes", "0.0005")
+    t = Trainer(trainloop_cmd(out, "flaky", "--drive-backup", str(drive), flags=flags), tmp_path)
     try:
         assert _wait_until(lambda: _mirrored_checkpoints(drive / "flaky")), t.output
         # "Unmount": the Drive folder goes away and a plain file stands where it was.
@@ -252,6 +256,27 @@ def test_drive_unmounted_mid_run_never_stops_training_and_the_mirror_catches_up(
     assert read_json(drive / "flaky" / "training_state.json")["status"] == "completed"
     local = read_json(out / "flaky" / "checkpoint_metadata.json")["checkpoints"]
     assert local[-1]["mirrored"] and local[-1]["mirrored"]["checksum"] == local[-1]["checksum"]
+    assert any(e["batch"] != 7 for e in local), "no checkpoint was saved by the clock"
+
+
+def test_resume_completes_a_restore_from_drive_that_was_cut_short(reference, tmp_path, in_process_torch_settings):
+    drive, out = tmp_path / "drive", tmp_path / "runs"
+    shutil.copytree(reference.run_dir, drive / "cut")  # the mirror: same layout as a run
+    mirror_index = read_json(drive / "cut" / "checkpoint_metadata.json")
+    first = mirror_index["checkpoints"][0]
+    # What an interrupted restore leaves: the oldest file, and an index listing only it.
+    (out / "cut" / "checkpoints").mkdir(parents=True)
+    shutil.copy2(drive / "cut" / first["path"], out / "cut" / first["path"])
+    partial = dict(mirror_index, checkpoints=[first], next_id=first["id"] + 1)
+    (out / "cut" / "checkpoint_metadata.json").write_text(json.dumps(partial))
+
+    args = trainloop.parse_args(["--output-dir", str(out), "--run-name", "cut", "--resume", "--drive-backup", str(drive)])
+    assert trainloop._choose_run(args, out, print) == ("cut", True)
+    local = read_json(out / "cut" / "checkpoint_metadata.json")
+    assert [e["id"] for e in local["checkpoints"]] == [e["id"] for e in mirror_index["checkpoints"]]
+    assert local["next_id"] == mirror_index["next_id"]  # ids are never reused after a restore
+    assert all(e["mirrored"] and e["mirrored"]["checksum"] == e["checksum"] for e in local["checkpoints"])
+    assert_mirror_verifies(out / "cut", drive / "cut")
 
 
 def _can_mount_tmpfs(where: Path) -> bool:
