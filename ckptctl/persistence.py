@@ -797,13 +797,18 @@ class ModelPersistence:
 
 def run_has_checkpoints(run_dir: str | os.PathLike) -> bool:
     """True if ``run_dir`` lists a checkpoint in its index or holds a committed checkpoint file."""
+    return newest_checkpoint_id(run_dir) is not None
+
+
+def newest_checkpoint_id(run_dir: str | os.PathLike) -> int | None:
+    """The highest checkpoint id that ``run_dir``'s index lists or its ``checkpoints/`` holds; None if none."""
     run_dir = Path(run_dir)
-    if checkpoint_files_on_disk(run_dir):
-        return True
+    ids = set(checkpoint_files_on_disk(run_dir))
     try:
-        return bool(read_index(run_dir).checkpoints)
+        ids.update(entry.id for entry in read_index(run_dir).checkpoints)
     except (FileNotFoundError, NotADirectoryError, CorruptIndexError):
-        return False
+        pass
+    return max(ids, default=None)
 
 
 def _run_activity(run_dir: Path) -> datetime.datetime:
@@ -860,5 +865,15 @@ def restore_from_drive(drive_root: str | os.PathLike, run_name: str, output_dir:
     local = Path(output_dir) / run_name
     local.mkdir(parents=True, exist_ok=True)
     with RunLock(local):
-        sync_run(mirror, local)
+        report = sync_run(mirror, local)
+        # What came from the mirror (now or in an interrupted earlier call) is on the mirror.
+        index = read_index(local)
+        mirrored = {e.id: e for e in read_index(mirror).checkpoints}
+        entries = [
+            entry if entry.mirrored or entry.id not in mirrored or mirrored[entry.id].checksum != entry.checksum
+            else CheckpointEntry(**{**entry.__dict__, "mirrored": report.mirrored.get(entry.id)
+                                    or {"checksum": entry.checksum, "size_bytes": entry.size_bytes, "at": utc_now_iso()}})
+            for entry in index.checkpoints
+        ]
+        commit_index(local, index.with_entries(entries))
     return local
