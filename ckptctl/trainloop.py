@@ -508,6 +508,16 @@ def _choose_run(args: argparse.Namespace, output_dir: Path, say: Callable[[str],
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train as ``args`` say; return the exit code. SIGTERM/SIGINT are handled from the start."""
+    stop = StopRequest()
+    stop.install()
+    try:
+        return _run(args, stop)
+    finally:
+        stop.uninstall()
+
+
+def _run(args: argparse.Namespace, stop: StopRequest) -> int:
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     device = _pick_device(args.device)
@@ -519,6 +529,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.drive_backup:
         setup_drive_backup(args.drive_backup)  # fail fast when Drive is not mounted at the start
+        if Path(args.drive_backup).resolve() == output_dir.resolve():
+            raise TrainloopError("--drive-backup must be another folder than --output-dir (the mirror would overwrite the run)")
     run_name, resuming = _choose_run(args, output_dir, say)
 
     train, val = load_arc(args.max_pairs, args.max_eval_pairs)
@@ -545,7 +557,6 @@ def run(args: argparse.Namespace) -> int:
     )
     handler = _RunLogHandler(persistence.append_log)
     logging.getLogger("ckptctl").addHandler(handler)
-    stop = StopRequest()
     console: Console | None = None
     closed = False
     try:
@@ -559,7 +570,12 @@ def run(args: argparse.Namespace) -> int:
                 say(f"skipped checkpoint {skipped['checkpoint_id']}: {skipped['reason']}")
             saved = (info.get("extra") or {}).get(DATA_POSITION_KEY)
             if not isinstance(saved, dict):
-                raise TrainloopError(f"checkpoint {info['checkpoint_id']} has no data position; it was not written by this trainloop")
+                if not args.allow_data_change:
+                    raise TrainloopError(
+                        f"checkpoint {info['checkpoint_id']} has no data position (not written by this trainloop); "
+                        "pass --allow-data-change to continue after its epoch and batch anyway"
+                    )
+                saved = {"next_epoch": int(info["epoch"]), "next_batch": int(info["batch"]) + 1}
             start_epoch, start_batch = int(saved["next_epoch"]), int(saved["next_batch"])
             now = data_position(train, args.seed, args.batch_size, start_epoch, start_batch)
             diffs = fingerprint_differences(saved, now)
@@ -594,7 +610,6 @@ def run(args: argparse.Namespace) -> int:
             say(f"run {run_name} is already complete ({args.epochs} epochs); nothing to do")
             return 0
 
-        stop.install()
         console = Console(total_steps, min(global_step, total_steps), not args.no_progress)
         last_metrics: dict[str, float] = {}
         for epoch in range(start_epoch, args.epochs):
@@ -669,7 +684,6 @@ def run(args: argparse.Namespace) -> int:
                 say(f"warning: while closing after an error: {close_exc}")
         raise
     finally:
-        stop.uninstall()
         logging.getLogger("ckptctl").removeHandler(handler)
 
 
