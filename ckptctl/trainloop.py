@@ -34,7 +34,6 @@ import os
 import random
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 

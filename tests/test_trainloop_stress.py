@@ -7,6 +7,7 @@ half-written is visible, then the run is finished and compared with an uninterru
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -21,6 +22,8 @@ from .trainloop_helpers import (
     assert_mirror_verifies,
     assert_same_final_state,
     file_checksum,
+    load_payload,
+    newest_checkpoint,
     read_json,
     replace_flags,
     run_trainloop,
@@ -109,3 +112,38 @@ def test_sigint_at_random_moments_always_resumes_exactly(tmp_path):
     assert reference.finish() == 0
     assert_same_final_state(out / "reference", out / "int")
     assert_log_consistent((out / "reference" / "training.log").read_text(), (out / "int" / "training.log").read_text())
+
+
+def _wait_until(predicate, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _mirrored_checkpoints(mirror_run: Path) -> list[Path]:
+    return sorted((mirror_run / "checkpoints").glob("checkpoint_*.pt")) if (mirror_run / "checkpoints").is_dir() else []
+
+
+def test_second_signal_exits_at_once_while_close_waits_for_a_dead_drive(tmp_path):
+    out, drive, away = tmp_path / "runs", tmp_path / "drive", tmp_path / "gone"
+    drive.mkdir()
+    t = Trainer(trainloop_cmd(out, "twice", "--drive-backup", str(drive)), tmp_path)
+    assert _wait_until(lambda: _mirrored_checkpoints(drive / "twice")), t.output
+    os.rename(drive, away)
+    drive.write_text("gone\n")
+    t.kill(signal.SIGINT)
+    # The first signal: finish the batch, save locally, then close() waits (up to 20 s) for Drive.
+    assert t.wait_for(lambda ls: any(l.startswith("Interrupted by SIGINT") for l in ls)), t.output
+    started = time.monotonic()
+    t.kill(signal.SIGINT)
+    assert t.finish(timeout=15) == 128 + signal.SIGINT
+    assert time.monotonic() - started < 5.0
+    assert "SIGINT again: exiting now" in t.output
+    state = read_json(out / "twice" / "training_state.json")
+    assert state["status"] == "interrupted"
+    entry, path = newest_checkpoint(out / "twice")
+    assert state["last_checkpoint"] == entry["id"]
+    load_payload(path)
