@@ -588,6 +588,10 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
                 if start_batch >= per_epoch:
                     start_epoch, start_batch = start_epoch + 1, 0
             global_step = int(info["global_step"])
+            before = persistence.training_state.get("config") or {}
+            for key, now_value in (("threads", args.threads), ("device", str(device)), ("torch", torch.__version__)):
+                if key in before and before[key] != now_value:
+                    say(f"warning: {key} was {before[key]}, now {now_value}: the resumed run may not be bit-identical")
             line = f"Resumed from checkpoint {info['checkpoint_id']} at Epoch {start_epoch}, Batch {start_batch}"
             persistence.append_log(line)
             say(line)

@@ -35,6 +35,7 @@ from .trainloop_helpers import (
     read_json,
     replace_flags,
     trainloop_cmd,
+    trainloop_env,
 )
 
 
@@ -123,7 +124,8 @@ def test_sigterm_saves_the_current_batch_then_fresh_machine_resumes_from_drive(r
     assert read_json(drive / "term" / "training_state.json")["status"] == "interrupted"
 
     shutil.rmtree(run_dir)  # a fresh machine: only Drive is left
-    t = Trainer(trainloop_cmd(out, "term", "--resume", "--drive-backup", str(drive)), tmp_path)
+    # The mirror is configured through CKPTCTL_DRIVE this time (same as --drive-backup).
+    t = Trainer(trainloop_cmd(out, "term", "--resume"), tmp_path, env=trainloop_env(drive=str(drive)))
     assert t.finish() == 0, t.output
     assert "restoring it from the Drive mirror" in t.output
     assert_same_final_state(reference.run_dir, run_dir)
@@ -191,6 +193,12 @@ def test_resume_without_run_name_picks_the_newest_run_by_metadata_not_mtime(refe
     assert latest_run(out) == out / "newer"
     args = trainloop.parse_args(["--output-dir", str(out), "--resume"])
     assert trainloop._choose_run(args, out, print) == ("newer", True)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = trainloop.parse_args(["--output-dir", str(empty), "--resume"])
+    name, resuming = trainloop._choose_run(args, empty, print)  # nothing to resume: a fresh run
+    assert not resuming and name.startswith("arc_complete_")
 
 
 def test_help_explains_every_flag():
