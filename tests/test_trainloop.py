@@ -88,9 +88,18 @@ def test_sigkill_twice_then_resume_is_bit_exact(reference, tmp_path):
     state = read_json(out / "killed" / "training_state.json")
     assert state["status"] == "running"  # SIGKILL leaves no chance to write anything else
 
+    # And the newest checkpoint got damaged on disk: resume must fall back to the one before.
+    entries = read_json(out / "killed" / "checkpoint_metadata.json")["checkpoints"]
+    assert len(entries) >= 2, entries
+    damaged = out / "killed" / entries[-1]["path"]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+
     t = Trainer(trainloop_cmd(out, "killed", "--resume"), tmp_path)
     assert t.finish() == 0, t.output
-    assert "Resumed from checkpoint" in t.output
+    assert f"skipped checkpoint {entries[-1]['id']}" in t.output
+    assert f"Resumed from checkpoint {entries[-2]['id']} " in t.output
 
     assert_same_final_state(reference.run_dir, out / "killed")
     log = (out / "killed" / "training.log").read_text()
