@@ -230,12 +230,12 @@ def resolve_inside(run_dir: str | os.PathLike, relpath: str) -> Path:
     lead outside the run directory. Raises :class:`UnsafePathError`.
     """
     relpath = check_relative_path(relpath)
-    root = Path(run_dir).resolve()
-    candidate = Path(run_dir) / relpath
-    resolved = candidate.resolve()
-    if resolved != root and root not in resolved.parents:
+    root = os.path.realpath(run_dir)
+    candidate = os.path.join(run_dir, relpath)
+    resolved = os.path.realpath(candidate)  # string-based: this runs once per file listed
+    if resolved != root and not resolved.startswith(root.rstrip(os.sep) + os.sep):
         raise UnsafePathError(f"{relpath}: resolves outside the run directory (symlink?)")
-    return candidate
+    return Path(candidate)
 
 
 def remove_file(path: str | os.PathLike) -> bool:
