@@ -221,6 +221,7 @@ def _bench_verify(saves: dict[str, Any], repeats: int, step: StepCallback) -> di
 
 def _bench_restore(work: Path, saves: dict[str, Any], drive: Path | None, repeats: int, step: StepCallback) -> dict[str, Any]:
     from ckptctl.storage.mirror import sync_run
+    from ckptctl.storage.restore import restore_run
     from ckptctl.storage.scan import checkpoint_files_on_disk
 
     run = Path(saves["checkpoint_path"]).parent.parent
@@ -240,7 +241,7 @@ def _bench_restore(work: Path, saves: dict[str, Any], drive: Path | None, repeat
         shutil.rmtree(restored, ignore_errors=True)
         for f in files:
             _drop_cache(f)
-        sync_run(mirror, restored / run.name, include_logs=False)
+        restore_run(mirror, restored / run.name)
 
     def cp_fsync() -> None:
         target = work / "cp"

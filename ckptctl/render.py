@@ -364,3 +364,58 @@ def prune_plan_json(plans: list[Any], dry_run: bool, deleted: dict[str, list[str
         ],
         "bytes_freed": sum(p.bytes_freed for p in plans),
     }
+
+
+# --------------------------------------------------------------------------- bench
+
+_BENCH_TIMES = [
+    ("stall_s", "training stall per save (ckptctl)"),
+    ("dcp_async_blocking_s", "DCP async_save, blocking part"),
+    ("sync_save_s", "sync torch.save + fsync"),
+    ("background_save_s", "ckptctl background save (write, fsync, checksum, index)"),
+    ("raw_write_s", "raw write + fsync"),
+    ("verify_s", "ckptctl verify (checksum + trial load), cold"),
+    ("cold_read_s", "cold sequential read"),
+    ("restore_s", "restore from the mirror (copy + checksum)"),
+    ("cp_fsync_s", "cp + fsync"),
+    ("ls_small_s", "ckptctl ls, 100 runs x 5 x 1 MB"),
+    ("ls_large_s", "ckptctl ls, 100 runs x 5 x 1 GB"),
+    ("help_s", "ckptctl --help"),
+    ("import_typer_rich_humanize_s", "python -c 'import typer, rich, humanize'"),
+    ("resume_s", "resume: process start to first step"),
+    ("plain_load_s", "plain torch.load: process start to first step"),
+]
+
+
+def render_bench(result: dict[str, Any]) -> None:
+    """The ``bench`` tables: timings, ratios against their goals, and the --save-every advice."""
+    out = console()
+    m = result["measurements"]
+    out.print(heading("ckptctl bench", f"{size(result['size_bytes'])} of float32 tensors"))
+    times = Table(show_edge=False, pad_edge=False)
+    times.add_column("Operation")
+    times.add_column("Time", justify="right")
+    for key, label in _BENCH_TIMES:
+        if m.get(key) is not None:
+            times.add_row(label, f"{m[key] * 1000:.1f} ms" if m[key] < 1 else f"{m[key]:.2f} s")
+    out.print(times)
+    if m.get("staging_bytes") is not None:
+        out.print(f"staging memory: {size(m['staging_bytes'])} (one CPU copy of the saved state, reused)")
+    if m.get("verify_peak_rss_bytes") is not None:
+        out.print(f"verify peak memory: {size(m['verify_peak_rss_bytes'])} (interpreter baseline {size(m['baseline_peak_rss_bytes'])})")
+    out.print()
+    ratios = Table(show_edge=False, pad_edge=False)
+    ratios.add_column("Goal")
+    ratios.add_column("Ratio", justify="right")
+    ratios.add_column("Target", justify="right")
+    ratios.add_column("Met")
+    for name, r in result["ratios"].items():
+        value = "-" if r["value"] is None else f"{r['value']:.3g}"
+        met = "-" if r["ok"] is None else ("yes" if r["ok"] else "NO")
+        ratios.add_row(r["what"], value, f"{r['direction']} {r['goal']}", met)
+    out.print(ratios)
+    rec = result["recommendation"]
+    out.print(
+        f"With {rec['batch_time_s']} s per batch, --save-every {rec['save_every']} keeps the training stall "
+        f"({rec['stall_s'] * 1000:.1f} ms per save) under 1% of training time."
+    )

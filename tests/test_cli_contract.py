@@ -42,7 +42,7 @@ def _without_torch(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_expected_commands():
-    assert COMMANDS == sorted(["ls", "verify", "show", "resume-info", "prune", "promote", "restore", "backup", "diff"])
+    assert COMMANDS == sorted(["ls", "verify", "show", "resume-info", "prune", "promote", "restore", "backup", "diff", "bench"])
 
 
 def test_help_and_ls_do_not_import_torch(tmp_path):
