@@ -7,6 +7,7 @@ retention and the Drive copy happen on a background worker, one save at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import errno
 import logging
@@ -227,7 +228,7 @@ class ModelPersistence:
         index = index.with_entries(list(known.values()) + adopted)
         ids_taken = checkpoint_names_present(self.run_dir)
         if ids_taken:  # never reuse an id that has a file (even unreadable, even a symlink)
-            index = Index(index.run_name, max(index.next_id, max(ids_taken) + 1), index.checkpoints, index.skipped)
+            index = dataclasses.replace(index, next_id=max(index.next_id, max(ids_taken) + 1))
         if adopted or index.skipped:
             commit_index(self.run_dir, index)
             log.warning("%s: adopted %d checkpoint file(s) missing from the index", self.run_dir, len(adopted))

@@ -88,3 +88,12 @@ def test_checksum_parsing_and_metric_cleaning():
     import torch
 
     assert clean_metrics({"loss": torch.tensor(0.5), "n": 3}) == {"loss": 0.5, "n": 3.0}
+
+
+def test_rewriting_an_index_keeps_unusable_entries_as_they_were():
+    hostile = entry(5, path="../../x")
+    index = Index.from_dict({"format_version": 1, "run_name": "r", "next_id": 0, "checkpoints": [entry(0), hostile]})
+    written = index.with_entries(list(index.checkpoints) + [CheckpointEntry.from_dict(entry(1))]).to_dict()
+    assert hostile in written["checkpoints"]
+    again = Index.from_dict(written)
+    assert [c.id for c in again.checkpoints] == [0, 1] and again.skipped[0][0] == 5

@@ -348,6 +348,8 @@ def test_nothing_from_metadata_escapes_the_run_directory(tmp_path):
     assert outside.exists() and link.is_symlink()
     index_after = read_index(run)
     assert all(not c.path.startswith("..") for c in index_after.checkpoints)
+    raw_paths = [c["path"] for c in json.loads((run / INDEX_FILE).read_text())["checkpoints"]]
+    assert "../precious.pt" in raw_paths and str(outside) in raw_paths  # kept for the user to see, never used
 
 
 def test_drive_backup_mirrors_with_same_layout_and_records_it(tmp_path):

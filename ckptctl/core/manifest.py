@@ -235,6 +235,9 @@ class Index:
     next_id: int
     checkpoints: tuple[CheckpointEntry, ...] = ()
     skipped: tuple[tuple[Any, str], ...] = ()
+    #: The unusable entries exactly as read, written back unchanged by :meth:`to_dict` so
+    #: rewriting an index never silently drops what a person may want to inspect.
+    raw_skipped: tuple[Any, ...] = ()
 
     @property
     def latest(self) -> CheckpointEntry | None:
@@ -257,7 +260,8 @@ class Index:
             "format_version": FORMAT_VERSION,
             "run_name": self.run_name,
             "next_id": self.next_id,
-            "checkpoints": [c.to_dict() for c in self.checkpoints],
+            "checkpoints": [c.to_dict() for c in self.checkpoints]
+            + [raw for raw in self.raw_skipped if not (isinstance(raw, dict) and raw.get("id") in self.by_id())],
         }
 
     @classmethod
@@ -272,12 +276,14 @@ class Index:
             raise CorruptIndexError(f"{what}: 'checkpoints' is not a list")
         entries: dict[int, CheckpointEntry] = {}
         skipped: list[tuple[Any, str]] = []
+        raw_skipped: list[Any] = []
         for raw in raw_entries:
             raw_id = raw.get("id") if isinstance(raw, dict) else None
             try:
                 entry = CheckpointEntry.from_dict(raw)
             except (CorruptIndexError, UnsafePathError) as exc:
                 skipped.append((raw_id, str(exc)))
+                raw_skipped.append(raw)
                 continue
             if entry.id in entries:
                 skipped.append((raw_id, f"duplicate id {entry.id} in index"))
@@ -287,7 +293,7 @@ class Index:
         if not isinstance(next_id, int) or isinstance(next_id, bool) or next_id < 0:
             next_id = 0
         run_name = data.get("run_name") if isinstance(data.get("run_name"), str) else default_run_name
-        return cls(run_name=run_name, next_id=0, skipped=tuple(skipped)).with_entries(
+        return cls(run_name=run_name, next_id=0, skipped=tuple(skipped), raw_skipped=tuple(raw_skipped)).with_entries(
             list(entries.values())
         )._with_next_id_at_least(next_id)
 
