@@ -1,0 +1,128 @@
+"""Kill storm: SIGKILL the real trainloop at many seeded random instants, resume each time.
+
+Every resume must load a checkpoint that verifies, never one older than the last
+durable checkpoint (the newest the index listed at the moment of the kill, or a newer
+committed file), and the final state must be bit-identical to an uninterrupted run.
+Counts are printed: ``kills, resumes ok, max batches lost, kills inside a write``.
+The default run does a few kills; ``make stress`` does 50+ (``-m slow``).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from ckptctl.core.format import TEMP_PREFIX
+from ckptctl.storage.atomic import verify_checksum
+from ckptctl.storage.scan import read_index
+
+from .trainloop_helpers import (
+    FAST_FLAGS,
+    Trainer,
+    assert_log_consistent,
+    assert_mirror_verifies,
+    assert_same_final_state,
+    replace_flags,
+    trainloop_cmd,
+    trainloop_env,
+)
+
+BATCHES_PER_EPOCH = 8  # FAST_FLAGS: 64 pairs in batches of 8
+_BATCH_LINE = re.compile(r"^Epoch (\d+), Batch (\d+):")
+_RESUMED = re.compile(r"^Resumed from checkpoint (\d+) at Epoch (\d+), Batch (\d+)")
+
+
+def _position(epoch: str, batch: str) -> int:
+    return int(epoch) * BATCHES_PER_EPOCH + int(batch)
+
+
+def _last_durable_id(run: Path) -> int | None:
+    """The newest checkpoint the index lists whose file verifies, right after a kill."""
+    try:
+        index = read_index(run)
+    except (FileNotFoundError, Exception):
+        return None
+    for entry in reversed(index.checkpoints):
+        try:
+            verify_checksum(run / entry.path, entry.checksum)
+            return entry.id
+        except Exception:
+            continue
+    return None
+
+
+def _temporaries(*folders: Path) -> int:
+    return sum(1 for folder in folders if folder.is_dir() for p in folder.rglob(f"{TEMP_PREFIX}*"))
+
+
+def kill_storm(root: Path, kills: int, seed: int, epochs: int) -> dict[str, int]:
+    """Run the storm in ``root``; return the counts. Asserts every per-kill guarantee."""
+    rng = random.Random(seed)
+    flags = replace_flags(FAST_FLAGS, {"--epochs": str(epochs)})
+    out, drive = root / "runs", root / "drive"
+    drive.mkdir()
+    reference = Trainer(trainloop_cmd(root / "reference", "reference", flags=flags), root)
+    env = trainloop_env(drive=None)
+    storm = ["--drive-backup", str(drive)]
+    run = out / "storm"
+    stats = {"kills": 0, "resumes_ok": 0, "max_batches_lost": 0, "kills_inside_a_write": 0}
+    durable: int | None = None
+    last_trained: int | None = None
+    for attempt in range(kills):
+        extra = ("--resume",) if attempt else ()
+        trainer = Trainer(trainloop_cmd(out, "storm", *storm, *extra, flags=flags), root, env)
+        if attempt:
+            assert trainer.wait_for(lambda ls: any(_RESUMED.match(l) or l.startswith("Started run") for l in ls)), trainer.output
+            resumed = next((m for m in map(_RESUMED.match, trainer.lines) if m), None)
+            if durable is not None:
+                assert resumed is not None, f"attempt {attempt}: checkpoints existed but it did not resume\n{trainer.output[-2000:]}"
+                assert int(resumed.group(1)) >= durable, f"attempt {attempt}: resumed {resumed.group(1)}, older than durable {durable}"
+            if resumed is not None:
+                stats["resumes_ok"] += 1
+                if last_trained is not None:
+                    lost = last_trained + 1 - _position(resumed.group(2), resumed.group(3))
+                    stats["max_batches_lost"] = max(stats["max_batches_lost"], lost)
+        seen = sum(1 for l in trainer.lines if _BATCH_LINE.match(l))
+        if not trainer.wait_batches(seen + rng.randint(1, 3), timeout=120):
+            break  # training finished before this kill
+        time.sleep(rng.uniform(0.0, 0.04))  # land anywhere between batches: in a save, index update, Drive copy
+        trainer.kill(signal.SIGKILL)
+        rc = trainer.finish()
+        if rc != -signal.SIGKILL:
+            break
+        stats["kills"] += 1
+        if _temporaries(run, drive):
+            stats["kills_inside_a_write"] += 1
+        positions = [_position(*m.groups()) for m in map(_BATCH_LINE.match, trainer.lines) if m]
+        last_trained = max(positions) if positions else last_trained
+        durable = _last_durable_id(run)
+    final = Trainer(trainloop_cmd(out, "storm", *storm, "--resume", flags=flags), root, env)
+    assert final.finish(timeout=600) == 0, final.output[-3000:]
+    assert reference.finish(timeout=600) == 0, reference.output[-3000:]
+    assert_same_final_state(root / "reference" / "reference", run)
+    assert_log_consistent((root / "reference" / "reference" / "training.log").read_text(), (run / "training.log").read_text())
+    assert_mirror_verifies(run, drive / "storm")
+    print(
+        f"\nkill storm (seed {seed}): kills={stats['kills']}, resumes ok={stats['resumes_ok']}, "
+        f"max batches lost={stats['max_batches_lost']}, kills inside a write={stats['kills_inside_a_write']}"
+    )
+    return stats
+
+
+def test_kill_storm_fast(tmp_path):
+    stats = kill_storm(tmp_path, kills=4, seed=11, epochs=3)
+    assert stats["kills"] >= 3 and stats["resumes_ok"] >= stats["kills"] - 1
+    assert stats["max_batches_lost"] <= 2 + 3  # save every 2 batches, plus what ran after the last log line
+
+
+@pytest.mark.slow
+def test_kill_storm_full(tmp_path):
+    stats = kill_storm(tmp_path, kills=55, seed=2026, epochs=14)
+    assert stats["kills"] >= 50, stats
+    assert stats["resumes_ok"] >= stats["kills"] - 1
+    assert stats["kills_inside_a_write"] >= 1, "no kill landed inside a write: instants are not random enough"
