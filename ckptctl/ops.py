@@ -16,13 +16,13 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from ckptctl.core.format import BEST_METADATA_FILE, BEST_MODEL_FILE, INDEX_FILE
+from ckptctl.core.format import BEST_METADATA_FILE, BEST_MODEL_FILE, INDEX_FILE, TRAINING_STATE_FILE
 from ckptctl.core.manifest import BestInfo
 from ckptctl.errors import CheckpointIntegrityError, CorruptIndexError, NotFoundError, UnsafePathError
 from ckptctl.storage.atomic import atomic_copy, resolve_inside
 from ckptctl.storage.lock import RunLock, is_locked
 from ckptctl.storage.runfiles import commit_best, commit_index
-from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index
+from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index, read_json_file
 from ckptctl.storage.select import CheckpointRef
 from ckptctl.torch_io import iter_tensors, verify_file
 
@@ -87,7 +87,10 @@ def _plan_verify(run_dir: Path) -> tuple[list[_Job], list[VerifyResult]]:
                 continue
             jobs.append(_Job(entry.id, path, shown, entry.checksum))
     indexed = set(index.by_id()) if index else set()
-    for checkpoint_id, path in sorted(checkpoint_files_on_disk(run_dir).items()):
+    on_disk = checkpoint_files_on_disk(run_dir)
+    if index is None and on_disk and not (run_dir / INDEX_FILE).exists():
+        bad(None, str(run_dir / INDEX_FILE), "no index: checksums unknown, checkpoints checked by loading only", "missing")
+    for checkpoint_id, path in sorted(on_disk.items()):
         if checkpoint_id not in indexed:
             jobs.append(_Job(checkpoint_id, path, str(path), None, "not in the index: checked by loading only"))
     try:
@@ -103,8 +106,17 @@ def _plan_verify(run_dir: Path) -> tuple[list[_Job], list[VerifyResult]]:
         best_file = resolve_inside(run_dir, relpath)
         if best is not None or best_file.is_file():
             jobs.append(_Job(None, best_file, shown, checksum, "" if best is not None else best_detail))
+        if best is None and best_file.is_file() and not (run_dir / BEST_METADATA_FILE).exists():
+            bad(None, str(run_dir / BEST_METADATA_FILE), "missing: best_model.pt has no checksum to check against", "missing")
     except UnsafePathError as exc:
         bad(None, shown, f"not read: {exc}")
+    state_path = run_dir / TRAINING_STATE_FILE
+    if state_path.exists() or state_path.is_symlink():
+        try:
+            if not isinstance(read_json_file(state_path), dict):
+                bad(None, str(state_path), "training state is not a JSON object")
+        except (CorruptIndexError, FileNotFoundError) as exc:
+            bad(None, str(state_path), f"training state unreadable: {exc}")
     for job in jobs:
         try:
             job.size = job.path.stat().st_size if job.path else 0

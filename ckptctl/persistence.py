@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ckptctl.core.format import (
+    BEST_METADATA_FILE,
     BEST_MODEL_FILE,
     CHECKPOINT_DIR,
     DEFAULT_MAX_CHECKPOINTS,
@@ -188,7 +189,7 @@ class ModelPersistence:
             self._next_id = self._index.next_id
             latest = self._index.latest
             self._global_step = latest.global_step if latest else 0
-            self._training_state = read_training_state(self.run_dir) or {}
+            self._training_state = self._load_training_state()
             if drive_backup is not None:
                 mirror_run = Path(drive_backup) / self.run_name
                 self._mirror = BackgroundMirror(
@@ -253,13 +254,21 @@ class ModelPersistence:
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptIndexError(f"{path.name}: not a ckptctl checkpoint ({exc})") from None
 
+    def _load_training_state(self) -> dict[str, Any]:
+        """training_state.json as a dict; an unreadable one is set aside (the next update rewrites it)."""
+        path = self.run_dir / TRAINING_STATE_FILE
+        state = read_training_state(self.run_dir)
+        if state is None and (path.exists() or path.is_symlink()):
+            set_aside(path, "unreadable; the next update writes a fresh one")
+        return state or {}
+
     def _load_or_repair_best(self) -> BestInfo | None:
         """Read best_metadata.json; if it does not match best_model.pt (crash between the two), rebuild it."""
         best_path = self.run_dir / BEST_MODEL_FILE
         try:
             best = read_best(self.run_dir)
         except (CorruptIndexError, UnsafePathError) as exc:
-            log.warning("%s: best_metadata.json unusable (%s)", self.run_dir, exc)
+            set_aside(self.run_dir / BEST_METADATA_FILE, f"unusable ({exc}); rebuilding it from best_model.pt")
             best = None
         if not best_path.is_file():
             return None if best is None or best.path == BEST_MODEL_FILE else best
