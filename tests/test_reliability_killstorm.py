@@ -77,7 +77,7 @@ def kill_storm(root: Path, kills: int, seed: int, epochs: int) -> dict[str, int]
         extra = ("--resume",) if attempt else ()
         trainer = Trainer(trainloop_cmd(out, "storm", *storm, *extra, flags=flags), root, env)
         if attempt:
-            assert trainer.wait_for(lambda ls: any(_RESUMED.match(l) or l.startswith("Started run") for l in ls)), trainer.output
+            assert trainer.wait_for(lambda ls: any(_RESUMED.match(l) or _BATCH_LINE.match(l) for l in ls)), trainer.output
             resumed = next((m for m in map(_RESUMED.match, trainer.lines) if m), None)
             if durable is not None:
                 assert resumed is not None, f"attempt {attempt}: checkpoints existed but it did not resume\n{trainer.output[-2000:]}"
