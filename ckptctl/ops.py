@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -158,14 +159,51 @@ def verify_runs(
             done = base + job.size
             if on_progress:
                 on_progress(done, total)
-    return _drop_pruned_meanwhile(results, run_dirs)
+    results = _drop_pruned_meanwhile(results, run_dirs)
+    for run in run_dirs:
+        results = _recheck_live_best(run, results, deep)
+    return results
+
+
+_BEST_FILES = (BEST_MODEL_FILE, BEST_METADATA_FILE)
+
+
+def _best_results(run: Path, results: list[VerifyResult]) -> list[VerifyResult]:
+    return [r for r in results if r.run == run.name and r.id is None and Path(r.path).name in _BEST_FILES]
+
+
+def _recheck_live_best(run: Path, results: list[VerifyResult], deep: bool, tries: int = 20) -> list[VerifyResult]:
+    """A live trainer replaces best_model.pt, then best_metadata.json: between the two they disagree.
+
+    While the run is locked, a best-model problem is checked again (briefly) before it is
+    reported; a run nobody holds is reported as found.
+    """
+    bad = [r for r in _best_results(run, results) if r.status != "ok"]
+    if not bad or not is_locked(run):
+        return results
+    fresh: list[VerifyResult] = []
+    for _ in range(tries):
+        time.sleep(0.05)
+        jobs, found = _plan_verify(run)
+        fresh = [r for r in found if Path(r.path).name in _BEST_FILES and r.id is None]
+        for job in jobs:
+            if job.id is None:
+                try:
+                    verify_file(job.path, job.checksum, deep=deep)
+                    fresh.append(VerifyResult(run.name, None, job.shown, "ok", job.detail))
+                except CheckpointIntegrityError as exc:
+                    fresh.append(VerifyResult(run.name, None, job.shown, exc.status, str(exc)))
+        if all(r.status == "ok" for r in fresh):
+            break
+    old = set(map(id, _best_results(run, results)))
+    return [r for r in results if id(r) not in old] + fresh
 
 
 def _drop_pruned_meanwhile(results: list[VerifyResult], run_dirs: list[Path]) -> list[VerifyResult]:
     """A live trainer's retention may delete a checkpoint between reading the index and hashing it: not a problem."""
     gone: dict[str, set[int]] = {}
     for run in run_dirs:
-        if any(r.run == run.name and r.status == "missing" for r in results) and is_locked(run):
+        if any(r.run == run.name and r.status == "missing" for r in results):  # trainer may have just closed
             try:
                 still = set(read_index(run).by_id())
             except (FileNotFoundError, CorruptIndexError):

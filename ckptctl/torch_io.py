@@ -267,6 +267,8 @@ def safe_load(path: str | os.PathLike, device: str | torch.device = "cpu", *, mm
         data = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except MemoryError:
         raise CheckpointIntegrityError(f"{path.name}: absurd sizes in archive (out of memory)") from None
+    except FileNotFoundError:  # deleted between the check above and the open (a trainer's retention)
+        raise CheckpointIntegrityError(f"{path.name}: file is missing", status="missing") from None
     except OSError as exc:
         raise CheckpointIntegrityError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
     except Exception as exc:  # torch raises many types for damaged archives
