@@ -332,3 +332,44 @@ def test_drive_full_then_read_only_never_stops_training_and_the_mirror_catches_u
         assert read_json(drive / "full" / "training_state.json")["status"] == "completed"
     finally:
         subprocess.run(["umount", "-l", str(drive)], capture_output=True)
+
+
+def _mount_loop_ext4(where: Path, image: Path) -> bool:
+    """Mount a fresh 32 MiB ext4 image at ``where`` (a filesystem fsfreeze(8) can hang); False if not possible."""
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("mkfs.ext4", "mount", "fsfreeze")):
+        return False
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    if subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True).returncode != 0:
+        return False
+    where.mkdir(exist_ok=True)
+    return subprocess.run(["mount", "-o", "loop", str(image), str(where)], capture_output=True).returncode == 0
+
+
+def test_hung_drive_never_stops_training_and_the_mirror_catches_up(reference, tmp_path):
+    drive = tmp_path / "drive"
+    if not _mount_loop_ext4(drive, tmp_path / "drive.img"):
+        pytest.skip("needs root, a loop device, mkfs.ext4 and fsfreeze to hang a real filesystem")
+    out = tmp_path / "runs"
+    frozen = False
+    try:
+        t = Trainer(trainloop_cmd(out, "hung", "--drive-backup", str(drive)), tmp_path)
+        assert _wait_until(lambda: _mirrored_checkpoints(drive / "hung")), t.output
+        # Every write to Drive now blocks (a hung FUSE mount): the mirror thread gets stuck in it.
+        subprocess.run(["fsfreeze", "-f", str(drive)], check=True)
+        frozen = True
+        assert t.wait_for(lambda ls: any(l.startswith("Completed 3 epochs") for l in ls)), t.output
+        assert t.proc.poll() is None  # training is done; close() waits for the mirror
+        local_newest = newest_checkpoint(out / "hung")[0]["id"]
+        mirror_newest = max(e["id"] for e in read_json(drive / "hung" / "checkpoint_metadata.json")["checkpoints"])
+        assert mirror_newest < local_newest  # the mirror really was stuck while training went on
+        subprocess.run(["fsfreeze", "-u", str(drive)], check=True)
+        frozen = False
+        assert t.finish() == 0, t.output
+        assert_same_final_state(reference.run_dir, out / "hung")
+        assert_mirror_verifies(out / "hung", drive / "hung")
+        assert read_json(drive / "hung" / "training_state.json")["status"] == "completed"
+    finally:
+        if frozen:
+            subprocess.run(["fsfreeze", "-u", str(drive)], capture_output=True)
+        subprocess.run(["umount", "-l", str(drive)], capture_output=True)
