@@ -61,6 +61,16 @@ def error_message(exc: BaseException) -> tuple[str, int]:
     return f"unexpected {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)", EXIT_PROBLEMS
 
 
+def _lossless_output() -> None:
+    """Print file names with undecodable bytes (``run_\\xff``) as those bytes, never crash on them."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="surrogateescape")
+            except (ValueError, OSError):
+                pass
+
+
 class _Group(TyperGroup):
     """Runs each command inside the error table, and prints usage errors as one ``Error:`` line."""
 
@@ -84,6 +94,7 @@ class _Group(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
     def invoke(self, ctx):
+        _lossless_output()
         try:
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.TyperException):

@@ -7,6 +7,7 @@ verifying it, and capturing/restoring RNG states.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
@@ -252,6 +253,26 @@ def _classify_load_error(path: Path, exc: BaseException) -> CheckpointIntegrityE
     return CheckpointIntegrityError(f"{path.name}: cannot load: {message[:200]}", status="corrupt")
 
 
+@contextlib.contextmanager
+def _utf8_path(path: Path) -> Iterator[str | Path]:
+    """A name torch can open for ``path``: torch passes names to C++ as UTF-8, so a path
+    with undecodable bytes (``run_\\xff``) is reached through ``/proc/self/fd`` instead."""
+    try:
+        str(path).encode("utf-8")
+        yield path
+        return
+    except UnicodeEncodeError:
+        pass
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        proc = f"/proc/self/fd/{fd}"
+        if not os.path.exists(proc):
+            raise CheckpointIntegrityError(f"{path.name!r}: file name is not valid UTF-8 and cannot be opened by torch here")
+        yield proc
+    finally:
+        os.close(fd)
+
+
 def safe_load(path: str | os.PathLike, device: str | torch.device = "cpu", *, mmap: bool = True) -> dict[str, Any]:
     """Load a checkpoint file with ``weights_only=True`` (never runs pickled code).
 
@@ -264,7 +285,8 @@ def safe_load(path: str | os.PathLike, device: str | torch.device = "cpu", *, mm
     if not zipfile.is_zipfile(path):
         mmap = False  # legacy (non-zip) format cannot be memory-mapped
     try:
-        data = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+        with _utf8_path(path) as loadable:
+            data = torch.load(loadable, map_location=device, weights_only=True, mmap=mmap)
     except MemoryError:
         raise CheckpointIntegrityError(f"{path.name}: absurd sizes in archive (out of memory)") from None
     except FileNotFoundError:  # deleted between the check above and the open (a trainer's retention)

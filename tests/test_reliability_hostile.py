@@ -68,3 +68,44 @@ def test_non_utf8_and_odd_names_in_a_run_are_ignored(tmp_path):
         assert sorted(p.checkpoints) == [0]
         assert p.resume(agent=torch.nn.Linear(2, 2))["checkpoint_id"] == 0
     assert len(os.listdir(folder)) == 4  # nothing deleted
+
+
+def test_a_run_with_a_non_utf8_name_works_with_every_command(tmp_path):
+    """torch opens files by UTF-8 name: such a run is reached another way, not reported corrupt."""
+    from typer.testing import CliRunner
+
+    from ckptctl.cli import app
+
+    runner = CliRunner()
+    run = os.fsdecode(os.fsencode(tmp_path / "runs") + b"/run_\xff")
+    with ModelPersistence(run, save_every_n_batches=1) as p:
+        p.save_checkpoint(0, 0, {"loss": 1.0}, agent=torch.nn.Linear(2, 2))
+    with ModelPersistence(run) as p:
+        assert p.resume(agent=torch.nn.Linear(2, 2))["checkpoint_id"] == 0
+    for args, code in ((["verify", str(tmp_path / "runs")], 0), (["resume-info", run], 0), (["show", run], 0), (["ls", str(tmp_path / "runs")], 0)):
+        result = runner.invoke(app, args)
+        assert result.exit_code == code, (args, result.output)
+
+
+def test_a_symlinked_checkpoints_folder_is_never_read_or_deleted(tmp_path):
+    from typer.testing import CliRunner
+
+    from ckptctl.cli import app
+
+    outside = tmp_path / "elsewhere"
+    with ModelPersistence(outside, save_every_n_batches=1) as p:
+        for batch in range(3):
+            p.save_checkpoint(0, batch, {}, agent=torch.nn.Linear(2, 2))
+    run = tmp_path / "runs" / "hostile"
+    run.mkdir(parents=True)
+    (run / "checkpoints").symlink_to(outside / "checkpoints", target_is_directory=True)
+    (run / INDEX_FILE).write_bytes((outside / INDEX_FILE).read_bytes())
+    before = sorted(os.listdir(outside / "checkpoints"))
+    result = CliRunner().invoke(app, ["verify", str(run), "--json"])
+    assert result.exit_code == 1
+    import json
+
+    statuses = {r["status"] for r in json.loads(result.stdout)["results"]}
+    assert statuses == {"corrupt"}, result.stdout  # every entry resolves outside the run: not read
+    CliRunner().invoke(app, ["prune", str(run), "--keep", "1", "--yes"])
+    assert sorted(os.listdir(outside / "checkpoints")) == before

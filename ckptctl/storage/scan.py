@@ -84,10 +84,13 @@ def read_training_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 def checkpoint_files_on_disk(run_dir: str | os.PathLike) -> dict[int, Path]:
     """Map id -> path for every committed ``checkpoints/checkpoint_NNNNN.pt`` regular file.
 
-    Temporaries, symlinks and anything not named like a checkpoint are ignored.
+    Temporaries, symlinks (and a symlinked ``checkpoints/``) and anything not named like a
+    checkpoint are ignored.
     """
     folder = Path(run_dir) / CHECKPOINT_DIR
     found: dict[int, Path] = {}
+    if folder.is_symlink():
+        return found  # a checkpoints/ link may lead anywhere: nothing under it is listed
     try:
         entries = list(os.scandir(folder))
     except OSError:
