@@ -81,6 +81,8 @@ def test_sigkill_twice_then_resume_is_bit_exact(reference, tmp_path):
         if attempt:
             assert t.wait_for(lambda ls: any(l.startswith("Resumed from checkpoint") for l in ls)), t.output
         assert t.wait_batches(rng.randint(3, 9)), t.output
+        # (there must be a checkpoint to resume from; on a loaded machine its write may lag)
+        assert _wait_until(lambda: (out / "killed" / "checkpoint_metadata.json").exists()), t.output
         time.sleep(rng.uniform(0.0, 0.03))  # between log lines: often inside a background save
         t.kill(signal.SIGKILL)
         rcs.append(t.finish())
