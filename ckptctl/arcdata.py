@@ -13,6 +13,7 @@ trainloop hashes into its data-position fingerprint.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -48,10 +49,13 @@ class PairSet:
     def __len__(self) -> int:
         return len(self.ids)
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
-        """Hash of all sample ids in order (changes when the dataset changes)."""
-        return hash_ids(self.ids)
+        """Hash of the sample ids in order and of every grid (changes when the dataset changes)."""
+        h = hashlib.sha256(hash_ids(self.ids).encode())
+        h.update(self.inputs.numpy().tobytes())
+        h.update(self.targets.numpy().tobytes())
+        return h.hexdigest()
 
     def subset(self, indices: Sequence[int]) -> "PairSet":
         """The pairs at ``indices``, in that order."""
