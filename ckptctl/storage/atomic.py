@@ -116,6 +116,35 @@ def atomic_write(
     return writer.bytes_written, writer.checksum()
 
 
+def atomic_write_by_name(
+    final_path: str | os.PathLike,
+    write_to: Callable[[str], None],
+    *,
+    algorithm: str = DEFAULT_ALGORITHM,
+) -> tuple[int, str]:
+    """Like :func:`atomic_write`, for writers that need a file name (e.g. torch's native writer).
+
+    ``write_to(temporary_name)`` creates the file; it is then fsynced, hashed by reading it
+    back (from the page cache), renamed over ``final_path``, and the directory fsynced.
+    """
+    final_path = Path(final_path)
+    tmp = temporary_path_for(final_path)
+    try:
+        write_to(str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        size, checksum = hash_file(tmp, algorithm)
+        os.replace(tmp, final_path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    fsync_dir(final_path.parent)
+    return size, checksum
+
+
 def atomic_write_bytes(final_path: str | os.PathLike, data: bytes) -> tuple[int, str]:
     """Crash-safe write of ``data``; returns ``(size_bytes, checksum)``."""
     return atomic_write(final_path, lambda w: w.write(data))
