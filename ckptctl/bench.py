@@ -87,6 +87,7 @@ def _make_blob(size_bytes: int, tensors: int = 16):
 
 
 def _bench_saves(work: Path, size_bytes: int, repeats: int, step: StepCallback) -> dict[str, Any]:
+    """ckptctl's save against its anchors, interleaved round by round so disk noise hits all alike."""
     import torch
 
     from ckptctl.persistence import ModelPersistence
@@ -95,32 +96,14 @@ def _bench_saves(work: Path, size_bytes: int, repeats: int, step: StepCallback) 
     state = blob.state_dict()
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     out: dict[str, Any] = {"state_bytes": nbytes}
-
-    step and step("save: ckptctl stall and background write")
     run = work / "runs" / "bench_run"
+    sync_path, raw_path = work / "sync.pt", work / "raw.bin"
+    views = [memoryview(t.numpy()).cast("B") for t in state.values()]
     p = ModelPersistence(run, max_checkpoints=2, save_every_n_batches=1)
     p.save_checkpoint(0, 0, {"loss": 0.0}, agent=blob)
     p.flush()  # the first save allocates the staging buffers
-    stalls, backgrounds = [], []
-    for i in range(repeats):
-        start = time.perf_counter()
-        p.save_checkpoint(0, i + 1, {"loss": float(i)}, agent=blob)
-        returned = time.perf_counter()
-        p.flush()
-        done = time.perf_counter()
-        stalls.append(returned - start)
-        backgrounds.append(done - returned)
-    out["staging_bytes"] = p._stager.staged_bytes
-    latest = p.checkpoints[max(p.checkpoints)]
-    out["checkpoint_path"] = str(run / latest["path"])
-    out["checkpoint_checksum"] = latest["checksum"]
-    out["checkpoint_bytes"] = latest["size_bytes"]
-    p.close()
-    out["stall_s"] = statistics.median(stalls)
-    out["background_save_s"] = statistics.median(backgrounds)
-
-    step and step("save: sync torch.save + fsync")
-    sync_path = work / "sync.pt"
+    dcp = _DcpAnchor(work, state)
+    times: dict[str, list[float]] = {"stall_s": [], "background_save_s": [], "sync_save_s": [], "raw_write_s": [], "dcp": []}
 
     def sync_save() -> None:
         with open(sync_path, "wb") as f:
@@ -128,50 +111,73 @@ def _bench_saves(work: Path, size_bytes: int, repeats: int, step: StepCallback) 
             f.flush()
             os.fsync(f.fileno())
 
-    out["sync_save_s"] = _median_time(sync_save, repeats)
-
-    step and step("save: raw write + fsync")
-    raw_path = work / "raw.bin"
-    views = [memoryview(t.numpy()).cast("B") for t in state.values()]
-
     def raw_write() -> None:
         with open(raw_path, "wb", buffering=0) as f:
             for view in views:
                 f.write(view)
             os.fsync(f.fileno())
 
-    out["raw_write_s"] = _median_time(raw_write, repeats)
-
-    step and step("save: DCP async_save (blocking part)")
-    out["dcp_async_blocking_s"] = _bench_dcp(work, state, repeats)
+    for i in range(repeats):
+        step and step(f"save: round {i + 1}/{repeats}: ckptctl, sync torch.save, raw write, DCP async_save")
+        start = time.perf_counter()
+        p.save_checkpoint(0, i + 1, {"loss": float(i)}, agent=blob)
+        returned = time.perf_counter()
+        p.flush()
+        times["stall_s"].append(returned - start)
+        times["background_save_s"].append(time.perf_counter() - returned)
+        times["sync_save_s"].append(_median_time(sync_save, 1))
+        times["raw_write_s"].append(_median_time(raw_write, 1))
+        blocking = dcp.blocking_time()
+        if blocking is not None:
+            times["dcp"].append(blocking)
+    out["staging_bytes"] = p._stager.staged_bytes
+    latest = p.checkpoints[max(p.checkpoints)]
+    out["checkpoint_path"] = str(run / latest["path"])
+    out["checkpoint_checksum"] = latest["checksum"]
+    out["checkpoint_bytes"] = latest["size_bytes"]
+    p.close()
+    for key in ("stall_s", "background_save_s", "sync_save_s", "raw_write_s"):
+        out[key] = statistics.median(times[key])
+    out["dcp_async_blocking_s"] = statistics.median(times["dcp"]) if times["dcp"] else None
     for path in (sync_path, raw_path):
         path.unlink(missing_ok=True)
     return out
 
 
-def _bench_dcp(work: Path, state: dict, repeats: int) -> float | None:
-    import warnings
+class _DcpAnchor:
+    """``torch.distributed.checkpoint.async_save`` in one process; None where it is unavailable."""
 
-    try:
-        import torch.distributed.checkpoint as dcp
-    except Exception:
-        return None
-    times = []
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for i in range(repeats + 1):
-                target = work / f"dcp_{i}"
+    def __init__(self, work: Path, state: dict):
+        self.work, self.state, self.calls = work, state, 0
+        try:
+            import torch.distributed.checkpoint as dcp
+
+            self._dcp = dcp
+            self.blocking_time()  # the first call warms DCP up
+        except Exception:
+            self._dcp = None
+
+    def blocking_time(self) -> float | None:
+        """Seconds the caller is blocked by one async_save (the rest is awaited, not counted)."""
+        import warnings
+
+        if self._dcp is None:
+            return None
+        target = self.work / f"dcp_{self.calls}"
+        self.calls += 1
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 start = time.perf_counter()
-                future = dcp.async_save(state, checkpoint_id=str(target))
+                future = self._dcp.async_save(self.state, checkpoint_id=str(target))
                 blocking = time.perf_counter() - start
                 future.result()
-                if i > 0:  # the first call warms DCP up
-                    times.append(blocking)
-                shutil.rmtree(target, ignore_errors=True)
-    except Exception:
-        return None
-    return statistics.median(times) if times else None
+        except Exception:
+            self._dcp = None
+            return None
+        finally:
+            shutil.rmtree(target, ignore_errors=True)
+        return blocking
 
 
 _VERIFY_CHILD = textwrap.dedent(
