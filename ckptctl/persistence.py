@@ -46,7 +46,7 @@ from ckptctl.errors import (
 )
 from ckptctl.storage.atomic import atomic_copy, atomic_write_json, cleanup_temporaries, hash_file, resolve_inside, verify_checksum
 from ckptctl.storage.lock import RunLock
-from ckptctl.storage.mirror import BackgroundMirror, SyncReport, sync_run
+from ckptctl.storage.mirror import BackgroundMirror, SyncReport
 from ckptctl.storage.runfiles import (
     commit_best,
     commit_index,
@@ -861,29 +861,85 @@ def latest_run(path: str | os.PathLike) -> Path | None:
     return max(runs, key=lambda run: (_run_activity(run), run.name))
 
 
-def restore_from_drive(drive_root: str | os.PathLike, run_name: str, output_dir: str | os.PathLike) -> Path:
-    """Copy the mirrored run ``drive_root/run_name`` to ``output_dir/run_name`` and return that path.
+def restore_from_drive(drive_root: str | os.PathLike, run_name: str, output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Copy the mirrored run ``drive_root/run_name`` into ``output_dir/run_name``; return a report.
 
-    Every file is copied to a temporary name, checked against the mirror index's checksum
-    in the same pass, renamed and read back; the local index is written after its files,
-    so an interrupted restore continues when called again. Raises :class:`CkptctlError`
-    when the mirror holds no such run; holds the local run's lock while copying.
+    Each checkpoint the mirror's index lists and the local run lacks is copied to a
+    temporary name, checked against the index checksum in the same pass, fsynced and
+    renamed; the local index is committed after every file, so an interrupted restore
+    continues when called again. A mirror file that is missing or fails its checksum is
+    skipped and reported (older ones still restore); a local checkpoint is never
+    overwritten. The local ``next_id`` becomes at least the mirror's, so no id is ever
+    reused. The best model (if it verifies) and, when absent locally, the training state
+    and log come along. Raises :class:`CkptctlError` when the mirror has no readable
+    index, and OSError when Drive fails mid-restore (call again to continue).
+
+    Returns ``{"path", "copied": [relpaths], "skipped": [{"path", "reason"}]}``.
     """
     mirror = Path(drive_root) / run_name
-    if not run_has_checkpoints(mirror):
-        raise CkptctlError(f"{mirror}: no mirrored run with checkpoints there")
+    try:
+        mirror_index = read_index(mirror)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CkptctlError(f"{mirror}: no mirrored run there (no checkpoint_metadata.json)") from None
+    except CorruptIndexError as exc:
+        raise CkptctlError(f"{mirror}: mirror index unreadable ({exc})") from None
     local = Path(output_dir) / run_name
-    local.mkdir(parents=True, exist_ok=True)
+    (local / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"path": local, "copied": [], "skipped": []}
     with RunLock(local):
-        report = sync_run(mirror, local)
-        # What came from the mirror (now or in an interrupted earlier call) is on the mirror.
-        index = read_index(local)
-        mirrored = {e.id: e for e in read_index(mirror).checkpoints}
-        entries = [
-            entry if entry.mirrored or entry.id not in mirrored or mirrored[entry.id].checksum != entry.checksum
-            else CheckpointEntry(**{**entry.__dict__, "mirrored": report.mirrored.get(entry.id)
-                                    or {"checksum": entry.checksum, "size_bytes": entry.size_bytes, "at": utc_now_iso()}})
-            for entry in index.checkpoints
-        ]
-        commit_index(local, index.with_entries(entries))
-    return local
+        cleanup_temporaries(local)
+        cleanup_temporaries(local / CHECKPOINT_DIR)
+        try:
+            index = read_index(local)
+        except FileNotFoundError:
+            index = Index(run_name=mirror_index.run_name or run_name, next_id=0)
+        have = index.by_id()
+        on_disk = checkpoint_files_on_disk(local)
+        for entry in mirror_index.checkpoints:
+            if entry.id in have or entry.id in on_disk:
+                continue  # restored before, or the local run's own: never overwritten
+            try:
+                src = resolve_inside(mirror, entry.path)
+                dst = resolve_inside(local, entry.path)
+                size, checksum = atomic_copy(src, dst, expected_checksum=entry.checksum)
+            except FileNotFoundError:
+                report["skipped"].append({"path": entry.path, "reason": "listed on the mirror but missing there"})
+                continue
+            except (CheckpointIntegrityError, UnsafePathError) as exc:
+                report["skipped"].append({"path": entry.path, "reason": str(exc)})
+                continue
+            have[entry.id] = CheckpointEntry(
+                **{**entry.__dict__, "mirrored": {"checksum": checksum, "size_bytes": size, "at": utc_now_iso()}}
+            )
+            index = index.with_entries(list(have.values()))
+            commit_index(local, index)
+            report["copied"].append(entry.path)
+        index = Index(index.run_name, max(index.next_id, mirror_index.next_id), index.checkpoints)
+        commit_index(local, index)
+        _restore_best(mirror, local, report)
+        for name in (TRAINING_STATE_FILE, TRAINING_LOG_FILE):
+            src, dst = mirror / name, local / name
+            if src.is_file() and not src.is_symlink() and not dst.exists():
+                atomic_copy(src, dst)
+                report["copied"].append(name)
+    return report
+
+
+def _restore_best(mirror: Path, local: Path, report: dict[str, Any]) -> None:
+    try:
+        best = read_best(mirror)
+    except (CorruptIndexError, UnsafePathError) as exc:
+        report["skipped"].append({"path": BEST_MODEL_FILE, "reason": str(exc)})
+        return
+    if best is None or (local / BEST_MODEL_FILE).exists():
+        return
+    try:
+        atomic_copy(resolve_inside(mirror, best.path), local / BEST_MODEL_FILE, expected_checksum=best.checksum)
+    except FileNotFoundError:
+        report["skipped"].append({"path": BEST_MODEL_FILE, "reason": "listed on the mirror but missing there"})
+        return
+    except (CheckpointIntegrityError, UnsafePathError) as exc:
+        report["skipped"].append({"path": BEST_MODEL_FILE, "reason": str(exc)})
+        return
+    commit_best(local, BestInfo(**{**best.__dict__, "path": BEST_MODEL_FILE}))
+    report["copied"].append(BEST_MODEL_FILE)
