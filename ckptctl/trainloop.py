@@ -507,7 +507,18 @@ def _choose_run(args: argparse.Namespace, output_dir: Path, say: Callable[[str],
             # A fresh machine (or one whose restore was cut short): bring the run back from Drive.
             what = "no local checkpoint" if local_id is None else f"the Drive mirror is ahead (checkpoint {mirror_id} > {local_id})"
             say(f"{what} for {name}; restoring it from the Drive mirror {Path(args.drive_backup) / name}")
-            restore_from_drive(args.drive_backup, name, output_dir)
+            try:
+                report = restore_from_drive(args.drive_backup, name, output_dir)
+            except (OSError, CkptctlError) as exc:
+                raise CkptctlError(
+                    f"restoring {name} from the Drive mirror failed ({exc.__class__.__name__}: {exc}); "
+                    "run the same command again to continue the restore"
+                ) from None
+            say(f"restored {len(report['copied'])} file(s) from Drive")
+            for skipped in report["skipped"]:
+                say(f"warning: not restored from Drive: {skipped['path']}: {skipped['reason']}")
+            if not run_has_checkpoints(output_dir / name):
+                raise CkptctlError(f"none of the Drive mirror's checkpoints of {name} could be restored; not starting over")
     if not run_has_checkpoints(output_dir / name):
         say(f"--resume: run {name} has no checkpoint yet; starting it fresh")
         return name, False

@@ -293,8 +293,35 @@ def test_resume_completes_a_restore_from_drive_that_was_cut_short(reference, tmp
     local = read_json(out / "cut" / "checkpoint_metadata.json")
     assert [e["id"] for e in local["checkpoints"]] == [e["id"] for e in mirror_index["checkpoints"]]
     assert local["next_id"] == mirror_index["next_id"]  # ids are never reused after a restore
-    assert all(e["mirrored"] and e["mirrored"]["checksum"] == e["checksum"] for e in local["checkpoints"])
+    restored = local["checkpoints"][1:]  # what this call copied is recorded as being on the mirror
+    assert all(e["mirrored"] and e["mirrored"]["checksum"] == e["checksum"] for e in restored)
     assert_mirror_verifies(out / "cut", drive / "cut")
+
+
+def test_restore_from_drive_skips_a_damaged_mirror_file_and_never_reuses_its_id(reference, tmp_path, capsys):
+    drive, out = tmp_path / "drive", tmp_path / "runs"
+    shutil.copytree(reference.run_dir, drive / "dmg")
+    mirror_index = read_json(drive / "dmg" / "checkpoint_metadata.json")
+    newest = mirror_index["checkpoints"][-1]
+    damaged = drive / "dmg" / newest["path"]
+    damaged.write_bytes(damaged.read_bytes()[:1000])  # a copy cut short on Drive
+
+    args = trainloop.parse_args(["--output-dir", str(out), "--run-name", "dmg", "--resume", "--drive-backup", str(drive)])
+    assert trainloop._choose_run(args, out, print) == ("dmg", True)
+    assert f"not restored from Drive: {newest['path']}" in capsys.readouterr().out
+    local = read_json(out / "dmg" / "checkpoint_metadata.json")
+    assert [e["id"] for e in local["checkpoints"]] == [e["id"] for e in mirror_index["checkpoints"][:-1]]
+    assert not (out / "dmg" / newest["path"]).exists()
+    assert local["next_id"] == mirror_index["next_id"] > newest["id"]
+    assert (out / "dmg" / "best_model.pt").is_file() and (out / "dmg" / "training_state.json").is_file()
+
+    # Nothing restorable at all: an error, never a silent fresh start.
+    for entry in mirror_index["checkpoints"]:
+        (drive / "dmg" / entry["path"]).write_bytes(b"damaged")
+    args = trainloop.parse_args(["--output-dir", str(tmp_path / "other"), "--run-name", "dmg", "--resume",
+                                 "--drive-backup", str(drive)])
+    with pytest.raises(trainloop.CkptctlError, match="could be restored; not starting over"):
+        trainloop._choose_run(args, tmp_path / "other", print)
 
 
 def _can_mount_tmpfs(where: Path) -> bool:

@@ -147,3 +147,21 @@ def test_second_signal_exits_at_once_while_close_waits_for_a_dead_drive(tmp_path
     entry, path = newest_checkpoint(out / "twice")
     assert state["last_checkpoint"] == entry["id"]
     load_payload(path)
+
+
+def test_make_demo_script_shows_a_disconnect_and_an_exact_resume(tmp_path):
+    """``make demo``'s driver, end to end, into a temporary folder."""
+    import subprocess
+    import sys
+
+    from .trainloop_helpers import trainloop_env
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "ckptctl.trainloop_demo", str(tmp_path / "runs"), str(tmp_path / "drive")],
+        cwd=tmp_path, env=trainloop_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("simulated disconnect: SIGKILL") == 2
+    assert "restoring it from the Drive mirror" in proc.stdout
+    assert "all bit-identical" in proc.stdout
+    assert_mirror_verifies(tmp_path / "runs" / "demo", tmp_path / "drive" / "demo")
