@@ -275,6 +275,7 @@ class Console:
         self._progress = None
         self._task = None
         if show_progress and sys.stderr.isatty():
+            rng_state = random.getstate()  # importing rich draws from Python's global RNG (rich.style)
             try:
                 from rich.console import Console as RichConsole
                 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -291,6 +292,8 @@ class Console:
                 self._progress.start()
             except Exception:  # a console quirk must never stop training
                 self._progress = None
+            finally:
+                random.setstate(rng_state)  # the saved RNG state must not depend on the console
 
     def line(self, text: str) -> None:
         if self._progress is not None:

@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -222,6 +223,23 @@ def test_help_explains_every_flag():
         assert action.help and len(action.help) > 10, action.option_strings
     assert trainloop.parse_args([]).output_dir == "runs"
     assert trainloop.parse_args([]).save_every == 50 and trainloop.parse_args([]).max_checkpoints == 5
+
+
+def test_the_progress_bar_on_a_terminal_leaves_the_rng_alone():
+    """rich draws from Python's global RNG when imported: the console must not change the saved RNG."""
+    code = (
+        "import os, random, sys\n"
+        "from ckptctl import trainloop\n"
+        "assert 'rich' not in sys.modules\n"
+        "random.seed(1); before = random.getstate()\n"
+        "master, slave = os.openpty(); sys.stderr = open(slave, 'w')\n"
+        "console = trainloop.Console(10, 0, show_progress=True)\n"
+        "assert console._progress is not None and 'rich' in sys.modules\n"
+        "console.advance(); console.stop()\n"
+        "assert random.getstate() == before\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=trainloop_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_data_order_is_a_pure_function_of_seed_and_epoch():
