@@ -51,6 +51,18 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def _interleaved(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, run in turn round by round (A B A B ...), so a slow
+    spell of the disk falls on all of them alike instead of on whichever ran then."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def _drop_cache(path: Path) -> None:
     """Ask the kernel to forget ``path``'s cached pages, so the next read is cold."""
     fd = os.open(path, os.O_RDONLY)
@@ -217,7 +229,7 @@ def _bench_verify(saves: dict[str, Any], repeats: int, step: StepCallback) -> di
         _drop_cache(path)
         _read_all(path)
 
-    out = {"verify_s": _median_time(verify_cold, repeats), "cold_read_s": _median_time(read_cold, repeats)}
+    out = _interleaved({"verify_s": verify_cold, "cold_read_s": read_cold}, repeats)
     step and step("verify: peak memory of a verify process")
     _drop_cache(path)
     out["verify_peak_rss_bytes"] = _child_peak_rss(["verify", str(path), checksum])
@@ -261,8 +273,7 @@ def _bench_restore(work: Path, saves: dict[str, Any], drive: Path | None, repeat
             os.fsync(fd)
             os.close(fd)
 
-    out["restore_s"] = _median_time(restore, repeats)
-    out["cp_fsync_s"] = _median_time(cp_fsync, repeats)
+    out.update(_interleaved({"restore_s": restore, "cp_fsync_s": cp_fsync}, repeats))
     shutil.rmtree(mirror.parent, ignore_errors=True)
     return out
 
