@@ -355,6 +355,16 @@ class StopRequest:
 # --------------------------------------------------------------------------- flags
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default when it has a meaningful one (not None/False); keeps the epilog's lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ckptctl.trainloop",
@@ -364,10 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
             "with the same data order and RNG, and ends bit-identical to an uninterrupted run (CPU)."
         ),
         epilog=(
-            "Example: python -m ckptctl.trainloop --epochs 3 --run-name demo --drive-backup /content/drive/MyDrive/ckpt\n"
-            "then, after a disconnect: python -m ckptctl.trainloop --epochs 3 --run-name demo --resume --drive-backup ..."
+            "example:\n"
+            "  python -m ckptctl.trainloop --epochs 3 --run-name demo --drive-backup /content/drive/MyDrive/ckpt\n"
+            "  # ...the connection drops; on the same or a fresh machine:\n"
+            "  python -m ckptctl.trainloop --epochs 3 --run-name demo --drive-backup /content/drive/MyDrive/ckpt --resume"
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--epochs", type=int, default=3, help="number of passes over the training pairs")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
