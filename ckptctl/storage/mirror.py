@@ -68,6 +68,13 @@ def _copy_verified(src: Path, dst: Path, checksum: str, on_progress: ProgressCal
     return size
 
 
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 def _read_mirror_index(mirror_run: Path, run_name: str) -> Index:
     try:
         return read_index(mirror_run)
@@ -100,8 +107,13 @@ def sync_run(
 
     for entry in local_index.checkpoints:
         existing = have.get(entry.id)
-        if existing is not None and existing.checksum == entry.checksum and entry.id in on_mirror_disk:
-            report.skipped.append(entry.path)
+        if (
+            existing is not None
+            and existing.checksum == entry.checksum
+            and entry.id in on_mirror_disk
+            and _size_or_none(on_mirror_disk[entry.id]) == entry.size_bytes
+        ):
+            report.skipped.append(entry.path)  # verified when copied; a cheap size check catches truncation since
             continue
         try:
             src = resolve_inside(local_run, entry.path)
