@@ -39,6 +39,7 @@ GOALS = [
     ("ls_large_vs_small", 1.5, "<=", "ckptctl ls with 1 GB checkpoints / with 1 MB ones"),
     ("help_vs_import", 3.0, "<=", "ckptctl --help / import typer, rich, humanize"),
     ("resume_vs_plain_load", 1.5, "<=", "resume to first step / plain torch.load start-up"),
+    ("scale_verify_rss_vs_file", 0.25, "<=", "scale: verify peak RSS above baseline / file size"),
 ]
 
 
@@ -83,7 +84,7 @@ def _read_all(path: Path) -> int:
     return done
 
 
-def _make_blob(size_bytes: int, tensors: int = 16):
+def _make_blob(size_bytes: int, tensors: int = 16, random: bool = True):
     """A module holding ``size_bytes`` of float32 buffers in ``tensors`` pieces (the saved state)."""
     import torch
 
@@ -94,8 +95,37 @@ def _make_blob(size_bytes: int, tensors: int = 16):
     per = max(1, size_bytes // 4 // tensors)
     gen = torch.Generator().manual_seed(0)
     for i in range(tensors):
-        blob.register_buffer(f"w{i}", torch.rand(per, generator=gen))
+        blob.register_buffer(f"w{i}", torch.rand(per, generator=gen) if random else torch.full((per,), float(i)))
     return blob
+
+
+def _bench_scale(work: Path, size_bytes: int, step: StepCallback) -> dict[str, Any]:
+    """Save and verify one checkpoint of ``size_bytes`` (meant: more than half the RAM) with default settings."""
+    from ckptctl.persistence import ModelPersistence
+    from ckptctl.torch_io import available_memory_bytes
+
+    step and step(f"scale: building {size_bytes} bytes of state")
+    blob = _make_blob(size_bytes, random=False)
+    out: dict[str, Any] = {"scale_bytes": size_bytes, "memory_available_bytes": available_memory_bytes()}
+    run = work / "runs" / "scale_run"
+    step and step("scale: saving it (staging=auto)")
+    with ModelPersistence(run, save_every_n_batches=1) as p:
+        start = time.perf_counter()
+        p.save_checkpoint(0, 0, {}, agent=blob)
+        out["scale_stall_s"] = time.perf_counter() - start
+        p.flush()
+        out["scale_save_s"] = time.perf_counter() - start
+        out["scale_staged_bytes"] = p._stager.staged_bytes
+        entry = p.checkpoints[0]
+    del blob
+    path = run / entry["path"]
+    step and step("scale: verifying it in a fresh process")
+    _drop_cache(path)
+    start = time.perf_counter()
+    out["scale_verify_peak_rss_bytes"] = _child_peak_rss(["verify", str(path), entry["checksum"]])
+    out["scale_verify_s"] = time.perf_counter() - start
+    out.setdefault("baseline_peak_rss_bytes", _child_peak_rss(["baseline"]))
+    return out
 
 
 def _bench_saves(work: Path, size_bytes: int, repeats: int, step: StepCallback) -> dict[str, Any]:
@@ -378,6 +408,10 @@ def _ratios(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "ls_large_vs_small": safe(m.get("ls_large_s"), m.get("ls_small_s")),
         "help_vs_import": safe(m.get("help_s"), m.get("import_typer_rich_humanize_s")),
         "resume_vs_plain_load": safe(m.get("resume_s"), m.get("plain_load_s")),
+        "scale_verify_rss_vs_file": safe(
+            None if "scale_verify_peak_rss_bytes" not in m else max(0, m["scale_verify_peak_rss_bytes"] - m["baseline_peak_rss_bytes"]),
+            m.get("scale_bytes"),
+        ),
     }
     out = {}
     for name, goal, direction, what in GOALS:
@@ -414,6 +448,9 @@ def run_bench(
     work = Path(tempfile.mkdtemp(prefix="ckptctl-bench-", dir=workdir))
     measurements: dict[str, Any] = {"size_bytes": size_bytes}
     try:
+        if sections == ("scale",):  # on its own: a state this large leaves no room for the anchors' copies
+            measurements.update(_bench_scale(work, size_bytes, on_step))
+            return {"size_bytes": size_bytes, "measurements": measurements, "ratios": _ratios(measurements), "recommendation": None}
         saves = _bench_saves(work, size_bytes, repeats, on_step)
         measurements.update(saves)
         if "verify" in sections:

@@ -607,6 +607,7 @@ def diff_command(
 # --------------------------------------------------------------------------- bench
 
 BENCH_SECTIONS = ("save", "verify", "restore", "cli", "resume")
+BENCH_ONLY_SECTIONS = ("scale",)
 
 
 @app.command("bench")
@@ -615,7 +616,7 @@ def bench_command(
     drive: Optional[Path] = typer.Option(None, "--drive", metavar="PATH", help="Folder to mirror to and restore from, e.g. the mounted Drive (default: a temporary folder)."),
     batch_time: float = typer.Option(0.5, "--batch-time", metavar="SECONDS", min=0.000001, help="Your seconds per training batch, for the --save-every advice."),
     repeats: int = typer.Option(3, "--repeats", min=1, max=50, help="Runs per timing; the median is reported."),
-    sections: str = typer.Option(",".join(BENCH_SECTIONS), "--sections", metavar="LIST", help="Comma-separated parts to run: save,verify,restore,cli,resume (save always runs)."),
+    sections: str = typer.Option(",".join(BENCH_SECTIONS), "--sections", metavar="LIST", help="Comma-separated parts to run: save,verify,restore,cli,resume (save always runs); or 'scale' alone: save and verify one checkpoint of --size (e.g. more than half the RAM) with default settings."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", metavar="DIR", help="Where local files are written (default: the system temp folder); removed afterwards."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -639,7 +640,9 @@ def bench_command(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--size") from None
     chosen = tuple(part.strip() for part in sections.split(",") if part.strip())
-    unknown = [part for part in chosen if part not in BENCH_SECTIONS]
+    unknown = [part for part in chosen if part not in BENCH_SECTIONS + BENCH_ONLY_SECTIONS]
+    if "scale" in chosen and chosen != ("scale",):
+        raise typer.BadParameter("'scale' runs on its own: --sections scale", param_hint="--sections")
     if unknown:
         raise typer.BadParameter(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(BENCH_SECTIONS)}", param_hint="--sections")
     for folder, flag in ((drive, "--drive"), (workdir, "--workdir")):

@@ -414,7 +414,15 @@ def render_bench(result: dict[str, Any]) -> None:
         met = "-" if r["ok"] is None else ("yes" if r["ok"] else "NO")
         ratios.add_row(r["what"], value, f"{r['direction']} {r['goal']}", met)
     out.print(ratios)
+    if m.get("scale_bytes") is not None:
+        staged = "a staged copy" if m["scale_staged_bytes"] else "no staging copy (written from the live tensors)"
+        out.print(
+            f"scale: {size(m['scale_bytes'])} saved in {m['scale_save_s']:.1f} s with {staged}; "
+            f"verified in {m['scale_verify_s']:.1f} s with a peak of {size(m['scale_verify_peak_rss_bytes'])}"
+        )
     rec = result["recommendation"]
+    if rec is None:
+        return
     out.print(
         f"With {rec['batch_time_s']} s per batch, --save-every {rec['save_every']} keeps the training stall "
         f"({rec['stall_s'] * 1000:.1f} ms per save) under 1% of training time."

@@ -55,3 +55,14 @@ def test_recommendation_keeps_stall_under_one_percent():
 def test_full_bench_runs_every_section(tmp_path):
     doc = run_bench(16 * 1024 * 1024, workdir=tmp_path, repeats=1)
     assert all(r["value"] is not None for r in doc["ratios"].values()), doc["ratios"]
+
+
+def test_bench_scale_section_saves_and_verifies_one_checkpoint(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    result = runner.invoke(app, ["bench", "--sections", "scale", "--size", "4MB", "--workdir", str(work), "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)["measurements"]
+    assert m["scale_bytes"] == 4_000_000 and m["scale_save_s"] > 0 and m["scale_verify_peak_rss_bytes"] > 0
+    assert m["scale_staged_bytes"] >= 4_000_000  # small enough to stage
+    assert runner.invoke(app, ["bench", "--sections", "scale,save"]).exit_code == 2
