@@ -509,7 +509,7 @@ def restore_command(
         for rel in report.kept_local:
             out.print(f"  kept local {rel}: newer than the mirror's (use --force to overwrite)")
         for problem in report.problems:
-            out.print(f"  not restored: {problem}")
+            render.warn(problem)
         if report.resume_id is not None:
             out.print(
                 f"Resume will start from checkpoint {report.resume_id}: "

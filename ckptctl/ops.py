@@ -9,9 +9,8 @@ dataclasses and dicts with raw numbers; nothing here prints.
 from __future__ import annotations
 
 import math
-import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 

@@ -191,7 +191,7 @@ class ModelPersistence:
             self._global_step = latest.global_step if latest else 0
             self._training_state = self._load_training_state()
             if drive_backup is not None:
-                mirror_run = Path(drive_backup) / self.run_name
+                mirror_run = setup_drive_backup(drive_backup) / self.run_name  # fails fast if Drive is not mounted
                 self._mirror = BackgroundMirror(
                     self.run_dir,
                     mirror_run,
@@ -864,82 +864,26 @@ def latest_run(path: str | os.PathLike) -> Path | None:
 def restore_from_drive(drive_root: str | os.PathLike, run_name: str, output_dir: str | os.PathLike) -> dict[str, Any]:
     """Copy the mirrored run ``drive_root/run_name`` into ``output_dir/run_name``; return a report.
 
-    Each checkpoint the mirror's index lists and the local run lacks is copied to a
-    temporary name, checked against the index checksum in the same pass, fsynced and
-    renamed; the local index is committed after every file, so an interrupted restore
-    continues when called again. A mirror file that is missing or fails its checksum is
-    skipped and reported (older ones still restore); a local checkpoint is never
-    overwritten. The local ``next_id`` becomes at least the mirror's, so no id is ever
-    reused. The best model (if it verifies) and, when absent locally, the training state
-    and log come along. Raises :class:`CkptctlError` when the mirror has no readable
-    index, and OSError when Drive fails mid-restore (call again to continue).
+    The same verified restore as ``ckptctl restore --from-drive``
+    (:func:`ckptctl.storage.restore.restore_run`): each file goes to a temporary name with
+    its checksum checked in the same pass, the local index is committed after every file
+    (an interrupted restore continues when called again), a mirror file that is missing or
+    damaged is skipped and reported while older ones still restore, a local checkpoint that
+    verifies and is newer is kept, and ``next_id`` becomes at least the mirror's. Raises
+    :class:`CkptctlError` when the mirror has no readable index, and OSError when Drive
+    fails mid-restore (call again to continue).
 
     Returns ``{"path", "copied": [relpaths], "skipped": [{"path", "reason"}]}``.
     """
+    from ckptctl.storage.restore import restore_run
+
     mirror = Path(drive_root) / run_name
     try:
-        mirror_index = read_index(mirror)
+        read_index(mirror)
     except (FileNotFoundError, NotADirectoryError):
         raise CkptctlError(f"{mirror}: no mirrored run there (no checkpoint_metadata.json)") from None
     except CorruptIndexError as exc:
         raise CkptctlError(f"{mirror}: mirror index unreadable ({exc})") from None
-    local = Path(output_dir) / run_name
-    (local / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"path": local, "copied": [], "skipped": []}
-    with RunLock(local):
-        cleanup_temporaries(local)
-        cleanup_temporaries(local / CHECKPOINT_DIR)
-        try:
-            index = read_index(local)
-        except FileNotFoundError:
-            index = Index(run_name=mirror_index.run_name or run_name, next_id=0)
-        have = index.by_id()
-        on_disk = checkpoint_files_on_disk(local)
-        for entry in mirror_index.checkpoints:
-            if entry.id in have or entry.id in on_disk:
-                continue  # restored before, or the local run's own: never overwritten
-            try:
-                src = resolve_inside(mirror, entry.path)
-                dst = resolve_inside(local, entry.path)
-                size, checksum = atomic_copy(src, dst, expected_checksum=entry.checksum)
-            except FileNotFoundError:
-                report["skipped"].append({"path": entry.path, "reason": "listed on the mirror but missing there"})
-                continue
-            except (CheckpointIntegrityError, UnsafePathError) as exc:
-                report["skipped"].append({"path": entry.path, "reason": str(exc)})
-                continue
-            have[entry.id] = CheckpointEntry(
-                **{**entry.__dict__, "mirrored": {"checksum": checksum, "size_bytes": size, "at": utc_now_iso()}}
-            )
-            index = index.with_entries(list(have.values()))
-            commit_index(local, index)
-            report["copied"].append(entry.path)
-        index = Index(index.run_name, max(index.next_id, mirror_index.next_id), index.checkpoints)
-        commit_index(local, index)
-        _restore_best(mirror, local, report)
-        for name in (TRAINING_STATE_FILE, TRAINING_LOG_FILE):
-            src, dst = mirror / name, local / name
-            if src.is_file() and not src.is_symlink() and not dst.exists():
-                atomic_copy(src, dst)
-                report["copied"].append(name)
-    return report
+    report = restore_run(mirror, Path(output_dir) / run_name)
+    return {"path": report.dest, "copied": report.copied, "skipped": report.skipped}
 
-
-def _restore_best(mirror: Path, local: Path, report: dict[str, Any]) -> None:
-    try:
-        best = read_best(mirror)
-    except (CorruptIndexError, UnsafePathError) as exc:
-        report["skipped"].append({"path": BEST_MODEL_FILE, "reason": str(exc)})
-        return
-    if best is None or (local / BEST_MODEL_FILE).exists():
-        return
-    try:
-        atomic_copy(resolve_inside(mirror, best.path), local / BEST_MODEL_FILE, expected_checksum=best.checksum)
-    except FileNotFoundError:
-        report["skipped"].append({"path": BEST_MODEL_FILE, "reason": "listed on the mirror but missing there"})
-        return
-    except (CheckpointIntegrityError, UnsafePathError) as exc:
-        report["skipped"].append({"path": BEST_MODEL_FILE, "reason": str(exc)})
-        return
-    commit_best(local, BestInfo(**{**best.__dict__, "path": BEST_MODEL_FILE}))
-    report["copied"].append(BEST_MODEL_FILE)

@@ -31,6 +31,7 @@ def _assert_mirror_verifies(mirror):
 
 def test_stale_partial_files_are_cleaned_and_damaged_copies_replaced(tmp_path):
     local, mirror = _run(tmp_path / "runs" / "r", 3), tmp_path / "drive" / "r"
+    mirror.parent.mkdir()
     sync_run(local, mirror)
     stale = mirror / "checkpoints" / f"{TEMP_PREFIX}checkpoint_00003.pt.0bad"
     stale.write_bytes(b"half a file from a session that died")
@@ -44,6 +45,7 @@ def test_stale_partial_files_are_cleaned_and_damaged_copies_replaced(tmp_path):
 
 def test_mirror_deletes_old_copies_only_after_the_newer_ones_verify(tmp_path):
     local, mirror = tmp_path / "runs" / "r", tmp_path / "drive" / "r"
+    mirror.parent.mkdir()
     _run(local, 2, keep=2)
     sync_run(local, mirror)
     assert sorted(os.listdir(mirror / "checkpoints")) == ["checkpoint_00000.pt", "checkpoint_00001.pt"]
@@ -59,3 +61,37 @@ def test_mirror_deletes_old_copies_only_after_the_newer_ones_verify(tmp_path):
     assert sorted(os.listdir(mirror / "checkpoints")) == ["checkpoint_00002.pt", "checkpoint_00003.pt"]
     assert [c.id for c in read_index(mirror).checkpoints] == [2, 3]
     _assert_mirror_verifies(mirror)
+
+
+def test_a_vanished_drive_folder_is_not_recreated_on_the_local_disk(tmp_path):
+    local = _run(tmp_path / "runs" / "r", 1)
+    drive = tmp_path / "drive"  # never mounted / unmounted: the folder is gone
+    with pytest.raises(FileNotFoundError):
+        sync_run(local, drive / "r")
+    assert not drive.exists()
+
+
+def test_background_mirror_backs_off_and_logs_a_cause_once(tmp_path, caplog, monkeypatch):
+    import logging
+    import time
+
+    from ckptctl.storage import mirror as mirror_module
+
+    local = _run(tmp_path / "runs" / "r", 1)
+    drive = tmp_path / "drive"
+    attempts = []
+    real_sync = mirror_module.sync_run
+    monkeypatch.setattr(mirror_module, "sync_run", lambda *a, **k: (attempts.append(1), real_sync(*a, **k))[1])
+    caplog.set_level(logging.WARNING, logger="ckptctl.mirror")
+    mirror = mirror_module.BackgroundMirror(local, drive / "r", initial_backoff=0.3, max_backoff=0.3)
+    for _ in range(40):  # a save every 10 ms must not turn the backoff into a busy retry loop
+        mirror.request()
+        time.sleep(0.01)
+    assert len(attempts) <= 3, attempts  # ~0.4 s at one try per 0.3 s
+    failures = [r for r in caplog.records if "failed (will retry)" in r.getMessage()]
+    assert len(failures) == 1  # one line for one cause
+    drive.mkdir()  # Drive comes back
+    assert mirror.wait_idle(timeout=5)
+    assert mirror.stop(timeout=5)
+    _assert_mirror_verifies(drive / "r")
+    assert any("recovered" in r.getMessage() for r in caplog.records)

@@ -19,14 +19,13 @@ from typing import Callable
 
 from ckptctl.core.format import (
     BEST_METADATA_FILE,
-    BEST_MODEL_FILE,
     CHECKPOINT_DIR,
     INDEX_FILE,
     TRAINING_LOG_FILE,
     TRAINING_STATE_FILE,
     utc_now_iso,
 )
-from ckptctl.core.manifest import CheckpointEntry, Index
+from ckptctl.core.manifest import Index
 from ckptctl.errors import CkptctlError, CorruptIndexError, UnsafePathError
 from ckptctl.storage.atomic import (
     ProgressCallback,
@@ -97,7 +96,9 @@ def sync_run(
     local_run, mirror_run = Path(local_run), Path(mirror_run)
     report = SyncReport()
     local_index = read_index(local_run)
-    mirror_run.mkdir(parents=True, exist_ok=True)
+    # Not parents=True: a Drive folder that vanished (unmounted) must fail here, not be
+    # recreated on the local disk under the mount point and reported as mirrored.
+    mirror_run.mkdir(exist_ok=True)
     (mirror_run / CHECKPOINT_DIR).mkdir(exist_ok=True)
     cleanup_temporaries(mirror_run)
     cleanup_temporaries(mirror_run / CHECKPOINT_DIR)
@@ -177,6 +178,12 @@ def _sync_best(local_run: Path, mirror_run: Path, report: SyncReport, on_progres
     atomic_write_json(mirror_run / BEST_METADATA_FILE, best.to_dict())
 
 
+def _reason_key(exc: BaseException) -> tuple:
+    """What makes two failures "the same": the error type and errno (messages carry temp names)."""
+    errno_ = getattr(exc, "errno", None)
+    return (exc.__class__.__name__, errno_) if errno_ is not None else (exc.__class__.__name__, str(exc))
+
+
 class BackgroundMirror:
     """Runs :func:`sync_run` on a daemon thread whenever :meth:`request` is called.
 
@@ -204,6 +211,7 @@ class BackgroundMirror:
         self._busy = False
         self._stop = False
         self.last_error: str | None = None
+        self._last_key: tuple | None = None
         self.last_report: SyncReport | None = None
         self._thread = threading.Thread(target=self._loop, name="ckptctl-mirror", daemon=True)
         self._thread.start()
@@ -247,20 +255,24 @@ class BackgroundMirror:
             try:
                 report = sync_run(self.local_run, self.mirror_run)
             except Exception as exc:  # Drive fails in many ways; none may reach training
-                reason = f"{exc.__class__.__name__}: {exc}"
-                if reason != self.last_error:
-                    log.warning("Drive mirror %s failed (will retry): %s", self.mirror_run, reason)
-                self.last_error = reason
+                key = _reason_key(exc)
+                if key != self._last_key:  # once per cause, not per temporary file name
+                    log.warning("Drive mirror %s failed (will retry): %s: %s", self.mirror_run, exc.__class__.__name__, exc)
+                self._last_key = key
+                self.last_error = f"{exc.__class__.__name__}: {exc}"
                 with self._wake:
                     self._busy = False
                     self._pending = True
                     self._wake.notify_all()
-                    self._wake.wait(backoff)  # woken early by stop()
+                    deadline = time.monotonic() + backoff  # new saves do not cut the backoff short; stop() does
+                    while not self._stop and deadline - time.monotonic() > 0:
+                        self._wake.wait(deadline - time.monotonic())
                 backoff = min(backoff * 2, self._max_backoff)
                 continue
             if self.last_error is not None:
                 log.warning("Drive mirror %s recovered", self.mirror_run)
             self.last_error = None
+            self._last_key = None
             backoff = self._initial_backoff
             self.last_report = report
             if self._on_synced is not None:

@@ -91,6 +91,12 @@ class RestoreReport:
     problems: list[str] = field(default_factory=list)
     bytes_copied: int = 0
     resume_id: int | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} of files not restored
+
+    def skip(self, relpath: str, reason: str) -> None:
+        """Record a mirror file that could not be restored (the rest of the restore goes on)."""
+        self.skipped.append({"path": relpath, "reason": reason})
+        self.problems.append(f"{relpath} not restored: {reason}")
 
 
 @dataclass
@@ -245,8 +251,16 @@ def restore_run(
                 if on_progress:
                     on_progress(min(base + d, total), total)
 
-            size, checksum = atomic_copy(c.src, c.dst, expected_checksum=c.checksum, on_progress=progress)
-            done = base + c.size
+            try:
+                size, checksum = atomic_copy(c.src, c.dst, expected_checksum=c.checksum, on_progress=progress)
+            except FileNotFoundError:
+                report.skip(c.relpath, "listed on the mirror but missing there")
+                continue
+            except CheckpointIntegrityError as exc:  # damaged on Drive: skip it, the others still restore
+                report.skip(c.relpath, str(exc))
+                continue
+            finally:
+                done = base + c.size
             report.copied.append(c.relpath)
             report.bytes_copied += size
             if c.entry is not None:
