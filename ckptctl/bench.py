@@ -275,6 +275,7 @@ def _bench_restore(work: Path, saves: dict[str, Any], drive: Path | None, repeat
     run = Path(saves["checkpoint_path"]).parent.parent
     drive_root = Path(drive) if drive else work / "drive"
     mirror = drive_root / f"ckptctl-bench-{os.getpid()}" / run.name
+    mirror.parent.mkdir(parents=True, exist_ok=True)
     step and step(f"restore: mirror to {drive_root}")
     start = time.perf_counter()
     sync_run(run, mirror)
