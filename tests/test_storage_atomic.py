@@ -143,3 +143,20 @@ def test_old_sha256_checksums_still_verify(tmp_path):
     f.write_bytes(b"written by an older ckptctl")
     assert verify_checksum(f, "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest()) == 27
     assert hash_file(f)[1].startswith("xxh3_128:")
+
+
+def test_read_ahead_yields_every_byte_in_order_and_stops_cleanly(tmp_path):
+    from ckptctl.storage.atomic import CHUNK_BYTES, read_ahead
+
+    data = os.urandom(2 * CHUNK_BYTES + 12345)
+    f = tmp_path / "f.bin"
+    f.write_bytes(data)
+    assert b"".join(bytes(c) for c in read_ahead(f)) == data
+    chunks = read_ahead(f)
+    next(chunks)
+    chunks.close()  # a consumer that stops early (an error mid-copy) leaves no thread behind
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name == "ckptctl-read-ahead"]
+    with pytest.raises(FileNotFoundError):
+        next(read_ahead(tmp_path / "missing"))
