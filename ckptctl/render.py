@@ -11,29 +11,45 @@ import datetime as _dt
 import json
 import math
 import sys
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import humanize
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+
+if TYPE_CHECKING:  # rich is imported on first use: `ckptctl ls` prints plain text and never needs it
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
 
 #: Metrics shown first in tables when a run has them; other metrics follow by name.
 PREFERRED_METRICS = ("loss", "accuracy", "accuracy_delta", "val_loss", "val_accuracy")
 MAX_METRIC_COLUMNS = 3
 
 
-def console(stderr: bool = False) -> Console:
+def _table(**kwargs: Any) -> "Table":
+    from rich.table import Table
+
+    return Table(**kwargs)
+
+
+def _text(*args: Any, **kwargs: Any) -> "Text":
+    from rich.text import Text
+
+    return Text(*args, **kwargs)
+
+
+def console(stderr: bool = False) -> "Console":
     """A console on the current stdout (or stderr); wide and plain when not a terminal."""
     stream = sys.stderr if stderr else sys.stdout
     is_tty = hasattr(stream, "isatty") and stream.isatty()
     # markup=False: run names, paths and error details are printed as they are, never parsed as [style] tags.
+    from rich.console import Console
+
     return Console(file=stream, width=None if is_tty else 120, highlight=False, markup=False, soft_wrap=not is_tty and stderr)
 
 
-def heading(name: str, rest: str = "") -> Text:
+def heading(name: str, rest: str = "") -> "Text":
     """A bold run or checkpoint name followed by plain text."""
-    text = Text(name, style="bold")
+    text = _text(name, style="bold")
     if rest:
         text.append(f"  {rest}")
     return text
@@ -145,12 +161,17 @@ def plain_table(headers: list[str], rows: list[list[str]], right: set[int]) -> s
 
 
 def render_ls(doc: dict[str, Any]) -> None:
-    """Tables of ``ls``: one per run, marks for latest / best source / Drive / pinned, then totals."""
-    out = console()
+    """Tables of ``ls``: one per run, marks for latest / best source / Drive / pinned, then totals.
+
+    Plain text written in one go (bold run names on a terminal): a folder of 100 runs
+    prints in milliseconds, and names are never parsed as markup.
+    """
     runs = doc["runs"]
     if not runs:
-        out.print("No runs found.")
+        sys.stdout.write("No runs found.\n")
         return
+    bold = (lambda t: f"\x1b[1m{t}\x1b[0m") if sys.stdout.isatty() else (lambda t: t)
+    lines: list[str] = []
     total_bytes = 0
     total_checkpoints = 0
     for run in runs:
@@ -164,49 +185,48 @@ def render_ls(doc: dict[str, Any]) -> None:
             flags.append("in use by a trainer")
         if not run.get("indexed"):
             flags.append("no index")
-        out.print(heading(run["name"], f"{run['path']}" + (f"  ({', '.join(flags)})" if flags else "")))
+        lines.append(f"{bold(run['name'])}  {run['path']}" + (f"  ({', '.join(flags)})" if flags else ""))
         metrics = _metric_columns(rows)
         headers = ["ID", "Epoch", "Batch", "Step", *metrics, "Size", "Age", "Marks"]
         right = set(range(len(headers) - 2))
-        cells = []
-        for row in rows:
-            marks = []
-            if row["latest"]:
-                marks.append("latest")
-            if row["best_source"]:
-                marks.append("best")
-            if row["mirrored"]:
-                marks.append("drive")
-            if row["pinned"]:
-                marks.append("pinned")
-            if not row["indexed"]:
-                marks.append("unindexed")
-            if not row["present"]:
-                marks.append("MISSING")
-            cells.append([
-                str(row["id"]),
-                "-" if row["epoch"] is None else str(row["epoch"]),
-                "-" if row["batch"] is None else str(row["batch"]),
-                "-" if row["global_step"] is None else str(row["global_step"]),
-                *[metric(row["metrics"].get(m)) for m in metrics],
-                size(row["size_bytes"]),
-                age(row["timestamp"]),
-                " ".join(marks),
-            ])
-        out.print(plain_table(headers, cells, right), markup=False, highlight=False, crop=False, soft_wrap=True)
+        cells = [_ls_cells(row, metrics) for row in rows]
+        lines.append(plain_table(headers, cells, right))
         best = run.get("best")
         if best is not None:
             source = f"from checkpoint {best['source_id']}" if best["source_id"] is not None else "saved separately"
             how = ", promoted by hand" if best.get("promoted_by_hand") else ""
             value = f", {best['metric']}={metric(best.get('value'))}" if best.get("metric") else ""
             missing = " (MISSING)" if not best.get("present", True) else ""
-            out.print(f"  best model: {source}{value}{how}, {size(best['size_bytes'])}{missing}")
-        out.print(f"  {len(rows)} checkpoint(s), {size(run['total_bytes'])} in total")
-        out.print()
+            lines.append(f"  best model: {source}{value}{how}, {size(best['size_bytes'])}{missing}")
+        lines.append(f"  {len(rows)} checkpoint(s), {size(run['total_bytes'])} in total")
+        lines.append("")
         for problem in run.get("problems") or []:
             warn(f"{run['name']}: {problem}")
     if len(runs) > 1:
-        out.print(f"{len(runs)} runs, {total_checkpoints} checkpoints, {size(total_bytes)} in total")
+        lines.append(f"{len(runs)} runs, {total_checkpoints} checkpoints, {size(total_bytes)} in total")
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+
+
+def _ls_cells(row: dict[str, Any], metrics: list[str]) -> list[str]:
+    marks = []
+    for key, mark in (("latest", "latest"), ("best_source", "best"), ("mirrored", "drive"), ("pinned", "pinned")):
+        if row[key]:
+            marks.append(mark)
+    if not row["indexed"]:
+        marks.append("unindexed")
+    if not row["present"]:
+        marks.append("MISSING")
+    return [
+        str(row["id"]),
+        "-" if row["epoch"] is None else str(row["epoch"]),
+        "-" if row["batch"] is None else str(row["batch"]),
+        "-" if row["global_step"] is None else str(row["global_step"]),
+        *[metric(row["metrics"].get(m)) for m in metrics],
+        size(row["size_bytes"]),
+        age(row["timestamp"]),
+        " ".join(marks),
+    ]
 
 
 # --------------------------------------------------------------------------- verify
@@ -217,14 +237,14 @@ _STATUS_STYLE = {"ok": "green", "corrupt": "red", "missing": "red", "unsafe": "m
 def render_verify(doc: dict[str, Any]) -> None:
     """The ``verify`` table and a one-line summary."""
     out = console()
-    table = Table(show_edge=False, pad_edge=False)
+    table = _table(show_edge=False, pad_edge=False)
     for name in ("Run", "ID", "Status", "Path", "Detail"):
         table.add_column(name, overflow="fold")
     for r in doc["results"]:
         table.add_row(
             r["run"],
             "best" if r["id"] is None and r["path"].endswith(".pt") else ("-" if r["id"] is None else str(r["id"])),
-            Text(r["status"], style=_STATUS_STYLE.get(r["status"], "")),
+            _text(r["status"], style=_STATUS_STYLE.get(r["status"], "")),
             r["path"],
             r["detail"],
         )
@@ -248,7 +268,7 @@ def render_show(d: dict[str, Any]) -> None:
     out.print(f"  epoch {d['epoch']}, batch {d['batch']}, global step {d['global_step']}")
     if d["metrics"]:
         out.print("  metrics: " + ", ".join(f"{k}={metric(v)}" for k, v in d["metrics"].items()))
-    table = Table(show_edge=False, pad_edge=False)
+    table = _table(show_edge=False, pad_edge=False)
     for name, justify in (("Component", "left"), ("Tensors", "right"), ("Elements", "right"), ("Bytes", "right"), ("Dtypes", "left")):
         table.add_column(name, justify=justify)
     for name, c in d["components"].items():
@@ -268,7 +288,7 @@ def render_diff(d: dict[str, Any], show_all: bool = False) -> None:
     """``diff``: positions and metrics side by side, then the tensors that differ."""
     out = console()
     a, b = d["a"], d["b"]
-    head = Table(show_edge=False, pad_edge=False)
+    head = _table(show_edge=False, pad_edge=False)
     head.add_column("")
     head.add_column("A: " + a["label"])
     head.add_column("B: " + b["label"])
@@ -279,7 +299,7 @@ def render_diff(d: dict[str, Any], show_all: bool = False) -> None:
     out.print(head)
     rows = [t for t in d["tensors"] if show_all or t["status"] != "same"]
     if rows:
-        table = Table(show_edge=False, pad_edge=False)
+        table = _table(show_edge=False, pad_edge=False)
         for name in ("Tensor", "Status", "Shape A", "Shape B", "Max |A-B|"):
             table.add_column(name, overflow="fold")
         for t in rows:
@@ -392,7 +412,7 @@ def render_bench(result: dict[str, Any]) -> None:
     out = console()
     m = result["measurements"]
     out.print(heading("ckptctl bench", f"{size(result['size_bytes'])} of float32 tensors"))
-    times = Table(show_edge=False, pad_edge=False)
+    times = _table(show_edge=False, pad_edge=False)
     times.add_column("Operation")
     times.add_column("Time", justify="right")
     for key, label in _BENCH_TIMES:
@@ -404,7 +424,7 @@ def render_bench(result: dict[str, Any]) -> None:
     if m.get("verify_peak_rss_bytes") is not None:
         out.print(f"verify peak memory: {size(m['verify_peak_rss_bytes'])} (interpreter baseline {size(m['baseline_peak_rss_bytes'])})")
     out.print()
-    ratios = Table(show_edge=False, pad_edge=False)
+    ratios = _table(show_edge=False, pad_edge=False)
     ratios.add_column("Goal")
     ratios.add_column("Ratio", justify="right")
     ratios.add_column("Target", justify="right")

@@ -7,16 +7,13 @@ are removed by :func:`cleanup_temporaries`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
-import secrets
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import xxhash
 
 from ckptctl.core.format import TEMP_PREFIX, check_relative_path, is_temporary_name
 from ckptctl.core.manifest import CHECKSUM_ALGORITHMS, format_checksum, parse_checksum
@@ -31,8 +28,12 @@ ProgressCallback = Optional[Callable[[int, int], None]]
 def new_hasher(algorithm: str = DEFAULT_ALGORITHM):
     """Return a fresh hash object for ``algorithm`` (one of :data:`CHECKSUM_ALGORITHMS`)."""
     if algorithm == "xxh3_128":
+        import xxhash  # imported on first use: listing never hashes
+
         return xxhash.xxh3_128()
     if algorithm in CHECKSUM_ALGORITHMS:
+        import hashlib
+
         return hashlib.new(algorithm)
     raise ValueError(f"unknown checksum algorithm {algorithm!r}")
 
@@ -83,7 +84,7 @@ class HashingWriter:
 def temporary_path_for(final_path: str | os.PathLike) -> Path:
     """A fresh temporary path next to ``final_path`` (same directory, so rename is atomic)."""
     final_path = Path(final_path)
-    return final_path.with_name(f"{TEMP_PREFIX}{final_path.name}.{secrets.token_hex(4)}")
+    return final_path.with_name(f"{TEMP_PREFIX}{final_path.name}.{os.urandom(4).hex()}")
 
 
 def atomic_write(
