@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import stat
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -297,9 +298,23 @@ def resolve_inside(run_dir: str | os.PathLike, relpath: str) -> Path:
     lead outside the run directory. Raises :class:`UnsafePathError`.
     """
     relpath = check_relative_path(relpath)
-    root = os.path.realpath(run_dir)
     candidate = os.path.join(run_dir, relpath)
-    resolved = os.path.realpath(candidate)  # string-based: this runs once per file listed
+    # Fast path (runs once per file listed): a normalised relative path none of whose
+    # components is a symlink cannot leave the run directory.
+    current = os.fspath(run_dir)
+    for part in relpath.split("/"):
+        current = os.path.join(current, part)
+        try:
+            if stat.S_ISLNK(os.lstat(current).st_mode):
+                break
+        except FileNotFoundError:
+            return Path(candidate)  # nothing further exists, so nothing to follow
+        except OSError:
+            break
+    else:
+        return Path(candidate)
+    root = os.path.realpath(run_dir)
+    resolved = os.path.realpath(candidate)
     if resolved != root and not resolved.startswith(root.rstrip(os.sep) + os.sep):
         raise UnsafePathError(f"{relpath}: resolves outside the run directory (symlink?)")
     return Path(candidate)
