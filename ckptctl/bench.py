@@ -395,24 +395,21 @@ def _ratios(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
             return None
         return a / b
 
+    def rss_above_baseline(key: str) -> float | None:
+        return None if key not in m else max(0, m[key] - m["baseline_peak_rss_bytes"])
+
     values = {
         "stall_vs_dcp_async": safe(m.get("stall_s"), m.get("dcp_async_blocking_s")),
         "stall_vs_sync_save": safe(m.get("stall_s"), m.get("sync_save_s")),
         "background_save_vs_raw_write": safe(m.get("raw_write_s"), m.get("background_save_s")),
         "verify_vs_cold_read": safe(m.get("cold_read_s"), m.get("verify_s")),
-        "verify_rss_vs_file": safe(
-            None if "verify_peak_rss_bytes" not in m else max(0, m["verify_peak_rss_bytes"] - m["baseline_peak_rss_bytes"]),
-            m.get("checkpoint_bytes"),
-        ),
+        "verify_rss_vs_file": safe(rss_above_baseline("verify_peak_rss_bytes"), m.get("checkpoint_bytes")),
         "restore_vs_cp": safe(m.get("cp_fsync_s"), m.get("restore_s")),
         "ls_vs_import": safe(m.get("ls_large_s"), m.get("import_typer_rich_humanize_s")),
         "ls_large_vs_small": safe(m.get("ls_large_s"), m.get("ls_small_s")),
         "help_vs_import": safe(m.get("help_s"), m.get("import_typer_rich_humanize_s")),
         "resume_vs_plain_load": safe(m.get("resume_s"), m.get("plain_load_s")),
-        "scale_verify_rss_vs_file": safe(
-            None if "scale_verify_peak_rss_bytes" not in m else max(0, m["scale_verify_peak_rss_bytes"] - m["baseline_peak_rss_bytes"]),
-            m.get("scale_bytes"),
-        ),
+        "scale_verify_rss_vs_file": safe(rss_above_baseline("scale_verify_peak_rss_bytes"), m.get("scale_bytes")),
     }
     out = {}
     for name, goal, direction, what in GOALS:
