@@ -274,12 +274,9 @@ def _classify_load_error(path: Path, exc: BaseException) -> CheckpointIntegrityE
 def _utf8_path(path: Path) -> Iterator[str | Path]:
     """A name torch can open for ``path``: torch passes names to C++ as UTF-8, so a path
     with undecodable bytes (``run_\\xff``) is reached through ``/proc/self/fd`` instead."""
-    try:
-        str(path).encode("utf-8")
+    if _is_utf8(str(path)):
         yield path
         return
-    except UnicodeEncodeError:
-        pass
     fd = os.open(path, os.O_RDONLY)
     try:
         proc = f"/proc/self/fd/{fd}"

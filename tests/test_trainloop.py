@@ -25,6 +25,8 @@ from ckptctl import trainloop
 from ckptctl.persistence import latest_run
 
 from .trainloop_helpers import (
+    mirrored_checkpoints,
+    wait_until,
     FAST_FLAGS,
     Trainer,
     assert_log_consistent,
@@ -83,7 +85,7 @@ def test_sigkill_twice_then_resume_is_bit_exact(reference, tmp_path):
             assert t.wait_for(lambda ls: any(l.startswith("Resumed from checkpoint") for l in ls)), t.output
         assert t.wait_batches(rng.randint(3, 9)), t.output
         # (there must be a checkpoint to resume from; on a loaded machine its write may lag)
-        assert _wait_until(lambda: (out / "killed" / "checkpoint_metadata.json").exists()), t.output
+        assert wait_until(lambda: (out / "killed" / "checkpoint_metadata.json").exists()), t.output
         time.sleep(rng.uniform(0.0, 0.03))  # between log lines: often inside a background save
         t.kill(signal.SIGKILL)
         rcs.append(t.finish())
@@ -253,19 +255,6 @@ def test_data_order_is_a_pure_function_of_seed_and_epoch():
 # --------------------------------------------------------------------------- Drive faults
 
 
-def _wait_until(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
-def _mirrored_checkpoints(mirror_run: Path) -> list[Path]:
-    return sorted((mirror_run / "checkpoints").glob("checkpoint_*.pt")) if (mirror_run / "checkpoints").is_dir() else []
-
-
 def test_drive_unmounted_mid_run_never_stops_training_and_the_mirror_catches_up(reference, tmp_path):
     out, drive, away = tmp_path / "runs", tmp_path / "drive", tmp_path / "drive_unmounted"
     drive.mkdir()
@@ -273,7 +262,7 @@ def test_drive_unmounted_mid_run_never_stops_training_and_the_mirror_catches_up(
     flags = replace_flags(FAST_FLAGS, {"--save-every": "1000"}) + ("--save-every-minutes", "0.0005")
     t = Trainer(trainloop_cmd(out, "flaky", "--drive-backup", str(drive), flags=flags), tmp_path)
     try:
-        assert _wait_until(lambda: _mirrored_checkpoints(drive / "flaky")), t.output
+        assert wait_until(lambda: mirrored_checkpoints(drive / "flaky")), t.output
         # "Unmount": the Drive folder goes away and a plain file stands where it was.
         os.rename(drive, away)
         drive.write_text("Drive is not mounted\n")
@@ -401,7 +390,7 @@ def test_hung_drive_never_stops_training_and_the_mirror_catches_up(reference, tm
     frozen = False
     try:
         t = Trainer(trainloop_cmd(out, "hung", "--drive-backup", str(drive)), tmp_path)
-        assert _wait_until(lambda: _mirrored_checkpoints(drive / "hung")), t.output
+        assert wait_until(lambda: mirrored_checkpoints(drive / "hung")), t.output
         # Every write to Drive now blocks (a hung FUSE mount): the mirror thread gets stuck in it.
         subprocess.run(["fsfreeze", "-f", str(drive)], check=True)
         frozen = True

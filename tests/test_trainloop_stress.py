@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from .trainloop_helpers import (
+    mirrored_checkpoints,
+    wait_until,
     FAST_FLAGS,
     Trainer,
     assert_log_consistent,
@@ -114,24 +116,11 @@ def test_sigint_at_random_moments_always_resumes_exactly(tmp_path):
     assert_log_consistent((out / "reference" / "training.log").read_text(), (out / "int" / "training.log").read_text())
 
 
-def _wait_until(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
-def _mirrored_checkpoints(mirror_run: Path) -> list[Path]:
-    return sorted((mirror_run / "checkpoints").glob("checkpoint_*.pt")) if (mirror_run / "checkpoints").is_dir() else []
-
-
 def test_second_signal_exits_at_once_while_close_waits_for_a_dead_drive(tmp_path):
     out, drive, away = tmp_path / "runs", tmp_path / "drive", tmp_path / "gone"
     drive.mkdir()
     t = Trainer(trainloop_cmd(out, "twice", "--drive-backup", str(drive)), tmp_path)
-    assert _wait_until(lambda: _mirrored_checkpoints(drive / "twice")), t.output
+    assert wait_until(lambda: mirrored_checkpoints(drive / "twice")), t.output
     os.rename(drive, away)
     drive.write_text("gone\n")
     t.kill(signal.SIGINT)

@@ -247,3 +247,18 @@ def assert_mirror_verifies(local_run: Path, mirror_run: Path) -> None:
     assert filecmp.cmp(mirror_run / "best_model.pt", local_run / "best_model.pt", shallow=False)
     leftovers = [p.name for p in mirror_run.rglob(".ckptctl-tmp-*")]
     assert not leftovers, f"temporaries left on the mirror: {leftovers}"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
+    """Poll ``predicate`` every 10 ms until it holds; False after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def mirrored_checkpoints(mirror_run: Path) -> list[Path]:
+    """The checkpoint files present in a mirror run (none if it has no checkpoints folder yet)."""
+    return sorted((mirror_run / "checkpoints").glob("checkpoint_*.pt")) if (mirror_run / "checkpoints").is_dir() else []
