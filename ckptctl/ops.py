@@ -149,19 +149,40 @@ def verify_runs(
                 if on_progress:
                     on_progress(min(base + d, total), total)
 
-            try:
-                payload = verify_file(job.path, job.checksum, deep=deep, on_progress=progress)
-                del payload
-                results.append(VerifyResult(run.name, job.id, job.shown, "ok", job.detail))
-            except CheckpointIntegrityError as exc:
-                results.append(VerifyResult(run.name, job.id, job.shown, exc.status, str(exc)))
+            results.append(_verify_job(run, job, deep, progress))
             done = base + job.size
             if on_progress:
                 on_progress(done, total)
-    results = _drop_pruned_meanwhile(results, run_dirs)
     for run in run_dirs:
+        results = _catch_up_pruned(run, results, deep)
         results = _recheck_live_best(run, results, deep)
     return results
+
+
+def _verify_job(run: Path, job: _Job, deep: bool, on_progress: ProgressCallback = None) -> VerifyResult:
+    """Checksum and safe trial load of one file, as a result (never raises for a bad file)."""
+    try:
+        verify_file(job.path, job.checksum, deep=deep, on_progress=on_progress)
+        return VerifyResult(run.name, job.id, job.shown, "ok", job.detail)
+    except CheckpointIntegrityError as exc:
+        return VerifyResult(run.name, job.id, job.shown, exc.status, str(exc))
+
+
+def _catch_up_pruned(run: Path, results: list[VerifyResult], deep: bool, rounds: int = 5) -> list[VerifyResult]:
+    """A live trainer may prune checkpoints while they are checked: drop those, verify what replaced them.
+
+    Without this, a slow verify of a run that saves often could find every listed
+    checkpoint pruned and report nothing at all. A checkpoint that verified and was
+    pruned afterwards stays in the report as ok.
+    """
+    for _ in range(rounds):
+        kept = _drop_pruned_meanwhile(results, [run])
+        if len(kept) == len(results):
+            return results
+        checked = {r.id for r in kept if r.run == run.name and r.id is not None}
+        jobs, _ = _plan_verify(run)
+        results = kept + [_verify_job(run, job, deep) for job in jobs if job.id is not None and job.id not in checked]
+    return _drop_pruned_meanwhile(results, [run])  # still outpaced: report what was checked before it went
 
 
 _BEST_FILES = (BEST_MODEL_FILE, BEST_METADATA_FILE)
@@ -174,24 +195,20 @@ def _best_results(run: Path, results: list[VerifyResult]) -> list[VerifyResult]:
 def _recheck_live_best(run: Path, results: list[VerifyResult], deep: bool, tries: int = 20) -> list[VerifyResult]:
     """A live trainer replaces best_model.pt, then best_metadata.json: between the two they disagree.
 
-    While the run is locked, a best-model problem is checked again (briefly) before it is
-    reported; a run nobody holds is reported as found.
+    A best-model problem is checked once more before it is reported (the trainer may have
+    replaced the best model while verify read it, then closed), and while the run is
+    locked, repeatedly for a moment.
     """
     bad = [r for r in _best_results(run, results) if r.status != "ok"]
-    if not bad or not is_locked(run):
+    if not bad:
         return results
+    tries = tries if is_locked(run) else 1
     fresh: list[VerifyResult] = []
     for _ in range(tries):
         time.sleep(0.05)
         jobs, found = _plan_verify(run)
         fresh = [r for r in found if Path(r.path).name in _BEST_FILES and r.id is None]
-        for job in jobs:
-            if job.id is None:
-                try:
-                    verify_file(job.path, job.checksum, deep=deep)
-                    fresh.append(VerifyResult(run.name, None, job.shown, "ok", job.detail))
-                except CheckpointIntegrityError as exc:
-                    fresh.append(VerifyResult(run.name, None, job.shown, exc.status, str(exc)))
+        fresh += [_verify_job(run, job, deep) for job in jobs if job.id is None]
         if all(r.status == "ok" for r in fresh):
             break
     old = set(map(id, _best_results(run, results)))

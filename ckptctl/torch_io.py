@@ -308,6 +308,8 @@ def safe_load(path: str | os.PathLike, device: str | torch.device = "cpu", *, mm
     except OSError as exc:
         raise CheckpointIntegrityError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
     except Exception as exc:  # torch raises many types for damaged archives
+        if not path.exists():  # torch's mmap open reports a vanished file as a RuntimeError
+            raise CheckpointIntegrityError(f"{path.name}: file is missing", status="missing") from None
         raise _classify_load_error(path, exc) from None
     if not isinstance(data, dict):
         raise CheckpointIntegrityError(f"{path.name}: not a ckptctl checkpoint (top level is {type(data).__name__})")

@@ -175,3 +175,21 @@ def test_verify_ignores_a_checkpoint_a_live_trainer_pruned_meanwhile(tmp_path):
     # a file missing while the index still lists it is reported
     ckpt(run, 2).unlink()
     assert [(r.id, r.status) for r in verify_runs([run]) if r.status != "ok"] == [(2, "missing")]
+
+
+def test_verify_checks_the_checkpoints_that_replaced_those_pruned_meanwhile(tmp_path):
+    """A trainer saving faster than verify reads can prune every checkpoint verify listed: it checks the new ones."""
+    from ckptctl.ops import verify_runs
+
+    run = write_run(tmp_path / "runs", "run_a", n=2, keep=2)
+    trained = []
+
+    def train_two_more_batches(done, total):  # runs while verify is hashing the first checkpoint
+        if not trained:
+            trained.append(write_run(tmp_path / "runs", "run_a", n=2, keep=2))
+
+    results = verify_runs([run], on_progress=train_two_more_batches)
+    assert trained and sorted(index_of(run)["checkpoints"][i]["id"] for i in range(2)) == [2, 3]
+    assert all(r.status == "ok" for r in results), [(r.id, r.status, r.detail) for r in results]
+    ids = [r.id for r in results]
+    assert {2, 3, None} <= set(ids) and 1 not in ids, ids

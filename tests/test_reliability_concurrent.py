@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from ckptctl.cli import app
 from ckptctl.storage.scan import read_index
 
-from .trainloop_helpers import FAST_FLAGS, Trainer, replace_flags, trainloop_cmd
+from .trainloop_helpers import FAST_FLAGS, Trainer, replace_flags, trainloop_cmd, wait_until
 
 runner = CliRunner()
 
@@ -27,15 +27,17 @@ def test_tools_in_a_loop_against_a_training_run(tmp_path):
     trainer = Trainer(trainloop_cmd(out, "live", flags=flags), tmp_path)
     run = out / "live"
     assert trainer.wait_batches(2), trainer.output
+    # Saves are written in the background: until the first is committed there is nothing to verify.
+    assert wait_until(lambda: (run / "checkpoint_metadata.json").exists()), trainer.output
     rounds = {"verify": 0, "refused": 0, "index_reads": 0}
     try:
         while trainer.proc.poll() is None:
-            if (run / "checkpoint_metadata.json").exists():
-                read_index(run)  # always parses: it is only ever replaced atomically
-                rounds["index_reads"] += 1
+            read_index(run)  # always parses: it is only ever replaced atomically
+            rounds["index_reads"] += 1
             result = runner.invoke(app, ["verify", str(run), "--json"])
+            assert result.stdout, (result.exit_code, result.stderr, repr(result.exception))
             doc = json.loads(result.stdout)
-            assert [r for r in doc["results"] if r["status"] != "ok"] == [], doc
+            assert [r for r in doc["results"] if r["status"] != "ok"] == [], [(r["id"], r["status"], r["detail"]) for r in doc["results"]]
             rounds["verify"] += 1
             for args in (["prune", str(run), "--keep", "1", "--yes"], ["promote", str(run), "0"], ["backup", str(run), "--drive", str(drive)]):
                 result = runner.invoke(app, args)

@@ -3,7 +3,7 @@
 Every resume must load a checkpoint that verifies, never one older than the last
 durable checkpoint (the newest the index listed at the moment of the kill, or a newer
 committed file), and the final state must be bit-identical to an uninterrupted run.
-Counts are printed: ``kills, resumes ok, max batches lost, kills inside a write``.
+Counts are printed: ``kills, resumes (required), max batches lost, kills inside a write``.
 The default run does a few kills; ``make stress`` does 50+ (``-m slow``).
 """
 
@@ -70,7 +70,10 @@ def kill_storm(root: Path, kills: int, seed: int, epochs: int) -> dict[str, int]
     env = trainloop_env(drive=None)
     storm = ["--drive-backup", str(drive)]
     run = out / "storm"
-    stats = {"kills": 0, "resumes_expected": 0, "resumes_ok": 0, "max_batches_lost": 0, "kills_inside_a_write": 0}
+    # resumes_expected: restarts after a kill that left a durable checkpoint (each must resume);
+    # resumes: all restarts that resumed, which also counts a checkpoint committed just
+    # before the kill but not yet in the index (the next open adopts it).
+    stats = {"kills": 0, "resumes_expected": 0, "resumes": 0, "max_batches_lost": 0, "kills_inside_a_write": 0}
     durable: int | None = None
     last_trained: int | None = None
     for attempt in range(kills):
@@ -84,7 +87,7 @@ def kill_storm(root: Path, kills: int, seed: int, epochs: int) -> dict[str, int]
                 assert resumed is not None, f"attempt {attempt}: checkpoints existed but it did not resume\n{trainer.output[-2000:]}"
                 assert int(resumed.group(1)) >= durable, f"attempt {attempt}: resumed {resumed.group(1)}, older than durable {durable}"
             if resumed is not None:
-                stats["resumes_ok"] += 1
+                stats["resumes"] += 1
                 if last_trained is not None:
                     lost = last_trained + 1 - _position(resumed.group(2), resumed.group(3))
                     stats["max_batches_lost"] = max(stats["max_batches_lost"], lost)
@@ -109,7 +112,7 @@ def kill_storm(root: Path, kills: int, seed: int, epochs: int) -> dict[str, int]
     assert_log_consistent((root / "reference" / "reference" / "training.log").read_text(), (run / "training.log").read_text())
     assert_mirror_verifies(run, drive / "storm")
     print(
-        f"\nkill storm (seed {seed}): kills={stats['kills']}, resumes ok={stats['resumes_ok']}/{stats['resumes_expected']}, "
+        f"\nkill storm (seed {seed}): kills={stats['kills']}, resumes={stats['resumes']} (required {stats['resumes_expected']}), "
         f"max batches lost={stats['max_batches_lost']}, kills inside a write={stats['kills_inside_a_write']}"
     )
     return stats
@@ -117,7 +120,7 @@ def kill_storm(root: Path, kills: int, seed: int, epochs: int) -> dict[str, int]
 
 def test_kill_storm_fast(tmp_path):
     stats = kill_storm(tmp_path, kills=4, seed=11, epochs=3)
-    assert stats["kills"] >= 3 and stats["resumes_ok"] == stats["resumes_expected"] >= 2
+    assert stats["kills"] >= 3 and stats["resumes"] >= stats["resumes_expected"] >= 2, stats
     assert stats["max_batches_lost"] <= 2 + 3  # save every 2 batches, plus what ran after the last log line
 
 
@@ -125,5 +128,5 @@ def test_kill_storm_fast(tmp_path):
 def test_kill_storm_full(tmp_path):
     stats = kill_storm(tmp_path, kills=55, seed=2026, epochs=14)
     assert stats["kills"] >= 50, stats
-    assert stats["resumes_ok"] == stats["resumes_expected"] >= stats["kills"] - 5, stats
+    assert stats["resumes"] >= stats["resumes_expected"] >= stats["kills"] - 5, stats
     assert stats["kills_inside_a_write"] >= 1, "no kill landed inside a write: instants are not random enough"

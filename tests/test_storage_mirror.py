@@ -95,3 +95,41 @@ def test_background_mirror_backs_off_and_logs_a_cause_once(tmp_path, caplog, mon
     assert mirror.stop(timeout=5)
     _assert_mirror_verifies(drive / "r")
     assert any("recovered" in r.getMessage() for r in caplog.records)
+
+
+def test_copies_of_a_sync_that_failed_later_are_still_recorded_as_mirrored(tmp_path):
+    """A failed sync's report is lost; the next sync skips those copies but must still report them mirrored."""
+    local, mirror = _run(tmp_path / "runs" / "r", 2), tmp_path / "drive" / "r"
+    mirror.mkdir(parents=True)
+    (mirror / "checkpoints").mkdir()
+    (mirror / "checkpoints" / "checkpoint_00001.pt").mkdir()  # the copy of 1 fails, after 0 is copied
+    with pytest.raises(OSError):
+        sync_run(local, mirror)
+    (mirror / "checkpoints" / "checkpoint_00001.pt").rmdir()
+    report = sync_run(local, mirror)
+    assert report.copied == ["checkpoints/checkpoint_00001.pt"] and report.skipped == ["checkpoints/checkpoint_00000.pt"]
+    checksums = {e.id: e.checksum for e in read_index(local).checkpoints}
+    assert {i: m["checksum"] for i, m in report.mirrored.items()} == checksums
+
+
+def test_a_best_model_that_changed_under_the_sync_is_left_for_the_next_one(tmp_path):
+    """best_model.pt is replaced before best_metadata.json: a sync between the two must not fail as a whole."""
+    local, mirror = tmp_path / "runs" / "r", tmp_path / "drive" / "r"
+    mirror.parent.mkdir()
+    model = torch.nn.Linear(4, 4)
+    with ModelPersistence(local, max_checkpoints=2, save_every_n_batches=1, background=False, best_metric="acc") as p:
+        for batch in range(2):
+            p.maybe_save(0, batch, {"acc": float(batch)}, agent=model)
+            p.update_best(0, batch, {"acc": float(batch)}, agent=model)
+    sync_run(local, mirror)
+    mirrored_best = (mirror / "best_model.pt").read_bytes()
+    with ModelPersistence(local, max_checkpoints=2, save_every_n_batches=1, background=False, best_metric="acc") as p:
+        p.maybe_save(0, 2, {"acc": 2.0}, agent=model)  # checkpoint 2; 0 is pruned
+        p.update_best(0, 2, {"acc": 2.0}, agent=model)  # a new best the mirror has not seen...
+    best = (local / "best_model.pt").read_bytes()
+    (local / "best_model.pt").write_bytes(best[:-8] + b"newer!!!")  # ...already replaced by a newer one
+    report = sync_run(local, mirror)
+    assert report.copied == ["checkpoints/checkpoint_00002.pt"]
+    assert (mirror / "best_model.pt").read_bytes() == mirrored_best  # the previous best is kept
+    assert sorted(os.listdir(mirror / "checkpoints")) == ["checkpoint_00001.pt", "checkpoint_00002.pt"]
+    _assert_mirror_verifies(mirror)

@@ -26,7 +26,7 @@ from ckptctl.core.format import (
     utc_now_iso,
 )
 from ckptctl.core.manifest import Index
-from ckptctl.errors import CkptctlError, CorruptIndexError, UnsafePathError
+from ckptctl.errors import CheckpointIntegrityError, CkptctlError, CorruptIndexError, UnsafePathError
 from ckptctl.storage.atomic import (
     ProgressCallback,
     atomic_copy,
@@ -115,6 +115,9 @@ def sync_run(
             and _size_or_none(on_mirror_disk[entry.id]) == entry.size_bytes
         ):
             report.skipped.append(entry.path)  # verified when copied; a cheap size check catches truncation since
+            if not entry.mirrored or entry.mirrored.get("checksum") != entry.checksum:
+                # copied by a sync that failed later (its report was lost): record it now
+                report.mirrored[entry.id] = {"checksum": entry.checksum, "size_bytes": entry.size_bytes, "at": utc_now_iso()}
             continue
         try:
             src = resolve_inside(local_run, entry.path)
@@ -124,7 +127,12 @@ def sync_run(
         if not src.exists():
             continue  # deleted by retention since the index was read
         dst = resolve_inside(mirror_run, entry.path)
-        size = _copy_verified(src, dst, entry.checksum, on_progress)
+        try:
+            size = _copy_verified(src, dst, entry.checksum, on_progress)
+        except FileNotFoundError:
+            if src.exists():
+                raise  # the mirror side failed
+            continue  # deleted by retention between the check and the open
         report.copied.append(entry.path)
         report.bytes_copied += size
         report.mirrored[entry.id] = {"checksum": entry.checksum, "size_bytes": size, "at": utc_now_iso()}
@@ -172,7 +180,16 @@ def _sync_best(local_run: Path, mirror_run: Path, report: SyncReport, on_progres
     src = resolve_inside(local_run, best.path)
     if not src.exists():
         return
-    size = _copy_verified(src, dst, best.checksum, on_progress)
+    try:
+        size = _copy_verified(src, dst, best.checksum, on_progress)
+    except (CheckpointIntegrityError, FileNotFoundError) as exc:
+        if isinstance(exc, FileNotFoundError) and src.exists():
+            raise  # the mirror side failed
+        # The trainer replaces best_model.pt, then best_metadata.json, and asks for another
+        # sync once both are written; a damaged local best is verify's to report. Either way
+        # the mirror keeps its previous best, and the rest of this sync goes on.
+        log.info("best model not mirrored this time: %s", exc)
+        return
     report.copied.append(best.path)
     report.bytes_copied += size
     atomic_write_json(mirror_run / BEST_METADATA_FILE, best.to_dict())
