@@ -142,6 +142,32 @@ class Components:
             self.optimizer, T_max=max(1, total_steps), eta_min=lr * 0.05
         )
 
+    def adapt_schedule(self, lr: float, total_steps: int) -> list[str]:
+        """After a resume, apply a changed ``--lr`` or run length to the restored schedule; say what changed.
+
+        Loading the optimizer and scheduler restores the rate and length the checkpoint was
+        trained with (read from the scheduler itself, not from the flags of the last attempt,
+        which may have been killed before it saved). A new ``--lr`` scales the rate from here
+        on (same cosine shape); a new length (``--epochs``, or a different data layout)
+        stretches the cosine so it still ends at ``total_steps``.
+        """
+        notes = []
+        scheduler, total_steps = self.scheduler, max(1, total_steps)
+        saved_lr = scheduler.base_lrs[0]
+        if not math.isclose(saved_lr, lr, rel_tol=1e-9):
+            ratio = lr / saved_lr
+            for group in self.optimizer.param_groups:
+                group["lr"] *= ratio
+                group["initial_lr"] = group.get("initial_lr", saved_lr) * ratio
+            scheduler.base_lrs = [base * ratio for base in scheduler.base_lrs]
+            scheduler.eta_min *= ratio
+            scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            notes.append(f"lr was {saved_lr:g}, now {lr:g}: the learning-rate schedule continues, scaled to the new rate")
+        if scheduler.T_max != total_steps:
+            notes.append(f"the schedule was {scheduler.T_max} batches long, now {total_steps}: it is stretched to end there")
+            scheduler.T_max = total_steps
+        return notes
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "agent": self.agent,
@@ -381,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=_HelpFormatter,
     )
-    parser.add_argument("--epochs", type=int, default=3, help="number of passes over the training pairs")
+    parser.add_argument("--epochs", type=int, default=3, help="number of passes over the training pairs (with --resume, a new value stretches the schedule)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                         help="where to train; auto = cuda when available (bit-exact resume is promised on cpu)")
     parser.add_argument("--resume", action="store_true",
@@ -403,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest wait between retries of a failing Drive mirror (retries start at 0.5 s and double)")
     parser.add_argument("--seed", type=int, default=0, help="seeds model init, data order, dropout, random and numpy")
     parser.add_argument("--batch-size", type=int, default=32, help="pairs per batch")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (cosine-annealed per batch)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate, cosine-annealed per batch (with --resume, a new value scales the schedule)")
     parser.add_argument("--log-every", type=int, default=10,
                         help="write a log line every N batches (and at each epoch's last batch)")
     parser.add_argument("--max-pairs", type=int, default=None,
@@ -625,6 +651,10 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
             for key, now_value in (("threads", args.threads), ("device", str(device)), ("torch", torch.__version__)):
                 if key in before and before[key] != now_value:
                     say(f"warning: {key} was {before[key]}, now {now_value}: the resumed run may not be bit-identical")
+            if start_epoch < args.epochs:
+                remaining = per_epoch - start_batch + (args.epochs - start_epoch - 1) * per_epoch
+                for note in c.adapt_schedule(args.lr, global_step + remaining):
+                    say(f"warning: {note} (the resumed run is not bit-identical to an uninterrupted one)")
             line = f"Resumed from checkpoint {info['checkpoint_id']} at Epoch {start_epoch}, Batch {start_batch}"
             persistence.append_log(line)
             say(line)

@@ -187,6 +187,26 @@ def test_resume_refuses_a_changed_data_position_unless_overridden(reference, tmp
     assert read_json(out / "copy" / "training_state.json")["status"] == "completed"
 
 
+def test_resume_with_more_epochs_and_a_new_lr_adapts_the_restored_schedule(reference, tmp_path, capsys, in_process_torch_settings):
+    """The restored scheduler keeps the old length and rate: a longer run must still anneal to its end."""
+    out = tmp_path / "runs"
+    shutil.copytree(reference.run_dir, out / "copy")
+    argv = ["--output-dir", str(out), "--run-name", "copy", "--resume"]
+    assert trainloop.main(argv + list(replace_flags(FAST_FLAGS, {"--epochs": "4"})) + ["--lr", "0.006"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: lr was 0.003, now 0.006" in err
+    assert "the schedule was 24 batches long, now 32" in err
+    entry, path = newest_checkpoint(out / "copy")
+    assert entry["global_step"] == 32
+    state = torch.load(path, weights_only=True)
+    assert state["scheduler"]["T_max"] == 32 and state["scheduler"]["last_epoch"] == 32
+    # at the end of the stretched cosine the rate is the new floor (5% of the new lr)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.006 * 0.05, rel=1e-9)
+    # an unchanged resume says nothing of the schedule
+    assert trainloop.main(argv + list(replace_flags(FAST_FLAGS, {"--epochs": "4"})) + ["--lr", "0.006"]) == 0
+    assert "schedule" not in capsys.readouterr().err
+
+
 def test_resume_without_run_name_picks_the_newest_run_by_metadata_not_mtime(reference, tmp_path, in_process_torch_settings):
     out = tmp_path / "runs"
     for name in ("older", "newer"):
@@ -390,7 +410,8 @@ def test_hung_drive_never_stops_training_and_the_mirror_catches_up(reference, tm
     frozen = False
     try:
         t = Trainer(trainloop_cmd(out, "hung", "--drive-backup", str(drive)), tmp_path)
-        assert wait_until(lambda: mirrored_checkpoints(drive / "hung")), t.output
+        # a copied checkpoint and the mirror index that lists it (written just after the copy)
+        assert wait_until(lambda: (drive / "hung" / "checkpoint_metadata.json").exists()), t.output
         # Every write to Drive now blocks (a hung FUSE mount): the mirror thread gets stuck in it.
         subprocess.run(["fsfreeze", "-f", str(drive)], check=True)
         frozen = True
