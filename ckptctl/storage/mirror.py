@@ -67,6 +67,16 @@ def _copy_verified(src: Path, dst: Path, checksum: str, on_progress: ProgressCal
     return size
 
 
+def _copy_unless_source_gone(src: Path, dst: Path, checksum: str, on_progress: ProgressCallback) -> int | None:
+    """:func:`_copy_verified`, or None when the local file is gone (a trainer's retention deleted it)."""
+    try:
+        return _copy_verified(src, dst, checksum, on_progress)
+    except FileNotFoundError:
+        if src.exists():
+            raise  # the mirror side failed
+        return None
+
+
 def _size_or_none(path: Path) -> int | None:
     try:
         return path.stat().st_size
@@ -124,15 +134,9 @@ def sync_run(
         except UnsafePathError as exc:
             log.warning("not mirroring %s: %s", entry.path, exc)
             continue
-        if not src.exists():
+        size = _copy_unless_source_gone(src, resolve_inside(mirror_run, entry.path), entry.checksum, on_progress)
+        if size is None:
             continue  # deleted by retention since the index was read
-        dst = resolve_inside(mirror_run, entry.path)
-        try:
-            size = _copy_verified(src, dst, entry.checksum, on_progress)
-        except FileNotFoundError:
-            if src.exists():
-                raise  # the mirror side failed
-            continue  # deleted by retention between the check and the open
         report.copied.append(entry.path)
         report.bytes_copied += size
         report.mirrored[entry.id] = {"checksum": entry.checksum, "size_bytes": size, "at": utc_now_iso()}
@@ -177,18 +181,15 @@ def _sync_best(local_run: Path, mirror_run: Path, report: SyncReport, on_progres
     if mirror_best is not None and mirror_best.checksum == best.checksum and dst.exists():
         report.skipped.append(best.path)
         return
-    src = resolve_inside(local_run, best.path)
-    if not src.exists():
-        return
     try:
-        size = _copy_verified(src, dst, best.checksum, on_progress)
-    except (CheckpointIntegrityError, FileNotFoundError) as exc:
-        if isinstance(exc, FileNotFoundError) and src.exists():
-            raise  # the mirror side failed
+        size = _copy_unless_source_gone(resolve_inside(local_run, best.path), dst, best.checksum, on_progress)
+    except CheckpointIntegrityError as exc:
         # The trainer replaces best_model.pt, then best_metadata.json, and asks for another
         # sync once both are written; a damaged local best is verify's to report. Either way
         # the mirror keeps its previous best, and the rest of this sync goes on.
         log.info("best model not mirrored this time: %s", exc)
+        return
+    if size is None:
         return
     report.copied.append(best.path)
     report.bytes_copied += size
