@@ -498,21 +498,7 @@ def promote(run_dir: Path, checkpoint_id: int, *, pin: bool = False) -> BestInfo
         metric = old.metric if old and old.metric else None
         mode = old.mode if old else "max"
         size, checksum = atomic_copy(path, run_dir / BEST_MODEL_FILE, expected_checksum=entry.checksum)
-        info = BestInfo(
-            path=BEST_MODEL_FILE,
-            source_id=entry.id,
-            epoch=entry.epoch,
-            batch=entry.batch,
-            global_step=entry.global_step,
-            metrics=dict(entry.metrics),
-            timestamp=entry.timestamp,
-            size_bytes=size,
-            checksum=checksum,
-            metric=metric,
-            mode=mode,
-            value=entry.metrics.get(metric) if metric else None,
-            promoted_by_hand=True,
-        )
+        info = BestInfo.of_checkpoint(entry, size, checksum, metric, mode, promoted_by_hand=True)
         commit_best(run_dir, info)
         if pin and not entry.pinned:
             entries[checkpoint_id] = replace(entry, pinned=True)

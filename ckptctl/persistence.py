@@ -281,8 +281,7 @@ class ModelPersistence:
             log.warning("%s: best_model.pt does not load (%s); it will be replaced by the next best", self.run_dir, exc)
             return None
         metrics = clean_metrics(payload.get("metrics"))
-        repaired = BestInfo(
-            path=BEST_MODEL_FILE,
+        repaired = BestInfo.of_model(
             source_id=payload.get("checkpoint_id") if isinstance(payload.get("checkpoint_id"), int) else None,
             epoch=int(payload.get("epoch", 0)),
             batch=int(payload.get("batch", 0)),
@@ -293,7 +292,6 @@ class ModelPersistence:
             checksum=checksum,
             metric=self.best_metric,
             mode=self.best_mode,
-            value=metrics.get(self.best_metric),
         )
         commit_best(self.run_dir, repaired)
         return repaired
@@ -557,29 +555,13 @@ class ModelPersistence:
         self._best_value = value
         return True
 
-    def _best_info(self, source_id: int | None, epoch: int, batch: int, step: int, metrics, timestamp, size, checksum) -> BestInfo:
-        return BestInfo(
-            path=BEST_MODEL_FILE,
-            source_id=source_id,
-            epoch=epoch,
-            batch=batch,
-            global_step=step,
-            metrics=dict(metrics),
-            timestamp=timestamp,
-            size_bytes=size,
-            checksum=checksum,
-            metric=self.best_metric,
-            mode=self.best_mode,
-            value=metrics.get(self.best_metric),
-        )
-
     def _best_from_checkpoint_job(self, request: _SaveRequest, metrics: dict[str, float]) -> None:
         entry = self._index.by_id().get(request.checkpoint_id)
         if entry is None:
             raise CkptctlError(f"checkpoint {request.checkpoint_id} was not saved; cannot copy it to best_model.pt")
         src = resolve_inside(self.run_dir, entry.path)
         size, checksum = atomic_copy(src, self.run_dir / BEST_MODEL_FILE, expected_checksum=entry.checksum)
-        info = self._best_info(entry.id, entry.epoch, entry.batch, entry.global_step, entry.metrics, entry.timestamp, size, checksum)
+        info = BestInfo.of_checkpoint(entry, size, checksum, self.best_metric, self.best_mode)
         commit_best(self.run_dir, info)
         self._best = info
         if self._mirror is not None:
@@ -587,8 +569,17 @@ class ModelPersistence:
 
     def _best_from_payload_job(self, request: _SaveRequest, payload: dict[str, Any]) -> None:
         size, checksum = write_checkpoint_file(self.run_dir / BEST_MODEL_FILE, payload)
-        info = self._best_info(
-            None, payload["epoch"], payload["batch"], payload["global_step"], payload["metrics"], payload["timestamp"], size, checksum
+        info = BestInfo.of_model(
+            source_id=None,
+            epoch=payload["epoch"],
+            batch=payload["batch"],
+            global_step=payload["global_step"],
+            metrics=payload["metrics"],
+            timestamp=payload["timestamp"],
+            size_bytes=size,
+            checksum=checksum,
+            metric=self.best_metric,
+            mode=self.best_mode,
         )
         commit_best(self.run_dir, info)
         self._best = info

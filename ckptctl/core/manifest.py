@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-from ckptctl.core.format import FORMAT_VERSION, check_relative_path
+from ckptctl.core.format import BEST_MODEL_FILE, FORMAT_VERSION, check_relative_path
 from ckptctl.errors import CorruptIndexError, UnsafePathError
 
 #: Checksum algorithms the readers understand; writers use the first. xxh3_128 detects
@@ -159,6 +159,58 @@ class BestInfo:
     mode: str
     value: float | None
     promoted_by_hand: bool = False
+
+    @classmethod
+    def of_model(
+        cls,
+        *,
+        source_id: int | None,
+        epoch: int,
+        batch: int,
+        global_step: int,
+        metrics: Mapping[str, float],
+        timestamp: str,
+        size_bytes: int,
+        checksum: str,
+        metric: str | None,
+        mode: str,
+        promoted_by_hand: bool = False,
+    ) -> "BestInfo":
+        """The record for a freshly written ``best_model.pt``; ``value`` is ``metrics[metric]`` when there."""
+        return cls(
+            path=BEST_MODEL_FILE,
+            source_id=source_id,
+            epoch=epoch,
+            batch=batch,
+            global_step=global_step,
+            metrics=dict(metrics),
+            timestamp=timestamp,
+            size_bytes=size_bytes,
+            checksum=checksum,
+            metric=metric,
+            mode=mode,
+            value=metrics.get(metric) if metric else None,
+            promoted_by_hand=promoted_by_hand,
+        )
+
+    @classmethod
+    def of_checkpoint(
+        cls, entry: CheckpointEntry, size_bytes: int, checksum: str, metric: str | None, mode: str, *, promoted_by_hand: bool = False
+    ) -> "BestInfo":
+        """The record for a ``best_model.pt`` copied from checkpoint ``entry`` (size and checksum of the copy)."""
+        return cls.of_model(
+            source_id=entry.id,
+            epoch=entry.epoch,
+            batch=entry.batch,
+            global_step=entry.global_step,
+            metrics=entry.metrics,
+            timestamp=entry.timestamp,
+            size_bytes=size_bytes,
+            checksum=checksum,
+            metric=metric,
+            mode=mode,
+            promoted_by_hand=promoted_by_hand,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, as stored in ``best_metadata.json``."""
