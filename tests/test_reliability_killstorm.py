@@ -1,14 +1,18 @@
 """Kill storm: SIGKILL the real trainloop at many seeded random instants, resume each time.
 
-Every resume must load a checkpoint that verifies, never one older than the last
-durable checkpoint (the newest the index listed at the moment of the kill, or a newer
-committed file), and the final state must be bit-identical to an uninterrupted run.
-Counts are printed: ``kills, resumes (required), max batches lost, kills inside a write``.
-The default run does a few kills; ``make stress`` does 50+ (``-m slow``).
+After every kill, everything the local and Drive indexes list must be there and match
+its checksum (nothing half-written is visible). Every resume must load a checkpoint that
+verifies, never one older than the last durable checkpoint (the newest the index listed
+at the moment of the kill, or a newer committed file), and the final state must be
+bit-identical to an uninterrupted run, with no temporaries left. Counts are printed:
+kills, resumes (required), max batches lost, kills inside a write (a checkpoint save, a
+Drive copy). The default run does a few kills; ``make stress`` does 50+ (``-m slow``)
+and requires kills inside both kinds of write.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import signal
@@ -60,8 +64,20 @@ def _temporaries(*folders: Path) -> int:
     return sum(1 for folder in folders if folder.is_dir() for p in folder.rglob(f"{TEMP_PREFIX}*"))
 
 
-def kill_storm(root: Path, kills: int, seed: int, epochs: int) -> dict[str, int]:
-    """Run the storm in ``root``; return the counts. Asserts every per-kill guarantee."""
+def _assert_nothing_half_written(run_dir: Path) -> None:
+    """Every checkpoint the index lists (local run or Drive mirror) is there and matches its checksum."""
+    if not (run_dir / "checkpoint_metadata.json").exists():
+        return
+    for entry in read_index(run_dir).checkpoints:
+        verify_checksum(run_dir / entry.path, entry.checksum)
+
+
+def kill_storm(root: Path, kills: int, seed: int, epochs: int, until_both_kinds: bool = False) -> dict[str, int]:
+    """Run the storm in ``root``; return the counts. Asserts every per-kill guarantee.
+
+    With ``until_both_kinds``, kills go on past ``kills`` (up to twice as many) until at
+    least one has landed inside a checkpoint save and one inside a Drive copy.
+    """
     rng = random.Random(seed)
     flags = replace_flags(FAST_FLAGS, {"--epochs": str(epochs)})
     out, drive = root / "runs", root / "drive"
@@ -73,10 +89,14 @@ def kill_storm(root: Path, kills: int, seed: int, epochs: int) -> dict[str, int]
     # resumes_expected: restarts after a kill that left a durable checkpoint (each must resume);
     # resumes: all restarts that resumed, which also counts a checkpoint committed just
     # before the kill but not yet in the index (the next open adopts it).
-    stats = {"kills": 0, "resumes_expected": 0, "resumes": 0, "max_batches_lost": 0, "kills_inside_a_write": 0}
+    stats = {"kills": 0, "resumes_expected": 0, "resumes": 0, "max_batches_lost": 0, "kills_inside_a_write": 0,
+             "kills_inside_a_save": 0, "kills_inside_a_drive_copy": 0}
     durable: int | None = None
     last_trained: int | None = None
-    for attempt in range(kills):
+    for attempt in itertools.count():  # each round that does not break adds one kill
+        both_kinds = stats["kills_inside_a_save"] and stats["kills_inside_a_drive_copy"]
+        if attempt >= kills and not (until_both_kinds and not both_kinds and attempt < 2 * kills):
+            break
         extra = ("--resume",) if attempt else ()
         trainer = Trainer(trainloop_cmd(out, "storm", *storm, *extra, flags=flags), root, env)
         if attempt:
@@ -100,8 +120,11 @@ def kill_storm(root: Path, kills: int, seed: int, epochs: int) -> dict[str, int]
         if rc != -signal.SIGKILL:
             break
         stats["kills"] += 1
-        if _temporaries(run, drive):
-            stats["kills_inside_a_write"] += 1
+        stats["kills_inside_a_write"] += bool(_temporaries(run, drive))
+        stats["kills_inside_a_save"] += bool(_temporaries(run / "checkpoints"))
+        stats["kills_inside_a_drive_copy"] += bool(_temporaries(drive / "storm"))
+        _assert_nothing_half_written(run)
+        _assert_nothing_half_written(drive / "storm")
         positions = [_position(*m.groups()) for m in map(_BATCH_LINE.match, trainer.lines) if m]
         last_trained = max(positions) if positions else last_trained
         durable = _last_durable_id(run)
@@ -111,9 +134,11 @@ def kill_storm(root: Path, kills: int, seed: int, epochs: int) -> dict[str, int]
     assert_same_final_state(root / "reference" / "reference", run)
     assert_log_consistent((root / "reference" / "reference" / "training.log").read_text(), (run / "training.log").read_text())
     assert_mirror_verifies(run, drive / "storm")
+    assert not _temporaries(run), "a resumed run cleans up the temporaries of killed saves"
     print(
         f"\nkill storm (seed {seed}): kills={stats['kills']}, resumes={stats['resumes']} (required {stats['resumes_expected']}), "
-        f"max batches lost={stats['max_batches_lost']}, kills inside a write={stats['kills_inside_a_write']}"
+        f"max batches lost={stats['max_batches_lost']}, kills inside a write={stats['kills_inside_a_write']} "
+        f"(a checkpoint save: {stats['kills_inside_a_save']}, a Drive copy: {stats['kills_inside_a_drive_copy']})"
     )
     return stats
 
@@ -126,7 +151,8 @@ def test_kill_storm_fast(tmp_path):
 
 @pytest.mark.slow
 def test_kill_storm_full(tmp_path):
-    stats = kill_storm(tmp_path, kills=55, seed=2026, epochs=14)
+    stats = kill_storm(tmp_path, kills=55, seed=2026, epochs=20, until_both_kinds=True)
     assert stats["kills"] >= 50, stats
     assert stats["resumes"] >= stats["resumes_expected"] >= stats["kills"] - 5, stats
-    assert stats["kills_inside_a_write"] >= 1, "no kill landed inside a write: instants are not random enough"
+    assert stats["kills_inside_a_save"] >= 1, f"no kill landed inside a checkpoint save: instants are not random enough ({stats})"
+    assert stats["kills_inside_a_drive_copy"] >= 1, f"no kill landed inside a Drive copy: instants are not random enough ({stats})"
