@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from ckptctl.core.format import BEST_MODEL_FILE, FORMAT_VERSION, check_relative_path
 from ckptctl.errors import CorruptIndexError, UnsafePathError
@@ -18,6 +18,10 @@ from ckptctl.errors import CorruptIndexError, UnsafePathError
 #: corruption (not tampering: ``weights_only`` loading is the safety against hostile
 #: files) at over 10 GB/s, so hashing never limits a save or a verify; sha256 stays readable.
 CHECKSUM_ALGORITHMS = ("xxh3_128", "sha256")
+
+#: At most this many retired ids are remembered (the newest); older ones the mirror
+#: has not deleted by then are left to its byte budget.
+MAX_RETIRED = 1000
 
 
 def format_checksum(algorithm: str, hexdigest: str) -> str:
@@ -265,6 +269,14 @@ class BestInfo:
         )
 
 
+def _read_retired(raw: Any) -> tuple[int, ...]:
+    """The ``retired`` list of an index; anything that is not a non-negative int is dropped."""
+    if not isinstance(raw, list):
+        return ()
+    ids = {v for v in raw if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+    return tuple(sorted(ids)[-MAX_RETIRED:])
+
+
 def _check_version(data: Mapping[str, Any], what: str) -> None:
     version = data.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
@@ -290,6 +302,11 @@ class Index:
     #: The unusable entries exactly as read, written back unchanged by :meth:`to_dict` so
     #: rewriting an index never silently drops what a person may want to inspect.
     raw_skipped: tuple[Any, ...] = ()
+    #: Ids that local retention (the trainer's or ``prune``) removed after they existed in
+    #: this run: the only copies the Drive mirror may delete for that reason (it never
+    #: deletes a copy the local run never had, e.g. after a partial restore). An id leaves
+    #: this list once the mirror reports it gone there.
+    retired: tuple[int, ...] = ()
 
     @property
     def latest(self) -> CheckpointEntry | None:
@@ -306,6 +323,16 @@ class Index:
         next_id = max([self.next_id] + [c.id + 1 for c in ordered])
         return replace(self, checkpoints=ordered, next_id=next_id)
 
+    def retire(self, ids: Iterable[int]) -> "Index":
+        """Return a copy that records ``ids`` as removed by local retention (see :attr:`retired`)."""
+        merged = sorted(set(self.retired) | {int(i) for i in ids})
+        return replace(self, retired=tuple(merged[-MAX_RETIRED:]))
+
+    def forget_retired(self, ids: Iterable[int]) -> "Index":
+        """Return a copy whose :attr:`retired` no longer holds ``ids`` (gone from the mirror)."""
+        gone = {int(i) for i in ids}
+        return replace(self, retired=tuple(i for i in self.retired if i not in gone))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, as stored in ``checkpoint_metadata.json``."""
         return {
@@ -314,6 +341,7 @@ class Index:
             "next_id": self.next_id,
             "checkpoints": [c.to_dict() for c in self.checkpoints]
             + [raw for raw in self.raw_skipped if not (isinstance(raw, dict) and raw.get("id") in self.by_id())],
+            "retired": list(self.retired),
         }
 
     @classmethod
@@ -345,7 +373,10 @@ class Index:
         if not isinstance(next_id, int) or isinstance(next_id, bool) or next_id < 0:
             next_id = 0
         run_name = data.get("run_name") if isinstance(data.get("run_name"), str) else default_run_name
-        return cls(run_name=run_name, next_id=0, skipped=tuple(skipped), raw_skipped=tuple(raw_skipped)).with_entries(
+        retired = _read_retired(data.get("retired"))
+        return cls(
+            run_name=run_name, next_id=0, skipped=tuple(skipped), raw_skipped=tuple(raw_skipped), retired=retired
+        ).with_entries(
             list(entries.values())
         )._with_next_id_at_least(next_id)
 
