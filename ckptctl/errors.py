@@ -46,3 +46,7 @@ class RestoreStateError(CkptctlError):
 
 class NotFoundError(CkptctlError):
     """A run, checkpoint id or file that the user named does not exist (a usage error in the CLI)."""
+
+
+class DeviceUnavailableError(CkptctlError):
+    """The device asked for (e.g. ``"cuda"``) does not exist on this machine; no file was judged."""

@@ -47,6 +47,7 @@ from ckptctl.errors import (
 from ckptctl.storage.atomic import atomic_copy, atomic_write_json, cleanup_temporaries, hash_file, resolve_inside, verify_checksum
 from ckptctl.storage.lock import RunLock
 from ckptctl.storage.mirror import BackgroundMirror, SyncReport
+from ckptctl.storage.restore import RestoreReport, restore_run
 from ckptctl.storage.runfiles import (
     commit_best,
     commit_index,
@@ -57,6 +58,7 @@ from ckptctl.storage.runfiles import (
 from ckptctl.storage.scan import checkpoint_files_on_disk, checkpoint_names_present, find_runs, read_best, read_index, read_training_state
 from ckptctl.torch_io import (
     Stager,
+    check_device,
     apply_components,
     build_payload,
     component_states,
@@ -69,6 +71,15 @@ from ckptctl.torch_io import (
 )
 
 log = logging.getLogger("ckptctl")
+
+#: The open (not yet closed) ModelPersistence of each run in this process, by resolved
+#: path: a re-run notebook cell's new object takes over from the one it replaces.
+_OPEN_WRITERS: dict[str, "ModelPersistence"] = {}
+_OPEN_WRITERS_LOCK = threading.Lock()
+
+#: How long a writer that is taken over gives its Drive mirror to finish (a re-run cell
+#: must not hang on a slow Drive; the new writer's mirror catches up).
+TAKEOVER_MIRROR_TIMEOUT = 5.0
 
 
 def setup_drive_backup(path: str | os.PathLike) -> Path:
@@ -93,6 +104,20 @@ def setup_drive_backup(path: str | os.PathLike) -> Path:
     except OSError as exc:
         raise CkptctlError(f"Drive backup {path}: not writable ({exc.strerror or exc})") from None
     return path
+
+
+def _take_over_earlier_writer(writer_key: str) -> None:
+    """Close this process's earlier, unclosed ModelPersistence on the same run (a re-run cell), warning once."""
+    with _OPEN_WRITERS_LOCK:
+        earlier = _OPEN_WRITERS.pop(writer_key, None)
+    if earlier is None or earlier._closed:
+        return
+    log.warning(
+        "%s: an earlier ModelPersistence on this run is still open in this process (a re-run cell?); "
+        "finishing its pending save and taking over from it",
+        earlier.run_dir,
+    )
+    earlier._close_for_takeover()
 
 
 @dataclass(frozen=True)
@@ -169,6 +194,9 @@ class ModelPersistence:
         self.last_resume_skipped: list[dict[str, Any]] = []
 
         (self.run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        self._writer_key = str(self.run_dir.resolve())
+        self._closed_because = "it is closed"
+        _take_over_earlier_writer(self._writer_key)
         self._lock = RunLock(self.run_dir).acquire()
         self._index_lock = threading.RLock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptctl-save")
@@ -180,9 +208,15 @@ class ModelPersistence:
         self._last_save_time = time.monotonic()
         self._mirror: BackgroundMirror | None = None
         self._closed = False
+        self._drop_mirror_reports = False
+        #: What opening restored from the Drive mirror (a fresh VM), or None.
+        self.last_restore: RestoreReport | None = None
         try:
             cleanup_temporaries(self.run_dir)
             cleanup_temporaries(self.run_dir / CHECKPOINT_DIR)
+            drive_root = setup_drive_backup(drive_backup) if drive_backup is not None else None  # fails fast if Drive is not mounted
+            if drive_root is not None:
+                self.last_restore = restore_if_mirror_ahead(self.run_dir, drive_root / self.run_name, lock_held=True)
             self._index = self._load_or_rebuild_index()
             self._best = self._load_or_repair_best()
             self._best_value = self._best.metrics.get(best_metric) if self._best else None
@@ -190,11 +224,10 @@ class ModelPersistence:
             latest = self._index.latest
             self._global_step = latest.global_step if latest else 0
             self._training_state = self._load_training_state()
-            if drive_backup is not None:
-                mirror_run = setup_drive_backup(drive_backup) / self.run_name  # fails fast if Drive is not mounted
+            if drive_root is not None:
                 self._mirror = BackgroundMirror(
                     self.run_dir,
-                    mirror_run,
+                    drive_root / self.run_name,
                     on_synced=self._record_mirrored,
                     initial_backoff=mirror_backoff[0],
                     max_backoff=mirror_backoff[1],
@@ -204,6 +237,8 @@ class ModelPersistence:
             self._executor.shutdown(wait=False)
             self._lock.release()
             raise
+        with _OPEN_WRITERS_LOCK:
+            _OPEN_WRITERS[self._writer_key] = self
 
     # ------------------------------------------------------------------ opening
 
@@ -332,7 +367,7 @@ class ModelPersistence:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise CkptctlError(f"{self.run_dir}: this ModelPersistence is closed")
+            raise CkptctlError(f"{self.run_dir}: this ModelPersistence cannot be used: {self._closed_because}")
 
     # ------------------------------------------------------------------ saving
 
@@ -467,12 +502,21 @@ class ModelPersistence:
                     newest_good_id=entry.id,
                 )
             )
-            kept = grown.with_entries([e for e in grown.checkpoints if e.id not in victims])
+            kept = self._retire(grown.with_entries([e for e in grown.checkpoints if e.id not in victims]), grown.checkpoints, victims)
             commit_index(self.run_dir, kept)  # the new file is durable; now the index
             self._index = kept
         delete_checkpoint_files(self.run_dir, [e for e in grown.checkpoints if e.id in victims])
         if self._mirror is not None:
             self._mirror.request()
+
+    def _retire(self, index: Index, removed_from: Any, ids: set[int]) -> Index:
+        """Record in ``index`` which of the removed checkpoints the Drive mirror may now delete too.
+
+        With a mirror, every removed id (it may hold a copy whose report is not applied
+        yet); without one, those recorded as mirrored by an earlier session.
+        """
+        retired = [e.id for e in removed_from if e.id in ids and (self._mirror is not None or e.mirrored)]
+        return index.retire(retired) if retired else index
 
     def _write_making_room(self, relpath: str, payload: dict[str, Any]) -> tuple[int, str]:
         """Write a checkpoint file; on a full disk free the oldest unprotected checkpoint and retry.
@@ -507,7 +551,9 @@ class ModelPersistence:
         """Remove ``victims`` from the index, then delete their files (files first if the index cannot be written)."""
         gone = {v.id for v in victims}
         with self._index_lock:
-            smaller = self._index.with_entries([e for e in self._index.checkpoints if e.id not in gone])
+            smaller = self._retire(
+                self._index.with_entries([e for e in self._index.checkpoints if e.id not in gone]), victims, gone
+            )
             try:
                 commit_index(self.run_dir, smaller)
             except OSError as exc:
@@ -561,7 +607,10 @@ class ModelPersistence:
             raise CkptctlError(f"checkpoint {request.checkpoint_id} was not saved; cannot copy it to best_model.pt")
         src = resolve_inside(self.run_dir, entry.path)
         size, checksum = atomic_copy(src, self.run_dir / BEST_MODEL_FILE, expected_checksum=entry.checksum)
-        info = BestInfo.of_checkpoint(entry, size, checksum, self.best_metric, self.best_mode)
+        # The metrics update_best was given are what made this the best (the checkpoint's own
+        # may not even hold the best metric); they win over the checkpoint's where both have a name.
+        judged = dataclasses.replace(entry, metrics={**entry.metrics, **metrics})
+        info = BestInfo.of_checkpoint(judged, size, checksum, self.best_metric, self.best_mode)
         commit_best(self.run_dir, info)
         self._best = info
         if self._mirror is not None:
@@ -606,6 +655,7 @@ class ModelPersistence:
 
     def pin(self, checkpoint_id: int, pinned: bool = True) -> None:
         """Keep checkpoint ``checkpoint_id`` out of retention (or release it with ``pinned=False``)."""
+        self._check_open()
         self.flush()
         with self._index_lock:
             by_id = self._index.by_id()
@@ -695,6 +745,7 @@ class ModelPersistence:
         or None when the run has no checkpoints. Raises :class:`NoValidCheckpointError`
         when checkpoints exist but none verifies.
         """
+        self._check_open()
         self.flush()
         skipped = []
         for entry in reversed(self._index.checkpoints):
@@ -724,6 +775,8 @@ class ModelPersistence:
 
         The file is checked against the index checksum and loaded with ``weights_only=True``.
         """
+        self._check_open()
+        check_device(device)
         self.flush()
         entry = self._index.by_id().get(int(checkpoint_id))
         if entry is None:
@@ -737,8 +790,12 @@ class ModelPersistence:
 
         Corrupt, truncated or missing newer checkpoints are skipped, logged, and listed under
         ``"skipped"`` in the result. Returns None when the run has no checkpoints; raises
-        :class:`NoValidCheckpointError` when it has some but none verifies.
+        :class:`NoValidCheckpointError` when it has some but none verifies; raises
+        :class:`DeviceUnavailableError` before touching any file when ``device`` is not
+        usable here (``"cuda"`` on a machine without CUDA).
         """
+        self._check_open()
+        check_device(device)
         self.flush()
         skipped: list[dict[str, Any]] = []
         for entry in reversed(self._index.checkpoints):
@@ -761,6 +818,8 @@ class ModelPersistence:
 
     def load_best_model(self, device: Any = "cpu", **components: Any) -> dict[str, Any]:
         """Load ``best_model.pt`` into ``components`` (no RNG restore); return its metadata."""
+        self._check_open()
+        check_device(device)
         self.flush()
         if self._best is None:
             raise CkptctlError(f"{self.run_dir}: no best model yet")
@@ -784,7 +843,23 @@ class ModelPersistence:
             self._executor.shutdown(wait=True)
             if self._mirror is not None and not self._mirror.stop(timeout=mirror_timeout):
                 log.warning("Drive mirror not fully synced at close: %s", self._mirror.last_error)
+            with self._index_lock:
+                # A mirror thread still busy (Drive slow) must never write this closed
+                # object's stale index over a newer writer's: its reports are dropped from
+                # now on, and the next open reads the mirror's real state.
+                self._drop_mirror_reports = True
             self._lock.release()
+            with _OPEN_WRITERS_LOCK:
+                if _OPEN_WRITERS.get(self._writer_key) is self:
+                    del _OPEN_WRITERS[self._writer_key]
+
+    def _close_for_takeover(self) -> None:
+        """Closed by a newer ModelPersistence on the same run in this process: finish, stop, step aside."""
+        self._closed_because = "a newer ModelPersistence on the same run took over from it"
+        try:
+            self.close(mirror_timeout=TAKEOVER_MIRROR_TIMEOUT)
+        except BackgroundSaveError as exc:
+            log.warning("%s: the earlier writer's last save failed: %s", self.run_dir, exc)
 
     def __enter__(self) -> "ModelPersistence":
         return self
@@ -850,6 +925,43 @@ def latest_run(path: str | os.PathLike) -> Path | None:
     if not runs:
         return None
     return max(runs, key=lambda run: (_run_activity(run), run.name))
+
+
+def restore_if_mirror_ahead(
+    run_dir: str | os.PathLike, mirror_run: str | os.PathLike, *, lock_held: bool = False
+) -> RestoreReport | None:
+    """Restore ``run_dir`` from its Drive mirror when the mirror holds a newer checkpoint; else None.
+
+    The one rule for "bring the run back from Drive first" (a fresh VM has no local
+    checkpoint; an older local copy is behind the mirror): never start or continue a run
+    while the mirror holds newer checkpoints that the local run lacks. The restore is
+    the verified one of ``ckptctl restore --from-drive``. Raises :class:`CkptctlError`
+    when the mirror has checkpoints but none of them could be restored (the caller must
+    not start over), or when Drive fails mid-restore (open again to continue it).
+    ``lock_held``: the caller already holds the run lock.
+    """
+    run_dir, mirror_run = Path(run_dir), Path(mirror_run)
+    local_id, mirror_id = newest_checkpoint_id(run_dir), newest_checkpoint_id(mirror_run)
+    if mirror_id is None or (local_id is not None and local_id >= mirror_id):
+        return None
+    what = "no local checkpoint" if local_id is None else f"the Drive mirror is ahead (checkpoint {mirror_id} > {local_id})"
+    log.warning("%s: %s; restoring it from the Drive mirror %s", run_dir, what, mirror_run)
+    try:
+        report = restore_run(mirror_run, run_dir, lock_held=lock_held)
+    except (OSError, CkptctlError) as exc:
+        raise CkptctlError(
+            f"restoring {run_dir.name} from the Drive mirror {mirror_run} failed ({exc.__class__.__name__}: {exc}); "
+            "run the same thing again to continue the restore"
+        ) from None
+    for skipped in report.skipped:
+        log.warning("%s: not restored from Drive: %s: %s", run_dir, skipped["path"], skipped["reason"])
+    if not run_has_checkpoints(run_dir):
+        raise CkptctlError(
+            f"none of the Drive mirror's checkpoints of {run_dir.name} ({mirror_run}) could be restored; not starting over "
+            "(check them with `ckptctl verify`, or start under another run name)"
+        )
+    log.warning("%s: restored %d file(s) from the Drive mirror", run_dir, len(report.copied))
+    return report
 
 
 def restore_from_drive(drive_root: str | os.PathLike, run_name: str, output_dir: str | os.PathLike) -> dict[str, Any]:

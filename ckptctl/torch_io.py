@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from ckptctl.core.format import FORMAT_VERSION, RESERVED_CHECKPOINT_KEYS
-from ckptctl.errors import CheckpointIntegrityError, RestoreStateError
+from ckptctl.errors import CheckpointIntegrityError, DeviceUnavailableError, RestoreStateError
 from ckptctl.storage.atomic import ProgressCallback, atomic_write, atomic_write_by_name, verify_checksum
 
 try:  # NumPy is optional for the library; its RNG is saved when it is installed.
@@ -285,6 +285,28 @@ def _utf8_path(path: Path) -> Iterator[str | Path]:
         yield proc
     finally:
         os.close(fd)
+
+
+def check_device(device: Any) -> None:
+    """Raise :class:`DeviceUnavailableError` if ``device`` (``"cuda"``, ``"cuda:1"``, ``"mps"``...) is not usable here.
+
+    Called before any checkpoint is loaded, so a missing GPU is one clear error instead of
+    every checkpoint looking damaged. ``"cpu"`` and ``"meta"`` always pass.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise DeviceUnavailableError(f"device {device!r} is not a device torch understands ({exc})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(
+                f"device {device!r}: CUDA is not available on this machine (no GPU, or a CPU-only torch); "
+                "pass device='cpu' to load there"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise DeviceUnavailableError(f"device {device!r}: MPS is not available on this machine; pass device='cpu'")
 
 
 def safe_load(path: str | os.PathLike, device: str | torch.device = "cpu", *, mmap: bool = True) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 
 from ckptctl import ModelPersistence, setup_drive_backup
 from ckptctl.core.format import BEST_MODEL_FILE, INDEX_FILE, TEMP_PREFIX
-from ckptctl.errors import BackgroundSaveError, CkptctlError, NoValidCheckpointError, RestoreStateError, RunLockedError
+from ckptctl.errors import BackgroundSaveError, CkptctlError, NoValidCheckpointError, RestoreStateError
 from ckptctl.storage.scan import read_best, read_index
 
 
@@ -293,14 +293,6 @@ def test_background_failure_is_reported_on_next_call_and_leaves_nothing_visible(
     assert p.save_checkpoint(0, 2, {}, **rig.components()) == 2
     p.close()
     assert sorted(read_index(run).by_id()) == [0, 2]
-
-
-def test_second_writer_is_refused_while_first_is_open(tmp_path):
-    run = tmp_path / "r"
-    with ModelPersistence(run):
-        with pytest.raises(RunLockedError):
-            ModelPersistence(run)
-    ModelPersistence(run).close()
 
 
 def test_leftover_temporaries_are_ignored_and_cleaned(tmp_path):

@@ -16,6 +16,8 @@ from pathlib import Path
 from ckptctl.core.format import LOCK_FILE, utc_now_iso
 from ckptctl.errors import RunLockedError
 
+_PROC_LOCKS = "/proc/locks"
+
 
 class RunLock:
     """Exclusive, non-blocking writer lock on one run directory (a context manager)."""
@@ -50,6 +52,10 @@ class RunLock:
         if self._fd is None:
             return
         try:
+            os.ftruncate(self._fd, 0)  # no stale holder for the fallback probe of is_locked
+        except OSError:
+            pass
+        try:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             os.close(self._fd)
@@ -63,19 +69,60 @@ class RunLock:
 
 
 def is_locked(run_dir: str | os.PathLike) -> bool:
-    """True if some process currently holds the writer lock of ``run_dir``."""
+    """True if some process currently holds the writer lock of ``run_dir``.
+
+    A probe only looks: it reads the kernel's lock table (``/proc/locks``) for the lock
+    file's device and inode, so ``watch ckptctl ls`` can never make a trainer's acquire
+    fail (taking even a shared lock for an instant would). Where that table is not
+    available, the holder recorded in the lock file is checked for being alive.
+    """
     path = Path(run_dir) / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDONLY)
+        st = os.stat(path)
     except OSError:
         return False
+    held = _flock_held_in_proc_locks(st)
+    if held is None:
+        held = _recorded_holder_alive(path)
+    return held
+
+
+def _flock_held_in_proc_locks(st: os.stat_result) -> bool | None:
+    """Whether ``/proc/locks`` lists a FLOCK on that inode; None if it cannot be read.
+
+    Matched by inode number alone: some filesystems (btrfs subvolumes, overlays) report
+    another device there than ``stat`` does. A clash with another filesystem's inode
+    only makes a run look busy in a listing; it never fails an acquire.
+    """
+    wanted = str(st.st_ino)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+        with open(_PROC_LOCKS, encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 4447 fe:00:2155124 0 EOF" ("->" marks a blocked waiter)
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[2] != "->" and fields[5].rsplit(":", 1)[-1] == wanted:
+                    return True
+    except OSError:
+        return None
     return False
+
+
+def _recorded_holder_alive(lock_path: Path) -> bool:
+    """Fallback probe: the pid recorded in the lock file is alive on this host (cleared on release)."""
+    try:
+        info = json.loads(lock_path.read_text())
+        pid, host = int(info["pid"]), info.get("host")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    if host != socket.gethostname():
+        return True  # cannot check another machine's processes: assume it holds the run
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def describe_holder(lock_path: Path) -> str:

@@ -9,6 +9,7 @@ overwritten unless ``force``. No torch.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 from dataclasses import dataclass, field, replace
@@ -132,13 +133,15 @@ def restore_run(
     only_id: int | None = None,
     force: bool = False,
     on_progress: ProgressCallback = None,
+    lock_held: bool = False,
 ) -> RestoreReport:
     """Restore ``mirror_run`` into ``dest_run`` holding its run lock; return what was done.
 
     Copies the mirror's checkpoints (or only ``only_id``), best model and training state
     that are missing locally, older locally, or damaged locally. A local checkpoint or best
     model that verifies and is newer than the mirror's is kept unless ``force``. Raises
-    RunLockedError while a trainer holds ``dest_run``.
+    RunLockedError while a trainer holds ``dest_run``. ``lock_held``: the caller (a
+    ModelPersistence opening the run) already holds the run lock.
     """
     mirror_run, dest_run = Path(mirror_run), Path(dest_run)
     report = RestoreReport(source=mirror_run, dest=dest_run)
@@ -161,7 +164,7 @@ def restore_run(
         mirror_files = {k: v for k, v in mirror_files.items() if k == only_id}
 
     (dest_run / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-    with RunLock(dest_run):
+    with contextlib.nullcontext() if lock_held else RunLock(dest_run):
         cleanup_temporaries(dest_run)
         cleanup_temporaries(dest_run / CHECKPOINT_DIR)
         try:
