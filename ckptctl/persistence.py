@@ -44,6 +44,7 @@ from ckptctl.errors import (
     RestoreStateError,
     UnsafePathError,
 )
+from ckptctl.storage import legacy
 from ckptctl.storage.atomic import atomic_copy, atomic_write_json, cleanup_temporaries, hash_file, resolve_inside, verify_checksum
 from ckptctl.storage.lock import RunLock
 from ckptctl.storage.mirror import BackgroundMirror, SyncReport
@@ -243,13 +244,24 @@ class ModelPersistence:
     # ------------------------------------------------------------------ opening
 
     def _load_or_rebuild_index(self) -> Index:
-        """Read the index; set a corrupt one aside; adopt committed checkpoint files it lacks."""
+        """Read the index; set a corrupt one aside; adopt committed checkpoint files it lacks.
+
+        An index other code wrote (the Colab guide's ``{"0": {...}}``) is not corrupt: its
+        bytes are kept as ``checkpoint_metadata.json.legacy`` before the new index replaces
+        it, and its entries describe the files adopted (see :mod:`ckptctl.storage.legacy`).
+        """
+        guide = None
         try:
             index = read_index(self.run_dir)
         except FileNotFoundError:
             index = Index(run_name=self.run_name, next_id=0)
         except CorruptIndexError as exc:
-            set_aside(self.run_dir / "checkpoint_metadata.json", f"unreadable ({exc}); rebuilding from checkpoint files")
+            guide = legacy.read_guide_index(self.run_dir)  # written by other code: kept, not set aside
+            if guide is None:
+                set_aside(self.run_dir / "checkpoint_metadata.json", f"unreadable ({exc}); rebuilding from checkpoint files")
+            else:
+                kept = legacy.keep_legacy_copy(self.run_dir / INDEX_FILE)
+                log.warning("%s: %s was written by other code; kept as %s, rebuilding the index from the checkpoint files", self.run_dir, INDEX_FILE, kept and kept.name)
             index = Index(run_name=self.run_name, next_id=0)
         for raw_id, reason in index.skipped:
             log.warning("%s: ignoring index entry %r: %s", self.run_dir, raw_id, reason)
@@ -258,9 +270,10 @@ class ModelPersistence:
         adopted = []
         for checkpoint_id in sorted(set(on_disk) - set(known)):
             try:
-                adopted.append(self._entry_from_file(checkpoint_id, on_disk[checkpoint_id]))
+                adopted.append(self._entry_from_file(checkpoint_id, on_disk[checkpoint_id], guide))
             except (CheckpointIntegrityError, CorruptIndexError) as exc:
                 log.warning("%s: ignoring checkpoint file that does not load: %s", self.run_dir, exc)
+        adopted = legacy.assign_global_steps(adopted, read_training_state(self.run_dir))  # files other code wrote
         index = index.with_entries(list(known.values()) + adopted)
         ids_taken = checkpoint_names_present(self.run_dir)
         if ids_taken:  # never reuse an id that has a file (even unreadable, even a symlink)
@@ -270,9 +283,18 @@ class ModelPersistence:
             log.warning("%s: adopted %d checkpoint file(s) missing from the index", self.run_dir, len(adopted))
         return index
 
-    def _entry_from_file(self, checkpoint_id: int, path: Path) -> CheckpointEntry:
+    def _entry_from_file(
+        self, checkpoint_id: int, path: Path, guide: Mapping[int, legacy.LegacyEntry] | None = None
+    ) -> CheckpointEntry:
         size, checksum = hash_file(path)
         payload = safe_load(path, "cpu", mmap=True)
+        if legacy.is_foreign_payload(payload):  # written by other code; global_step assigned by the caller
+            entry = legacy.entry_from_payload(
+                checkpoint_id, checkpoint_relpath(checkpoint_id), payload, (guide or {}).get(checkpoint_id), size, checksum, utc_now_iso()
+            )
+            if entry is None:
+                raise CorruptIndexError(f"{path.name}: not a ckptctl checkpoint (no epoch/batch in it or in the index)")
+            return entry
         try:
             return CheckpointEntry(
                 id=checkpoint_id,
@@ -295,6 +317,8 @@ class ModelPersistence:
         state = read_training_state(self.run_dir)
         if state is None and (path.exists() or path.is_symlink()):
             set_aside(path, "unreadable; the next update writes a fresh one")
+        elif legacy.is_foreign_training_state(state):  # other code wrote it: keep its bytes before an update replaces it
+            legacy.keep_legacy_copy(path)
         return state or {}
 
     def _load_or_repair_best(self) -> BestInfo | None:
@@ -303,7 +327,10 @@ class ModelPersistence:
         try:
             best = read_best(self.run_dir)
         except (CorruptIndexError, UnsafePathError) as exc:
-            set_aside(self.run_dir / BEST_METADATA_FILE, f"unusable ({exc}); rebuilding it from best_model.pt")
+            if legacy.read_guide_best(self.run_dir) is None:
+                set_aside(self.run_dir / BEST_METADATA_FILE, f"unusable ({exc}); rebuilding it from best_model.pt")
+            else:  # written by other code: its bytes are kept, then it is rebuilt from best_model.pt
+                legacy.keep_legacy_copy(self.run_dir / BEST_METADATA_FILE)
             best = None
         if not best_path.is_file():
             return None if best is None or best.path == BEST_MODEL_FILE else best
@@ -320,9 +347,9 @@ class ModelPersistence:
             source_id=payload.get("checkpoint_id") if isinstance(payload.get("checkpoint_id"), int) else None,
             epoch=int(payload.get("epoch", 0)),
             batch=int(payload.get("batch", 0)),
-            global_step=int(payload.get("global_step", 0)),
+            global_step=int(payload.get("global_step", legacy.global_step_at(self._index, payload.get("epoch"), payload.get("batch")) or 0)),
             metrics=metrics,
-            timestamp=str(payload.get("timestamp") or utc_now_iso()),
+            timestamp=legacy.utc_timestamp(payload.get("timestamp")) or utc_now_iso(),
             size_bytes=size,
             checksum=checksum,
             metric=self.best_metric,
@@ -731,12 +758,21 @@ class ModelPersistence:
 
     def _apply(self, payload: Mapping[str, Any], components: Mapping[str, Any], with_rng: bool) -> dict[str, Any]:
         apply_components(payload, components)
+        meta = payload_metadata(payload)
+        if meta["global_step"] is None:  # written by other code: the step the index gave its position
+            meta["global_step"] = legacy.global_step_at(self._index, meta["epoch"], meta["batch"])
         if with_rng:
-            if not isinstance(payload.get("rng"), Mapping):
+            if "rng" not in payload:  # other code did not save RNG states: go on without them, say so once
+                if not getattr(self, "_warned_no_rng", False):
+                    self._warned_no_rng = True
+                    log.warning("%s: RNG states were not saved by this checkpoint; continuing without restoring them", self.run_dir)
+            elif not isinstance(payload.get("rng"), Mapping):
                 raise RestoreStateError("checkpoint has no RNG state to restore")
-            restore_rng(payload["rng"])
-            self._global_step = int(payload["global_step"])
-        return payload_metadata(payload)
+            else:
+                restore_rng(payload["rng"])
+            if meta["global_step"] is not None:
+                self._global_step = int(meta["global_step"])
+        return meta
 
     def get_resume_info(self) -> dict[str, Any] | None:
         """What :meth:`resume` would load: the newest checkpoint whose checksum matches.
