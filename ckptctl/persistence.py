@@ -667,6 +667,8 @@ class ModelPersistence:
         if not report.mirrored:
             return
         with self._index_lock:
+            if self._drop_mirror_reports:
+                return  # closed: a newer writer may own the run's index now
             changed = False
             entries = []
             for entry in self._index.checkpoints:

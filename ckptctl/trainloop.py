@@ -27,6 +27,7 @@ Exit codes: 0 completed (or nothing left to do), 1 a checkpoint/library error,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import logging
 import math
@@ -35,7 +36,7 @@ import random
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ from ckptctl.persistence import (
     ModelPersistence,
     latest_run,
     newest_checkpoint_id,
-    restore_from_drive,
+    restore_if_mirror_ahead,
     run_has_checkpoints,
     setup_drive_backup,
 )
@@ -351,6 +352,20 @@ class _RunLogHandler(logging.Handler):
             pass
 
 
+@contextlib.contextmanager
+def _ckptctl_warnings_to(say: Callable[[str], None]) -> Iterator[None]:
+    """Show the library's warnings inside this block through ``say`` (and only there)."""
+    logger = logging.getLogger("ckptctl")
+    handler = _RunLogHandler(lambda line: say(line.replace("WARNING ", "warning: ", 1)))
+    logger.addHandler(handler)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.propagate = propagate
+        logger.removeHandler(handler)
+
+
 class StopRequest:
     """SIGTERM/SIGINT: the first asks to finish the batch, save and exit; the second exits at once."""
 
@@ -510,12 +525,12 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _unique_run_name(output_dir: Path) -> str:
+def _unique_run_name(output_dir: Path, drive_backup: str | None) -> str:
     from ckptctl.core.format import default_run_name
 
     name = default_run_name()
     candidate, n = name, 2
-    while (output_dir / candidate).exists():
+    while (output_dir / candidate).exists() or (drive_backup and (Path(drive_backup) / candidate).exists()):
         candidate, n = f"{name}_{n}", n + 1
     return candidate
 
@@ -524,10 +539,17 @@ def _choose_run(args: argparse.Namespace, output_dir: Path, say: Callable[[str],
     """Return ``(run_name, resuming)``; restores from Drive when resuming a run with no local checkpoint."""
     if not args.resume:
         if args.run_name is None:
-            return _unique_run_name(output_dir), False
+            return _unique_run_name(output_dir, args.drive_backup), False
         if run_has_checkpoints(output_dir / args.run_name):
             raise TrainloopError(
                 f"run {output_dir / args.run_name} already has checkpoints; add --resume to continue it "
+                "or pick another --run-name"
+            )
+        mirror_id = newest_checkpoint_id(Path(args.drive_backup) / args.run_name) if args.drive_backup else None
+        if mirror_id is not None:
+            raise TrainloopError(
+                f"run {args.run_name} has checkpoints on the Drive mirror {Path(args.drive_backup) / args.run_name} "
+                f"(newest {mirror_id}) that this machine lacks; add --resume to restore and continue it, "
                 "or pick another --run-name"
             )
         return args.run_name, False
@@ -539,27 +561,13 @@ def _choose_run(args: argparse.Namespace, output_dir: Path, say: Callable[[str],
         if newest is None:
             say(f"--resume: no run in {output_dir}" + (f" or {args.drive_backup}" if args.drive_backup else "")
                 + "; starting a fresh run")
-            return _unique_run_name(output_dir), False
+            return _unique_run_name(output_dir, args.drive_backup), False
         name = newest.name
     if args.drive_backup:
-        local_id = newest_checkpoint_id(output_dir / name)
-        mirror_id = newest_checkpoint_id(Path(args.drive_backup) / name)
-        if mirror_id is not None and (local_id is None or mirror_id > local_id):
-            # A fresh machine (or one whose restore was cut short): bring the run back from Drive.
-            what = "no local checkpoint" if local_id is None else f"the Drive mirror is ahead (checkpoint {mirror_id} > {local_id})"
-            say(f"{what} for {name}; restoring it from the Drive mirror {Path(args.drive_backup) / name}")
-            try:
-                report = restore_from_drive(args.drive_backup, name, output_dir)
-            except (OSError, CkptctlError) as exc:
-                raise CkptctlError(
-                    f"restoring {name} from the Drive mirror failed ({exc.__class__.__name__}: {exc}); "
-                    "run the same command again to continue the restore"
-                ) from None
-            say(f"restored {len(report['copied'])} file(s) from Drive")
-            for skipped in report["skipped"]:
-                say(f"warning: not restored from Drive: {skipped['path']}: {skipped['reason']}")
-            if not run_has_checkpoints(output_dir / name):
-                raise CkptctlError(f"none of the Drive mirror's checkpoints of {name} could be restored; not starting over")
+        # A fresh machine (or one whose restore was cut short): bring the run back from Drive.
+        # The library's own rule; its messages reach stderr through the run log handler.
+        with _ckptctl_warnings_to(say):
+            restore_if_mirror_ahead(output_dir / name, Path(args.drive_backup) / name)
     if not run_has_checkpoints(output_dir / name):
         say(f"--resume: run {name} has no checkpoint yet; starting it fresh")
         return name, False

@@ -374,6 +374,18 @@ def _remount(where: Path, options: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True, capture_output=True)
 
 
+def test_a_fresh_start_never_reuses_a_run_name_that_drive_holds(reference, tmp_path):
+    """No --resume, the local folder gone, the same --run-name: refused before anything is written to Drive."""
+    drive, out = tmp_path / "drive", tmp_path / "runs"
+    shutil.copytree(reference.run_dir, drive / "arc1")
+    before = {p.relative_to(drive): p.read_bytes() for p in (drive / "arc1").rglob("*") if p.is_file()}
+    args = trainloop.parse_args(["--output-dir", str(out), "--run-name", "arc1", "--drive-backup", str(drive)])
+    with pytest.raises(trainloop.TrainloopError, match="has checkpoints on the Drive mirror.*add --resume"):
+        trainloop._choose_run(args, out, print)
+    assert {p.relative_to(drive): p.read_bytes() for p in (drive / "arc1").rglob("*") if p.is_file()} == before
+    assert not (out / "arc1").exists()
+
+
 def test_drive_full_then_read_only_never_stops_training_and_the_mirror_catches_up(reference, tmp_path):
     drive = tmp_path / "drive"
     if not _can_mount_tmpfs(drive):
