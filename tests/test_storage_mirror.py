@@ -10,7 +10,8 @@ import torch
 from ckptctl import ModelPersistence
 from ckptctl.core.format import TEMP_PREFIX
 from ckptctl.storage.atomic import verify_checksum
-from ckptctl.storage.mirror import sync_run
+from ckptctl.storage.mirror import apply_sync_report, sync_run
+from ckptctl.storage.runfiles import commit_index
 from ckptctl.storage.scan import read_index
 
 
@@ -22,6 +23,13 @@ def _run(path, n, keep=5):
                 model.weight.add_(1.0)
             p.maybe_save(0, batch, {"loss": float(batch)}, agent=model)
     return path
+
+
+def _sync(local, mirror, **kwargs):
+    """sync_run, then record the report in the local index (as the mirror's owner does)."""
+    report = sync_run(local, mirror, **kwargs)
+    commit_index(local, apply_sync_report(read_index(local), report))
+    return report
 
 
 def _assert_mirror_verifies(mirror):
@@ -47,9 +55,10 @@ def test_mirror_deletes_old_copies_only_after_the_newer_ones_verify(tmp_path):
     local, mirror = tmp_path / "runs" / "r", tmp_path / "drive" / "r"
     mirror.parent.mkdir()
     _run(local, 2, keep=2)
-    sync_run(local, mirror)
+    _sync(local, mirror)
     assert sorted(os.listdir(mirror / "checkpoints")) == ["checkpoint_00000.pt", "checkpoint_00001.pt"]
-    _run(local, 2, keep=2)  # local now holds 2, 3 and has deleted 0, 1
+    _run(local, 2, keep=2)  # local now holds 2, 3 and has deleted (retired) the mirrored 0, 1
+    assert read_index(local).retired == (0, 1)
     (mirror / "checkpoints" / "checkpoint_00003.pt").mkdir()  # this copy will fail (a Drive error)
     with pytest.raises(OSError):
         sync_run(local, mirror)
@@ -57,7 +66,7 @@ def test_mirror_deletes_old_copies_only_after_the_newer_ones_verify(tmp_path):
     assert {"checkpoint_00000.pt", "checkpoint_00001.pt"} <= set(os.listdir(mirror / "checkpoints"))
     _assert_mirror_verifies(mirror)
     (mirror / "checkpoints" / "checkpoint_00003.pt").rmdir()  # Drive recovers
-    sync_run(local, mirror)
+    _sync(local, mirror)
     assert sorted(os.listdir(mirror / "checkpoints")) == ["checkpoint_00002.pt", "checkpoint_00003.pt"]
     assert [c.id for c in read_index(mirror).checkpoints] == [2, 3]
     _assert_mirror_verifies(mirror)
@@ -102,12 +111,12 @@ def test_copies_of_a_sync_that_failed_later_are_still_recorded_as_mirrored(tmp_p
     local, mirror = _run(tmp_path / "runs" / "r", 2), tmp_path / "drive" / "r"
     mirror.mkdir(parents=True)
     (mirror / "checkpoints").mkdir()
-    (mirror / "checkpoints" / "checkpoint_00001.pt").mkdir()  # the copy of 1 fails, after 0 is copied
+    (mirror / "checkpoints" / "checkpoint_00000.pt").mkdir()  # the copy of 0 fails, after 1 (newest first) is copied
     with pytest.raises(OSError):
         sync_run(local, mirror)
-    (mirror / "checkpoints" / "checkpoint_00001.pt").rmdir()
+    (mirror / "checkpoints" / "checkpoint_00000.pt").rmdir()
     report = sync_run(local, mirror)
-    assert report.copied == ["checkpoints/checkpoint_00001.pt"] and report.skipped == ["checkpoints/checkpoint_00000.pt"]
+    assert report.copied == ["checkpoints/checkpoint_00000.pt"] and report.skipped == ["checkpoints/checkpoint_00001.pt"]
     checksums = {e.id: e.checksum for e in read_index(local).checkpoints}
     assert {i: m["checksum"] for i, m in report.mirrored.items()} == checksums
 
@@ -121,7 +130,7 @@ def test_a_best_model_that_changed_under_the_sync_is_left_for_the_next_one(tmp_p
         for batch in range(2):
             p.maybe_save(0, batch, {"acc": float(batch)}, agent=model)
             p.update_best(0, batch, {"acc": float(batch)}, agent=model)
-    sync_run(local, mirror)
+    _sync(local, mirror)
     mirrored_best = (mirror / "best_model.pt").read_bytes()
     with ModelPersistence(local, max_checkpoints=2, save_every_n_batches=1, background=False, best_metric="acc") as p:
         p.maybe_save(0, 2, {"acc": 2.0}, agent=model)  # checkpoint 2; 0 is pruned

@@ -9,6 +9,7 @@ A run directory looks like::
       checkpoint_metadata.json          the index used for listing and resuming
       training_state.json               progress, status and the run's config
       training.log
+      mirror_status.json                where the Drive mirror stands (written by its owner)
 
 Pure functions only: nothing here reads or writes files.
 """
@@ -30,6 +31,8 @@ BEST_METADATA_FILE = "best_metadata.json"
 TRAINING_STATE_FILE = "training_state.json"
 TRAINING_LOG_FILE = "training.log"
 LOCK_FILE = ".ckptctl.lock"
+#: Where the Drive mirror stands (newest verified copy, lag, budget, last error), in the local run.
+MIRROR_STATUS_FILE = "mirror_status.json"
 
 #: Prefix of every temporary file ckptctl writes; readers ignore such files.
 TEMP_PREFIX = ".ckptctl-tmp-"

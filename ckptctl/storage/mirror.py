@@ -1,31 +1,50 @@
-"""Mirroring a run to a second folder (a mounted Google Drive) with the same layout.
+"""Mirroring a run to a second folder (a mounted Google Drive) with the same layout, within a byte budget.
 
-:func:`sync_run` copies what the mirror lacks, each file to a temporary name, fsynced,
-renamed, then read back and checked against the local checksum; the mirror's index is
-written after its files, and mirror files the local run no longer lists are deleted only
-after every newer file is verified there. :class:`BackgroundMirror` runs it on a thread
-with retry and backoff, so a slow, full or unmounted Drive never blocks training.
+:func:`sync_run` copies the newest local checkpoint first, then the best model, then older
+checkpoints newest to oldest as the budget allows. Each copy goes to a temporary name, is
+fsynced, renamed, then read back and checked against the local checksum; the mirror's
+index lists only verified copies. To make room it frees the mirror's lowest-priority
+copies first (see :func:`sync_run`) and never the newest verified checkpoint before a
+newer one is verified. A full Drive (ENOSPC/EDQUOT) is handled the same way, and an item
+that cannot fit or a damaged local checkpoint is skipped and reported, never retried
+forever. :class:`BackgroundMirror` runs it on a thread with retry and backoff, so a slow,
+full or unmounted Drive never blocks training.
+
+Deleting on Drive: a file removed through the Drive mount goes to Drive's trash, which
+counts against the quota for 30 days. So every copy the mirror drops is first removed
+from the mirror index (durably), then truncated to zero bytes, then unlinked; every file
+the mirror replaces (a re-copied checkpoint, ``best_model.pt``, the JSON files, logs) is
+held open across the rename and truncated through that handle afterwards. A crash
+between the steps leaves an unindexed file that the next sync removes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
+import errno
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 from ckptctl.core.format import (
     BEST_METADATA_FILE,
+    BEST_MODEL_FILE,
     CHECKPOINT_DIR,
     INDEX_FILE,
+    MIRROR_STATUS_FILE,
     TRAINING_LOG_FILE,
     TRAINING_STATE_FILE,
+    checkpoint_relpath,
     utc_now_iso,
 )
-from ckptctl.core.manifest import Index
+from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index
+from ckptctl.core.units import parse_size
 from ckptctl.errors import CheckpointIntegrityError, CkptctlError, CorruptIndexError, UnsafePathError
 from ckptctl.storage.atomic import (
     ProgressCallback,
@@ -37,9 +56,28 @@ from ckptctl.storage.atomic import (
     remove_file,
     resolve_inside,
 )
-from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index
+from ckptctl.storage.runfiles import checkpoint_file_for_deletion
+from ckptctl.storage.scan import checkpoint_files_on_disk, is_run_dir, read_best, read_index, read_json_file
 
 log = logging.getLogger("ckptctl.mirror")
+
+#: Errors that mean "the Drive is full" (or the quota is): handled by freeing a copy and retrying.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+#: :func:`default_budget` keeps this fraction of (free space + this run's mirror) unused:
+#: room for the JSON files, for other writers on the same Drive, and for a filesystem
+#: that reports free space a little optimistically (Drive's FUSE layer does).
+BUDGET_MARGIN = 0.05
+
+#: Room kept for the mirror's JSON files on top of the index's current size (growth by one
+#: entry, and its temporary while it is rewritten).
+METADATA_RESERVE = 8192
+
+# Priority classes of what the mirror holds; a lower key is freed first.
+_RETIRED, _UNLISTED, _OLDER, _BEST, _NEWEST = range(5)
+_BEST_KEY = (_BEST, 0)
+
+_too_big_logged: set[tuple] = set()
 
 
 class MirrorError(CkptctlError):
@@ -48,33 +86,128 @@ class MirrorError(CkptctlError):
 
 @dataclass
 class SyncReport:
-    """What one :func:`sync_run` did."""
+    """What one :func:`sync_run` did, and where the mirror stands afterwards.
+
+    ``mirrored`` maps every local checkpoint id whose copy is verified on the mirror (same
+    checksum) to ``{"checksum", "size_bytes", "at"}``; :func:`apply_sync_report` records it
+    in the local index. Ids, bytes and times are raw values.
+    """
 
     copied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     bytes_copied: int = 0
-    mirrored: dict[int, dict] = field(default_factory=dict)  # id -> {"checksum", "size_bytes", "at"}
+    mirrored: dict[int, dict] = field(default_factory=dict)
+    #: Highest checkpoint id verified on the mirror after this sync (None: none there).
+    newest_verified_id: int | None = None
+    #: When that copy was verified (ISO, UTC), as far as known.
+    newest_verified_at: str | None = None
+    #: Ids in the local index that are not verified on the mirror (budget, damage, too big).
+    not_mirrored: list[int] = field(default_factory=list)
+    #: Bytes of every file under the mirror run after the sync.
+    used_bytes: int = 0
+    #: The byte budget the sync kept to (None: none given, only a full Drive limited it).
+    budget_bytes: int | None = None
+    deleted_ids: list[int] = field(default_factory=list)
+    #: Checkpoint ids present on the mirror after the sync (indexed or not).
+    mirror_ids: list[int] = field(default_factory=list)
+    #: Set when even the newest local checkpoint could not be placed: why, with sizes.
+    too_big: str | None = None
+    #: Local entries that could not be copied: ``{"id", "path", "reason"}``.
+    damaged: list[dict] = field(default_factory=list)
 
 
-def _copy_verified(src: Path, dst: Path, checksum: str, on_progress: ProgressCallback) -> int:
-    """Atomic copy, then read the destination back and compare; return its size."""
-    size, _ = atomic_copy(src, dst, expected_checksum=checksum, on_progress=on_progress)
-    read_size, read_sum = hash_file(dst, checksum.split(":", 1)[0])
-    if read_sum != checksum or read_size != size:
-        remove_file(dst)
+# --------------------------------------------------------------------------- small file helpers
+
+
+def _is_no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
+
+
+def _open_regular_for_truncation(path: Path) -> int | None:
+    """A write handle on ``path`` if it is a regular file (never through a symlink); else None."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _truncate_fd(fd: int, what: Path) -> None:
+    try:
+        os.ftruncate(fd, 0)
+        os.fsync(fd)
+    except OSError as exc:  # a Drive that refuses: the old bytes stay in its trash, nothing worse
+        log.debug("could not truncate the old %s: %s", what, exc)
+
+
+@contextlib.contextmanager
+def _truncating_replaced(path: Path, keep_if_same_as: Path | None = None) -> Iterator[None]:
+    """Around an atomic replace of ``path``: afterwards truncate the file it replaced.
+
+    The old file is held open across the rename and truncated through that handle, so the
+    inode Drive moves to its trash holds no bytes. Nothing happens if the body fails (the
+    old file is still the live one), or when the old file is the same inode as
+    ``keep_if_same_as`` (a mirror that shares files with the local run).
+    """
+    fd = _open_regular_for_truncation(path)
+    try:
+        yield
+        if fd is not None and not _same_inode(fd, keep_if_same_as):
+            _truncate_fd(fd, path)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _same_inode(fd: int, other: Path | None) -> bool:
+    if other is None:
+        return False
+    try:
+        a, b = os.fstat(fd), os.stat(other)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _truncate_and_unlink(path: Path, keep_if_same_as: Path | None = None) -> bool:
+    """Remove a mirror file without leaving its bytes in Drive's trash: truncate, fsync, unlink, fsync dir."""
+    fd = _open_regular_for_truncation(path)
+    if fd is None:
+        return False  # absent, a symlink, or not a regular file: not ours to remove
+    try:
+        if not _same_inode(fd, keep_if_same_as):
+            _truncate_fd(fd, path)
+    finally:
+        os.close(fd)
+    removed = remove_file(path)
+    if removed:
+        fsync_dir(path.parent)
+    return removed
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """:func:`atomic_write_json` on the mirror, truncating the file it replaces."""
+    with _truncating_replaced(path):
+        atomic_write_json(path, obj)
+
+
+def _copy_verified(src: Path, dst: Path, checksum: str | None, on_progress: ProgressCallback) -> int:
+    """Atomic copy (old ``dst`` truncated after the rename), then read back and compare; return the size."""
+    with _truncating_replaced(dst, keep_if_same_as=src):
+        size, copied_sum = atomic_copy(src, dst, expected_checksum=checksum, on_progress=on_progress)
+    expected = checksum or copied_sum
+    read_size, read_sum = hash_file(dst, expected.split(":", 1)[0])
+    if read_sum != expected or read_size != size:
+        _truncate_and_unlink(dst)
         raise MirrorError(f"{dst}: read-back after copy does not match the source checksum")
     return size
-
-
-def _copy_unless_source_gone(src: Path, dst: Path, checksum: str, on_progress: ProgressCallback) -> int | None:
-    """:func:`_copy_verified`, or None when the local file is gone (a trainer's retention deleted it)."""
-    try:
-        return _copy_verified(src, dst, checksum, on_progress)
-    except FileNotFoundError:
-        if src.exists():
-            raise  # the mirror side failed
-        return None
 
 
 def _size_or_none(path: Path) -> int | None:
@@ -84,6 +217,28 @@ def _size_or_none(path: Path) -> int | None:
         return None
 
 
+def tree_bytes(path: str | os.PathLike) -> int:
+    """Bytes of every regular file under ``path`` (symlinks are not followed, not counted)."""
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+def _mtime_iso(path: Path) -> str | None:
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return None
+    return _dt.datetime.fromtimestamp(mtime, _dt.timezone.utc).isoformat(timespec="microseconds")
+
+
 def _read_mirror_index(mirror_run: Path, run_name: str) -> Index:
     try:
         return read_index(mirror_run)
@@ -91,109 +246,546 @@ def _read_mirror_index(mirror_run: Path, run_name: str) -> Index:
         return Index(run_name=run_name, next_id=0)
 
 
+# --------------------------------------------------------------------------- budget
+
+
+def default_budget(mirror_root_or_run: str | os.PathLike) -> int:
+    """The byte budget used when none is given: free space + this run's mirror, less :data:`BUDGET_MARGIN`.
+
+    Free space is what the Drive folder's filesystem reports (``statvfs``: ``f_bavail *
+    f_frsize``) for the path or, if it does not exist yet, its nearest existing parent.
+    "This run's mirror" counts only when the path is a mirror run (a root holding several
+    runs counts none of them). The caller logs the result once.
+    """
+    path = Path(mirror_root_or_run)
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    st = os.statvfs(probe)
+    free = st.f_bavail * st.f_frsize
+    used = tree_bytes(path) if path.is_dir() and (is_run_dir(path) or (path / CHECKPOINT_DIR).is_dir()) else 0
+    return int((free + used) * (1.0 - BUDGET_MARGIN))
+
+
+def resolve_budget(value: int | str | None, mirror_run: str | os.PathLike) -> int:
+    """Turn a budget setting into bytes: an int as it is, a size string (``"14GB"``, ``"500MiB"``), or None for :func:`default_budget`.
+
+    Raises ValueError for a string that is not a size, or a budget that is not positive.
+    """
+    if value is None:
+        return default_budget(mirror_run)
+    if isinstance(value, bool):
+        raise ValueError(f"Drive max size must be bytes or a size like 14GB, not {value!r}")
+    if isinstance(value, str):
+        try:
+            value = parse_size(value)
+        except ValueError as exc:
+            raise ValueError(f"Drive max size: {exc}") from None
+    if not isinstance(value, int):
+        raise ValueError(f"Drive max size must be bytes or a size like 14GB, not {value!r}")
+    if value <= 0:
+        raise ValueError(f"Drive max size must be positive, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- one sync
+
+
+class _Sync:
+    """The state of one :func:`sync_run` (the mirror's verified copies, the budget, the report)."""
+
+    def __init__(self, local_run: Path, mirror_run: Path, max_bytes: int | None, on_progress: ProgressCallback):
+        self.local_run = local_run
+        self.mirror_run = mirror_run
+        self.max_bytes = max_bytes
+        self.on_progress = on_progress
+        self.report = SyncReport(budget_bytes=max_bytes)
+        self.local_index = read_index(local_run)
+        self.local = self.local_index.by_id()
+        self.newest_local = self.local_index.latest.id if self.local_index.latest else None
+        self.retired = set(self.local_index.retired) - set(self.local)
+        # Not parents=True: a Drive folder that vanished (unmounted) must fail here, not be
+        # recreated on the local disk under the mount point and reported as mirrored.
+        mirror_run.mkdir(exist_ok=True)
+        (mirror_run / CHECKPOINT_DIR).mkdir(exist_ok=True)
+        cleanup_temporaries(mirror_run)
+        cleanup_temporaries(mirror_run / CHECKPOINT_DIR)
+        self.mirror_index = _read_mirror_index(mirror_run, self.local_index.run_name)
+        self.verified: dict[int, CheckpointEntry] = dict(self.mirror_index.by_id())
+        self.verified_at: dict[int, str] = {}
+        self.no_room_from: int | None = None  # after a full Drive with nothing to free: sizes >= this are skipped
+        self.best_stuck = False  # the mirror's best model could not be removed (not a plain file we may write)
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def used(self) -> int:
+        return tree_bytes(self.mirror_run)
+
+    def reserve(self) -> int:
+        return (_size_or_none(self.mirror_run / INDEX_FILE) or 0) + METADATA_RESERVE
+
+    def write_index(self) -> None:
+        next_id = max(self.local_index.next_id, self.mirror_index.next_id)
+        self.mirror_index = replace(self.mirror_index, next_id=next_id).with_entries(list(self.verified.values()))
+        _write_json(self.mirror_run / INDEX_FILE, self.mirror_index.to_dict())
+
+    def newest_verified(self) -> int | None:
+        return max(self.verified) if self.verified else None
+
+    def key(self, checkpoint_id: int) -> tuple[int, int]:
+        """Priority of a checkpoint copy: freed lowest first (retired, unlisted, older kept; oldest first)."""
+        if checkpoint_id in self.local:
+            return (_NEWEST, 0) if checkpoint_id == self.newest_local else (_OLDER, checkpoint_id)
+        if checkpoint_id in self.retired:
+            return (_RETIRED, checkpoint_id)
+        return (_UNLISTED, checkpoint_id)
+
+    def best_on_mirror(self) -> bool:
+        path = self.mirror_run / BEST_MODEL_FILE
+        return not self.best_stuck and path.is_file() and not path.is_symlink()
+
+    # ---------------------------------------------------------------- freeing
+
+    def free_one(self, below: tuple[int, int] | None, own: int | str | None = None) -> bool:
+        """Free the lowest-priority copy whose key is below ``below`` (None: any); the item's own old copy last.
+
+        The newest verified checkpoint copy is never freed. Returns False when nothing may go.
+        """
+        protect = self.newest_verified()
+        candidates: list[tuple[tuple[int, int], object]] = [
+            (self.key(i), i) for i in self.verified if i != protect and i != own
+        ]
+        if own != "best" and self.best_on_mirror():
+            candidates.append((_BEST_KEY, "best"))
+        allowed = [c for c in candidates if below is None or c[0] < below]
+        if allowed:
+            victim = min(allowed, key=lambda c: c[0])[1]
+        elif own == "best" and self.best_on_mirror():
+            victim = "best"
+        elif isinstance(own, int) and own in self.verified and own != protect:
+            victim = own
+        else:
+            return False
+        if victim == "best":
+            self.delete_best()
+        else:
+            self.delete_copy(victim)
+        return True
+
+    def delete_copy(self, checkpoint_id: int) -> None:
+        """Drop a checkpoint copy: out of the mirror index (durably), then truncate, then unlink."""
+        entry = self.verified.pop(checkpoint_id)
+        try:
+            if entry.path != checkpoint_relpath(checkpoint_id):
+                raise UnsafePathError(f"{entry.path}: not the file of checkpoint {checkpoint_id}")
+            path = checkpoint_file_for_deletion(self.mirror_run, entry)
+        except UnsafePathError as exc:
+            log.warning("mirror: dropping index entry %s without touching its file: %s", checkpoint_id, exc)
+            path = None
+        local_path = self.local_run / entry.path if path is not None else None
+        try:
+            self.write_index()
+        except OSError as exc:
+            if not _is_no_space(exc) or path is None:
+                self.verified[checkpoint_id] = entry
+                raise
+            # Not even room for the index: free the file's bytes first, then write the index.
+            # (A crash between leaves an indexed empty file, which the next sync drops.)
+            fd = _open_regular_for_truncation(path)
+            if fd is not None:
+                try:
+                    _truncate_fd(fd, path)
+                finally:
+                    os.close(fd)
+            self.write_index()
+        if path is not None and _truncate_and_unlink(path, keep_if_same_as=local_path):
+            self.report.deleted.append(entry.path)
+        if checkpoint_id not in self.report.deleted_ids:
+            self.report.deleted_ids.append(checkpoint_id)
+
+    def delete_best(self) -> None:
+        """Drop the mirror's best model: its metadata first, then the truncated file."""
+        if remove_file(self.mirror_run / BEST_METADATA_FILE):
+            fsync_dir(self.mirror_run)
+        if _truncate_and_unlink(self.mirror_run / BEST_MODEL_FILE, keep_if_same_as=self.local_run / BEST_MODEL_FILE):
+            self.report.deleted.append(BEST_MODEL_FILE)
+        else:
+            self.best_stuck = True
+
+    def place(self, key: tuple[int, int], size: int, own: int | str | None, copy: Callable[[], None]) -> bool:
+        """Make room for ``size`` bytes (budget first, then a full Drive) and run ``copy``; False if it cannot fit."""
+        if self.no_room_from is not None and size >= self.no_room_from:
+            return False
+        while True:
+            if self.max_bytes is not None and self.used() + size + self.reserve() > self.max_bytes:
+                if not self.free_one(key, own):
+                    return False
+                continue
+            try:
+                copy()
+                return True
+            except OSError as exc:
+                if not _is_no_space(exc):
+                    raise
+                if not self.free_one(key, own):
+                    self.no_room_from = size if self.no_room_from is None else min(self.no_room_from, size)
+                    log.debug("mirror: Drive full, %d bytes do not fit: %s", size, exc)
+                    return False
+
+    def write_index_making_room(self, key: tuple[int, int]) -> None:
+        while True:
+            try:
+                self.write_index()
+                return
+            except OSError as exc:
+                if not _is_no_space(exc) or not self.free_one(key):
+                    raise
+
+    # ---------------------------------------------------------------- steps
+
+    def reconcile(self) -> None:
+        """Make the mirror index match its files, and deal with files it does not list (crash leftovers)."""
+        changed = False
+        for checkpoint_id, entry in list(self.verified.items()):
+            try:
+                size = _size_or_none(resolve_inside(self.mirror_run, entry.path))
+            except UnsafePathError:
+                size = None
+            if size != entry.size_bytes:  # gone or truncated since it was verified: not a verified copy
+                del self.verified[checkpoint_id]
+                changed = True
+        for checkpoint_id, path in sorted(checkpoint_files_on_disk(self.mirror_run).items()):
+            entry = self.verified.get(checkpoint_id)
+            if entry is not None and entry.path == f"{CHECKPOINT_DIR}/{path.name}":
+                continue
+            size = _size_or_none(path)
+            mine = self.local.get(checkpoint_id)
+            if size == 0 or (checkpoint_id in self.retired and entry is None):
+                _truncate_and_unlink(path)
+            elif mine is not None and entry is None:
+                if size == mine.size_bytes and self._matches(path, mine.checksum):
+                    self.verified[checkpoint_id] = replace(mine, mirrored=None)  # adopted: no re-upload
+                    self.verified_at[checkpoint_id] = _mtime_iso(path) or utc_now_iso()
+                    changed = True
+                else:
+                    _truncate_and_unlink(path, keep_if_same_as=self.local_run / mine.path)
+            # anything else is not ours to delete (its bytes still count against the budget)
+        if changed:
+            self.write_index()
+
+    @staticmethod
+    def _matches(path: Path, checksum: str) -> bool:
+        try:
+            return hash_file(path, checksum.split(":", 1)[0])[1] == checksum
+        except (OSError, ValueError):
+            return False
+
+    def sync_checkpoint(self, entry: CheckpointEntry) -> None:
+        have = self.verified.get(entry.id)
+        if have is not None and have.checksum == entry.checksum:
+            self.report.skipped.append(entry.path)  # verified when copied; reconcile re-checked its size
+            if have != replace(entry, mirrored=None):
+                self.verified[entry.id] = replace(entry, mirrored=None)  # pinned etc. changed locally
+            return
+        try:
+            src = resolve_inside(self.local_run, entry.path)
+            dst = resolve_inside(self.mirror_run, entry.path)
+        except UnsafePathError as exc:
+            self._damaged(entry, str(exc))
+            return
+        size = _size_or_none(src)
+        if size is None:
+            self._missing(entry)
+            return
+        copied: list[int] = []
+
+        def copy() -> None:
+            copied.append(_copy_verified(src, dst, entry.checksum, self.on_progress))
+
+        key = self.key(entry.id)
+        try:
+            placed = self.place(key, size, entry.id, copy)
+        except CheckpointIntegrityError as exc:
+            self._damaged(entry, str(exc))
+            return
+        except FileNotFoundError:
+            if src.exists():
+                raise  # the mirror side failed
+            self._missing(entry)
+            return
+        if not placed:
+            if entry.id == self.newest_local:
+                self._too_big(entry, size)
+            return
+        self.report.copied.append(entry.path)
+        self.report.bytes_copied += copied[0]
+        self.verified[entry.id] = replace(entry, mirrored=None)
+        self.verified_at[entry.id] = utc_now_iso()
+        self.write_index_making_room(key)
+
+    def _missing(self, entry: CheckpointEntry) -> None:
+        try:
+            still_listed = entry.id in read_index(self.local_run).by_id()
+        except (OSError, CorruptIndexError):
+            still_listed = True
+        if still_listed:
+            self._damaged(entry, f"{entry.path}: file is missing")
+        # else: local retention deleted it since the index was read; nothing to mirror
+
+    def _damaged(self, entry: CheckpointEntry, reason: str) -> None:
+        log.warning("not mirroring checkpoint %s: %s", entry.id, reason)
+        self.report.damaged.append({"id": entry.id, "path": entry.path, "reason": reason})
+
+    def _too_big(self, entry: CheckpointEntry, size: int) -> None:
+        kept = self.newest_verified()
+        used = self.used()
+        limit = f"the {self.max_bytes}-byte budget" if self.max_bytes is not None else "the space left on Drive"
+        message = (
+            f"checkpoint {entry.id} ({size} bytes) does not fit in {limit} "
+            f"({used} bytes on the mirror that may not be freed); "
+            + (f"keeping checkpoint {kept} there" if kept is not None else "no checkpoint is on the mirror")
+        )
+        self.report.too_big = message
+        logged_key = (str(self.mirror_run), size, self.max_bytes)
+        if logged_key not in _too_big_logged:
+            _too_big_logged.add(logged_key)
+            log.warning("Drive mirror %s: %s", self.mirror_run, message)
+
+    def sync_best(self) -> None:
+        try:
+            best = read_best(self.local_run)
+        except (CorruptIndexError, UnsafePathError) as exc:
+            log.warning("not mirroring the best model: %s", exc)
+            return
+        if best is None:
+            return
+        try:
+            mirror_best = read_best(self.mirror_run)
+        except (CorruptIndexError, UnsafePathError):
+            mirror_best = None
+        try:
+            src = resolve_inside(self.local_run, best.path)
+            dst = resolve_inside(self.mirror_run, best.path)
+        except UnsafePathError as exc:
+            log.warning("not mirroring the best model: %s", exc)
+            return
+        if mirror_best is not None and mirror_best.checksum == best.checksum and _size_or_none(dst) == best.size_bytes:
+            self.report.skipped.append(best.path)
+            return
+        size = _size_or_none(src)
+        if size is None:
+            return
+        copied: list[int] = []
+
+        def copy() -> None:
+            copied.append(_copy_verified(src, dst, best.checksum, self.on_progress))
+
+        try:
+            placed = self.place(_BEST_KEY, size, "best", copy)
+        except (CheckpointIntegrityError, FileNotFoundError) as exc:
+            if isinstance(exc, FileNotFoundError) and src.exists():
+                raise
+            # The trainer replaces best_model.pt, then best_metadata.json, and asks for another
+            # sync once both are written; a damaged local best is verify's to report. Either way
+            # the mirror keeps its previous best, and the rest of this sync goes on.
+            log.info("best model not mirrored this time: %s", exc)
+            return
+        if not placed:
+            log.info("best model (%d bytes) does not fit on the mirror this time", size)
+            return
+        self.report.copied.append(best.path)
+        self.report.bytes_copied += copied[0]
+        try:
+            _write_json(self.mirror_run / BEST_METADATA_FILE, best.to_dict())
+        except OSError as exc:
+            if not _is_no_space(exc):
+                raise
+            log.info("best model metadata not mirrored this time (Drive full)")
+
+    def retire(self) -> None:
+        """Delete copies local retention removed (ids in the local index's ``retired``), older than every kept one."""
+        if not self.local:
+            return
+        oldest_kept = min(self.local)
+        protect = self.newest_verified()
+        for checkpoint_id in sorted(self.verified):
+            if checkpoint_id in self.retired and checkpoint_id < oldest_kept and checkpoint_id != protect:
+                self.delete_copy(checkpoint_id)
+
+    def sync_logs(self) -> None:
+        for name in (TRAINING_STATE_FILE, TRAINING_LOG_FILE):
+            src = self.local_run / name
+            if not src.is_file() or src.is_symlink():
+                continue
+            size = _size_or_none(src) or 0
+
+            def copy(src: Path = src, name: str = name) -> None:
+                with _truncating_replaced(self.mirror_run / name, keep_if_same_as=src):
+                    atomic_copy(src, self.mirror_run / name)
+
+            try:
+                # logs may free only copies of checkpoints local retention removed
+                if not self.place((_UNLISTED, -1), size, None, copy):
+                    log.info("%s not mirrored this time: no room within the budget", name)
+            except FileNotFoundError:
+                if src.exists():
+                    raise
+
+    def trim(self) -> None:
+        """Free lowest-priority copies until the mirror is within the budget (the newest verified stays)."""
+        if self.max_bytes is None:
+            return
+        while self.used() > self.max_bytes and self.free_one(None):
+            pass
+
+    def finish(self) -> SyncReport:
+        self.write_index_making_room((_NEWEST, 0))
+        report = self.report
+        now = utc_now_iso()
+        for checkpoint_id, entry in sorted(self.local.items()):
+            have = self.verified.get(checkpoint_id)
+            if have is None or have.checksum != entry.checksum:
+                report.not_mirrored.append(checkpoint_id)
+                continue
+            if entry.mirrored and entry.mirrored.get("checksum") == entry.checksum and checkpoint_id not in self.verified_at:
+                report.mirrored[checkpoint_id] = dict(entry.mirrored)
+            else:
+                at = self.verified_at.get(checkpoint_id, now)
+                report.mirrored[checkpoint_id] = {"checksum": entry.checksum, "size_bytes": have.size_bytes, "at": at}
+        newest = self.newest_verified()
+        report.newest_verified_id = newest
+        if newest is not None:
+            info = report.mirrored.get(newest)
+            report.newest_verified_at = (
+                self.verified_at.get(newest)
+                or (info or {}).get("at")
+                or _mtime_iso(self.mirror_run / self.verified[newest].path)
+            )
+        report.mirror_ids = sorted(set(self.verified) | set(checkpoint_files_on_disk(self.mirror_run)))
+        report.used_bytes = self.used()
+        return report
+
+
 def sync_run(
     local_run: str | os.PathLike,
     mirror_run: str | os.PathLike,
     *,
+    max_bytes: int | None = None,
     on_progress: ProgressCallback = None,
     include_logs: bool = True,
 ) -> SyncReport:
-    """Bring ``mirror_run`` up to date with ``local_run``; return what was done.
+    """Bring ``mirror_run`` up to date with ``local_run`` within ``max_bytes``; return what was done.
 
-    Raises OSError (ENOSPC, EIO, EROFS, ENOENT...) or :class:`MirrorError` on failure; the
+    Order: the newest local checkpoint, the best model, then older checkpoints newest to
+    oldest as the budget allows; then the logs. The budget counts every file under
+    ``mirror_run`` plus the copy in flight (and a little room for the index). To make room
+    the mirror frees, lowest priority first: copies of checkpoints local retention removed
+    (ids in the local index's ``retired``), then copies of ids the local run does not list,
+    then older kept ones (oldest first in each group), the best model's copy last; never
+    the newest verified checkpoint copy, and never a copy of higher priority than the
+    item being placed. A full Drive (ENOSPC/EDQUOT) is handled the same way. An item that
+    cannot fit is left out (``report.not_mirrored``; for the newest, ``report.too_big``),
+    a damaged local checkpoint is skipped (``report.damaged``), and the rest goes on.
+
+    Without budget pressure the mirror deletes only copies of retired ids older than the
+    local run's oldest kept checkpoint (never its newest verified copy). Copies of ids the
+    local run never had (a partial restore, a fresh start) stay, on disk and in the
+    mirror's index. ``max_bytes=None``: no budget, only a full Drive limits.
+
+    Raises OSError (EIO, EROFS, ENOENT...) or :class:`MirrorError` on other failures; the
     mirror is then left consistent (its index lists only verified files).
     """
-    local_run, mirror_run = Path(local_run), Path(mirror_run)
-    report = SyncReport()
-    local_index = read_index(local_run)
-    # Not parents=True: a Drive folder that vanished (unmounted) must fail here, not be
-    # recreated on the local disk under the mount point and reported as mirrored.
-    mirror_run.mkdir(exist_ok=True)
-    (mirror_run / CHECKPOINT_DIR).mkdir(exist_ok=True)
-    cleanup_temporaries(mirror_run)
-    cleanup_temporaries(mirror_run / CHECKPOINT_DIR)
-    mirror_index = _read_mirror_index(mirror_run, local_index.run_name)
-    have = mirror_index.by_id()
-    on_mirror_disk = checkpoint_files_on_disk(mirror_run)
-
-    for entry in local_index.checkpoints:
-        existing = have.get(entry.id)
-        if (
-            existing is not None
-            and existing.checksum == entry.checksum
-            and entry.id in on_mirror_disk
-            and _size_or_none(on_mirror_disk[entry.id]) == entry.size_bytes
-        ):
-            report.skipped.append(entry.path)  # verified when copied; a cheap size check catches truncation since
-            if not entry.mirrored or entry.mirrored.get("checksum") != entry.checksum:
-                # copied by a sync that failed later (its report was lost): record it now
-                report.mirrored[entry.id] = {"checksum": entry.checksum, "size_bytes": entry.size_bytes, "at": utc_now_iso()}
-            continue
-        try:
-            src = resolve_inside(local_run, entry.path)
-        except UnsafePathError as exc:
-            log.warning("not mirroring %s: %s", entry.path, exc)
-            continue
-        size = _copy_unless_source_gone(src, resolve_inside(mirror_run, entry.path), entry.checksum, on_progress)
-        if size is None:
-            continue  # deleted by retention since the index was read
-        report.copied.append(entry.path)
-        report.bytes_copied += size
-        report.mirrored[entry.id] = {"checksum": entry.checksum, "size_bytes": size, "at": utc_now_iso()}
-        have[entry.id] = replace(entry, mirrored=None)
-        mirror_index = mirror_index.with_entries(list(have.values()))
-        atomic_write_json(mirror_run / INDEX_FILE, mirror_index.to_dict())
-
-    _sync_best(local_run, mirror_run, report, on_progress)
+    state = _Sync(Path(local_run), Path(mirror_run), max_bytes, on_progress)
+    state.reconcile()
+    order = list(state.local_index.checkpoints)
+    if order:
+        state.sync_checkpoint(order[-1])
+    state.sync_best()
+    for entry in reversed(order[:-1]):
+        state.sync_checkpoint(entry)
+    state.retire()
     if include_logs:
-        for name in (TRAINING_STATE_FILE, TRAINING_LOG_FILE):
-            src = local_run / name
-            if src.is_file() and not src.is_symlink():
-                atomic_copy(src, mirror_run / name)
-
-    # Retention: only now that every local checkpoint is verified on the mirror.
-    keep = {e.id for e in local_index.checkpoints}
-    final = [e for i, e in have.items() if i in keep]
-    mirror_index = Index(run_name=local_index.run_name, next_id=local_index.next_id).with_entries(final)
-    atomic_write_json(mirror_run / INDEX_FILE, mirror_index.to_dict())
-    for checkpoint_id, path in checkpoint_files_on_disk(mirror_run).items():
-        if checkpoint_id not in keep and checkpoint_id < (local_index.latest.id if local_index.latest else -1):
-            if remove_file(path):
-                report.deleted.append(f"{CHECKPOINT_DIR}/{path.name}")
-    if report.deleted:
-        fsync_dir(mirror_run / CHECKPOINT_DIR)
-    return report
+        state.sync_logs()
+    state.trim()
+    return state.finish()
 
 
-def _sync_best(local_run: Path, mirror_run: Path, report: SyncReport, on_progress: ProgressCallback) -> None:
+# --------------------------------------------------------------------------- applying a report
+
+
+def apply_sync_report(index: Index, report: SyncReport) -> Index:
+    """Return ``index`` with what ``report`` says about the mirror recorded in it.
+
+    Entries verified on the mirror (same checksum) get ``mirrored`` (an earlier record with
+    the same checksum is kept as it is); entries the sync saw that are not verified there
+    (dropped for the budget, never copied) lose it; entries newer than the sync are left
+    alone. Ids no longer on the mirror leave ``retired``.
+    """
+    seen = set(report.mirrored) | set(report.not_mirrored)
+    entries = []
+    for entry in index.checkpoints:
+        info = report.mirrored.get(entry.id)
+        if info is not None and info.get("checksum") == entry.checksum:
+            if not (entry.mirrored and entry.mirrored.get("checksum") == entry.checksum):
+                entry = replace(entry, mirrored=dict(info))
+        elif entry.id in seen and entry.mirrored is not None:
+            entry = replace(entry, mirrored=None)
+        entries.append(entry)
+    on_mirror = set(report.mirror_ids)
+    updated = index.with_entries(entries)
+    return updated.forget_retired([i for i in updated.retired if i not in on_mirror])
+
+
+# --------------------------------------------------------------------------- mirror_status.json
+
+_STATUS_NUMBERS = ("newest_verified_id", "newest_verified_at", "not_mirrored", "used_bytes", "budget_bytes", "too_big")
+
+
+def write_mirror_status(
+    run_dir: str | os.PathLike,
+    report: SyncReport | None,
+    *,
+    error: str | None = None,
+    mirror_run: str | os.PathLike,
+) -> dict[str, Any]:
+    """Write ``<run>/mirror_status.json`` atomically (raw numbers) and return what was written.
+
+    With a report: where the mirror stands after that sync (``last_error`` = ``error``,
+    normally None). Without one (a failed attempt): the previous numbers are kept and
+    ``last_error`` is set.
+    """
+    now = utc_now_iso()
+    if report is not None:
+        status: dict[str, Any] = {
+            "mirror": str(mirror_run),
+            "newest_verified_id": report.newest_verified_id,
+            "newest_verified_at": report.newest_verified_at,
+            "not_mirrored": len(report.not_mirrored),
+            "used_bytes": report.used_bytes,
+            "budget_bytes": report.budget_bytes,
+            "last_error": error,
+            "too_big": report.too_big,
+            "updated_at": now,
+        }
+    else:
+        previous = read_mirror_status(run_dir) or {}
+        status = {"mirror": str(mirror_run)}
+        status.update({k: previous.get(k) for k in _STATUS_NUMBERS})
+        status.update({"last_error": error, "updated_at": now})
+    atomic_write_json(Path(run_dir) / MIRROR_STATUS_FILE, status)
+    return status
+
+
+def read_mirror_status(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``<run>/mirror_status.json`` as a dict, or None when absent or unreadable (never raises)."""
     try:
-        best = read_best(local_run)
-    except (CorruptIndexError, UnsafePathError) as exc:
-        log.warning("not mirroring the best model: %s", exc)
-        return
-    if best is None:
-        return
-    try:
-        mirror_best = read_best(mirror_run)
-    except (CorruptIndexError, UnsafePathError):
-        mirror_best = None
-    dst = resolve_inside(mirror_run, best.path)
-    if mirror_best is not None and mirror_best.checksum == best.checksum and dst.exists():
-        report.skipped.append(best.path)
-        return
-    try:
-        size = _copy_unless_source_gone(resolve_inside(local_run, best.path), dst, best.checksum, on_progress)
-    except CheckpointIntegrityError as exc:
-        # The trainer replaces best_model.pt, then best_metadata.json, and asks for another
-        # sync once both are written; a damaged local best is verify's to report. Either way
-        # the mirror keeps its previous best, and the rest of this sync goes on.
-        log.info("best model not mirrored this time: %s", exc)
-        return
-    if size is None:
-        return
-    report.copied.append(best.path)
-    report.bytes_copied += size
-    atomic_write_json(mirror_run / BEST_METADATA_FILE, best.to_dict())
+        data = read_json_file(Path(run_dir) / MIRROR_STATUS_FILE, max_bytes=1024 * 1024)
+    except Exception:  # scan-safe: a damaged status file only hides the Drive line
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# --------------------------------------------------------------------------- background
 
 
 def _reason_key(exc: BaseException) -> tuple:
@@ -207,7 +799,10 @@ class BackgroundMirror:
 
     Failures are logged once per distinct reason and retried with exponential backoff
     (``initial_backoff`` doubling up to ``max_backoff`` seconds); when Drive comes back
-    the next attempt catches up. ``on_synced(report)`` is called after each success.
+    the next attempt catches up. ``on_synced(report)`` is called after each completed
+    sync (also one that left items out for the budget or as damaged: no retry then, the
+    next :meth:`request` syncs again), ``on_failed(error_text)`` after each failed attempt.
+    ``max_bytes`` is passed to :func:`sync_run`.
     """
 
     def __init__(
@@ -216,12 +811,16 @@ class BackgroundMirror:
         mirror_run: str | os.PathLike,
         *,
         on_synced: Callable[[SyncReport], None] | None = None,
+        on_failed: Callable[[str], None] | None = None,
+        max_bytes: int | None = None,
         initial_backoff: float = 1.0,
         max_backoff: float = 300.0,
     ):
         self.local_run = Path(local_run)
         self.mirror_run = Path(mirror_run)
+        self.max_bytes = max_bytes
         self._on_synced = on_synced
+        self._on_failed = on_failed
         self._initial_backoff = initial_backoff
         self._max_backoff = max_backoff
         self._wake = threading.Condition()
@@ -260,6 +859,14 @@ class BackgroundMirror:
         self._thread.join(timeout=1.0)
         return synced
 
+    def _callback(self, callback: Callable | None, arg: Any) -> None:
+        if callback is None:
+            return
+        try:
+            callback(arg)
+        except Exception as exc:  # a callback bug must not kill the mirror thread
+            log.warning("mirror callback failed: %s", exc)
+
     def _loop(self) -> None:
         backoff = self._initial_backoff
         while True:
@@ -271,13 +878,14 @@ class BackgroundMirror:
                 self._pending = False
                 self._busy = True
             try:
-                report = sync_run(self.local_run, self.mirror_run)
+                report = sync_run(self.local_run, self.mirror_run, max_bytes=self.max_bytes)
             except Exception as exc:  # Drive fails in many ways; none may reach training
                 key = _reason_key(exc)
                 if key != self._last_key:  # once per cause, not per temporary file name
                     log.warning("Drive mirror %s failed (will retry): %s: %s", self.mirror_run, exc.__class__.__name__, exc)
                 self._last_key = key
                 self.last_error = f"{exc.__class__.__name__}: {exc}"
+                self._callback(self._on_failed, self.last_error)
                 with self._wake:
                     self._busy = False
                     self._pending = True
@@ -293,11 +901,7 @@ class BackgroundMirror:
             self._last_key = None
             backoff = self._initial_backoff
             self.last_report = report
-            if self._on_synced is not None:
-                try:
-                    self._on_synced(report)
-                except Exception as exc:  # a callback bug must not kill the mirror thread
-                    log.warning("mirror callback failed: %s", exc)
+            self._callback(self._on_synced, report)
             with self._wake:
                 self._busy = False
                 self._wake.notify_all()
