@@ -25,6 +25,7 @@ from ckptctl.storage.lock import RunLock, is_locked
 from ckptctl.storage.scan import read_best, read_index
 
 from .test_persistence import Rig, assert_same_state, flat_state, seed_all
+from .trainloop_helpers import mount_loop_ext4, wait_until
 
 
 def _train(p: ModelPersistence, rig: Rig, batches: range, epoch: int = 0) -> None:
@@ -229,3 +230,39 @@ def test_an_older_local_copy_catches_up_from_a_mirror_that_is_ahead(tmp_path):
     with ModelPersistence(run, drive_backup=drive) as p:
         assert p.get_resume_info()["checkpoint_id"] == 4
     assert json.loads((run / "checkpoint_metadata.json").read_text())["next_id"] == 5
+
+
+# ---------------------------------------------------------------------- a mirror thread outliving close()
+
+
+def test_a_mirror_thread_that_outlives_close_never_writes_the_closed_writers_index(tmp_path):
+    """Drive hangs (a frozen filesystem), close() gives up waiting, a new writer saves more;
+    when Drive thaws, the old thread's report must not put the old index back."""
+    drive = tmp_path / "drive"
+    if not mount_loop_ext4(drive, tmp_path / "drive.img"):
+        pytest.skip("needs root, a loop device, mkfs.ext4 and fsfreeze to hang a real filesystem")
+    run, rig = tmp_path / "runs" / "r", Rig()
+    frozen = False
+    try:
+        first = ModelPersistence(run, save_every_n_batches=1, max_checkpoints=10, drive_backup=drive)
+        _train(first, rig, range(2))
+        first.flush()
+        assert wait_until(lambda: [c.id for c in read_index(drive / "r").checkpoints] == [0, 1])
+        subprocess.run(["fsfreeze", "-f", str(drive)], check=True)
+        frozen = True
+        first.maybe_save(0, 2, {"loss": 0.3}, **rig.components())  # its copy to Drive hangs
+        first.close(mirror_timeout=0.5)
+        assert first._mirror._thread.is_alive()  # still stuck in a write to Drive
+        with ModelPersistence(run, save_every_n_batches=1, max_checkpoints=10) as second:  # a re-run cell, no Drive
+            _train(second, rig, range(3, 5))
+        ids = [c.id for c in read_index(run).checkpoints]
+        assert ids == [0, 1, 2, 3, 4]
+        subprocess.run(["fsfreeze", "-u", str(drive)], check=True)
+        frozen = False
+        first._mirror._thread.join(timeout=60)
+        assert not first._mirror._thread.is_alive()
+        assert [c.id for c in read_index(run).checkpoints] == ids  # the stale index was not written back
+    finally:
+        if frozen:
+            subprocess.run(["fsfreeze", "-u", str(drive)], capture_output=True)
+        subprocess.run(["umount", "-l", str(drive)], capture_output=True)

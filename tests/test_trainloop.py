@@ -25,6 +25,7 @@ from ckptctl import trainloop
 from ckptctl.persistence import latest_run
 
 from .trainloop_helpers import (
+    mount_loop_ext4,
     mirrored_checkpoints,
     wait_until,
     FAST_FLAGS,
@@ -411,21 +412,9 @@ def test_drive_full_then_read_only_never_stops_training_and_the_mirror_catches_u
         subprocess.run(["umount", "-l", str(drive)], capture_output=True)
 
 
-def _mount_loop_ext4(where: Path, image: Path) -> bool:
-    """Mount a fresh 32 MiB ext4 image at ``where`` (a filesystem fsfreeze(8) can hang); False if not possible."""
-    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("mkfs.ext4", "mount", "fsfreeze")):
-        return False
-    with open(image, "wb") as f:
-        f.truncate(32 << 20)
-    if subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True).returncode != 0:
-        return False
-    where.mkdir(exist_ok=True)
-    return subprocess.run(["mount", "-o", "loop", str(image), str(where)], capture_output=True).returncode == 0
-
-
 def test_hung_drive_never_stops_training_and_the_mirror_catches_up(reference, tmp_path):
     drive = tmp_path / "drive"
-    if not _mount_loop_ext4(drive, tmp_path / "drive.img"):
+    if not mount_loop_ext4(drive, tmp_path / "drive.img"):
         pytest.skip("needs root, a loop device, mkfs.ext4 and fsfreeze to hang a real filesystem")
     out = tmp_path / "runs"
     frozen = False
