@@ -398,7 +398,7 @@ def prune_command(
                 message, _ = error_message(exc)
                 sys.stderr.write(f"Error: {message}\n")
                 failed = True
-        plans = [plan_prune(run, keep_last=keep, max_total_bytes=max_bytes) for run in usable]
+        plans = [plan_prune(run, keep_last=keep, max_total_bytes=max_bytes, loads=_loads_safely) for run in usable]
         if json_out and (dry_run or not any(p.delete for p in plans)):
             render.print_json(render.prune_plan_json(plans, dry_run))
         elif not json_out:
@@ -416,6 +416,13 @@ def prune_command(
                 render.info(f"Deleted {sum(len(v) for v in deleted.values())} checkpoint file(s).")
     if failed:
         raise typer.Exit(EXIT_PROBLEMS)
+
+
+def _loads_safely(path: Path) -> bool:
+    """The safe trial load prune needs for checkpoints without checksums (imports torch only then)."""
+    from ckptctl.ops import loads_safely
+
+    return loads_safely(path)
 
 
 # --------------------------------------------------------------------------- promote

@@ -19,16 +19,20 @@ import torch
 from ckptctl.core.format import BEST_METADATA_FILE, BEST_MODEL_FILE, INDEX_FILE, TRAINING_STATE_FILE
 from ckptctl.core.manifest import BestInfo
 from ckptctl.errors import CheckpointIntegrityError, CorruptIndexError, NotFoundError, UnsafePathError
+from ckptctl.storage import legacy
 from ckptctl.storage.atomic import atomic_copy, resolve_inside
 from ckptctl.storage.lock import RunLock, is_locked
 from ckptctl.storage.runfiles import commit_best, commit_index
-from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index, read_json_file
+from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index, read_json_file, read_training_state
 from ckptctl.storage.select import CheckpointRef
 from ckptctl.torch_io import iter_tensors, verify_file
 
 ProgressCallback = Optional[Callable[[int, int], None]]
 
 STATUSES = ("ok", "corrupt", "missing", "unsafe", "nonfinite")
+
+#: The detail of a file that other code's metadata describes (the Colab guide's): no checksum exists.
+LEGACY_DETAIL = "no checksum ({what} written by other code): checked by loading only"
 
 
 # --------------------------------------------------------------------------- verify
@@ -68,13 +72,17 @@ def _plan_verify(run_dir: Path) -> tuple[list[_Job], list[VerifyResult]]:
     def bad(checkpoint_id, shown, detail, status="corrupt"):
         found.append(VerifyResult(name, checkpoint_id, shown, status, detail))
 
+    unindexed_detail = "not in the index: checked by loading only"
     try:
         index = read_index(run_dir)
     except FileNotFoundError:
         index = None
     except CorruptIndexError as exc:
         index = None
-        bad(None, str(run_dir / INDEX_FILE), f"index unreadable: {exc}")
+        if legacy.read_guide_index(run_dir) is None:
+            bad(None, str(run_dir / INDEX_FILE), f"index unreadable: {exc}")
+        else:
+            unindexed_detail = LEGACY_DETAIL.format(what=INDEX_FILE)
     if index is not None:
         for raw_id, reason in index.skipped:
             bad(raw_id if isinstance(raw_id, int) else None, str(run_dir / INDEX_FILE), f"index entry skipped: {reason}")
@@ -92,14 +100,17 @@ def _plan_verify(run_dir: Path) -> tuple[list[_Job], list[VerifyResult]]:
         bad(None, str(run_dir / INDEX_FILE), "no index: checksums unknown, checkpoints checked by loading only", "missing")
     for checkpoint_id, path in sorted(on_disk.items()):
         if checkpoint_id not in indexed:
-            jobs.append(_Job(checkpoint_id, path, str(path), None, "not in the index: checked by loading only"))
+            jobs.append(_Job(checkpoint_id, path, str(path), None, unindexed_detail))
     try:
         best = read_best(run_dir)
         best_detail = "no best_metadata.json: checked by loading only"
     except (CorruptIndexError, UnsafePathError) as exc:
         best = None
-        best_detail = "no usable best_metadata.json: checked by loading only"
-        bad(None, str(run_dir / BEST_METADATA_FILE), f"best metadata unreadable: {exc}")
+        if legacy.read_guide_best(run_dir) is None:
+            best_detail = "no usable best_metadata.json: checked by loading only"
+            bad(None, str(run_dir / BEST_METADATA_FILE), f"best metadata unreadable: {exc}")
+        else:
+            best_detail = LEGACY_DETAIL.format(what=BEST_METADATA_FILE)
     relpath, checksum = (best.path, best.checksum) if best is not None else (BEST_MODEL_FILE, None)
     shown = str(run_dir / relpath)
     try:
@@ -157,6 +168,15 @@ def verify_runs(
         results = _catch_up_pruned(run, results, deep)
         results = _recheck_live_best(run, results, deep)
     return results
+
+
+def loads_safely(path: Path) -> bool:
+    """True if ``path`` passes the safe trial load (``weights_only=True``, memory-mapped); for ``prune`` of files without checksums."""
+    try:
+        verify_file(path, None)
+        return True
+    except CheckpointIntegrityError:
+        return False
 
 
 def _verify_job(run: Path, job: _Job, deep: bool, on_progress: ProgressCallback = None) -> VerifyResult:
@@ -407,13 +427,15 @@ def resume_info(run_dir: Path) -> dict[str, Any]:
     safe trial load. Checkpoint files missing from the index (which resume adopts) are
     checked by loading. Returns ``{"run", "path", "checkpoint": {...} | None, "reason", "skipped": [...]}``.
     """
+    guide = None
     try:
         index = read_index(run_dir)
         index_problem = None
     except FileNotFoundError:
         index, index_problem = None, None
     except CorruptIndexError as exc:
-        index, index_problem = None, str(exc)
+        guide = legacy.read_guide_index(run_dir)  # other code's index: not a problem, it describes the files
+        index, index_problem = None, (None if guide is not None else str(exc))
     candidates: dict[int, tuple[Path | None, str | None, str, Any]] = {}
     if index is not None:
         for entry in index.checkpoints:
@@ -448,6 +470,8 @@ def resume_info(run_dir: Path) -> dict[str, Any]:
             "indexed": checksum is not None,
         }
         del payload
+        if chosen["global_step"] is None and guide:  # the step resume's index will give it
+            chosen["global_step"] = legacy.guide_global_steps(guide, read_training_state(run_dir)).get(checkpoint_id)
         break
     if chosen is None:
         reason = "no checkpoint verifies: resume would fail" if skipped else "no checkpoints: resume would start fresh"

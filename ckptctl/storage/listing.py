@@ -16,6 +16,7 @@ from typing import Any
 
 from ckptctl.core.format import BEST_MODEL_FILE, checkpoint_relpath
 from ckptctl.errors import UnsafePathError
+from ckptctl.storage import legacy
 from ckptctl.storage.atomic import resolve_inside
 from ckptctl.storage.lock import is_locked
 from ckptctl.storage.scan import RunScan, checkpoint_files_on_disk, find_runs, scan_run
@@ -132,13 +133,20 @@ def listing_from_scan(scan: RunScan) -> RunListing:
                 )
             )
     on_disk = checkpoint_files_on_disk(scan.path)
+    described = scan.legacy_entries  # an index other code wrote: its positions and metrics, for display
+    steps = legacy.guide_global_steps(described, scan.training_state) if described else {}
     for checkpoint_id, size in sorted(scan.unindexed.items()):
+        guide = described.get(checkpoint_id) or legacy.LegacyEntry()
         rows.append(
             CheckpointRow(
                 id=checkpoint_id,
                 path=checkpoint_relpath(checkpoint_id),
                 size_bytes=size,
-                timestamp=_mtime_iso(on_disk[checkpoint_id]) if checkpoint_id in on_disk else None,
+                epoch=guide.epoch,
+                batch=guide.batch,
+                global_step=steps.get(checkpoint_id),
+                metrics=dict(guide.metrics),
+                timestamp=guide.timestamp or (_mtime_iso(on_disk[checkpoint_id]) if checkpoint_id in on_disk else None),
                 indexed=False,
             )
         )
@@ -166,8 +174,17 @@ def listing_from_scan(scan: RunScan) -> RunListing:
         )
     else:
         size = _file_size(scan.path, BEST_MODEL_FILE)
+        guide = scan.legacy_best or legacy.LegacyEntry()  # best_metadata.json other code wrote, if any
         if size is not None:
-            best = BestRow(path=BEST_MODEL_FILE, size_bytes=size)
+            best = BestRow(
+                path=BEST_MODEL_FILE,
+                size_bytes=size,
+                epoch=guide.epoch,
+                batch=guide.batch,
+                metrics=dict(guide.metrics),
+                metric=guide.metric,
+                value=guide.value,
+            )
     status = scan.training_state.get("status") if scan.training_state else None
     return RunListing(
         name=scan.name,

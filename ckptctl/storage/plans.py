@@ -7,17 +7,20 @@ whose checksum verifies) and carries out a plan: index first, files after. No to
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from ckptctl.core.format import INDEX_FILE
+from ckptctl.core.format import INDEX_FILE, checkpoint_relpath
 from ckptctl.core.manifest import CheckpointEntry, Index
 from ckptctl.core.retention import RetentionItem, ids_to_delete, protected_ids
 from ckptctl.errors import CheckpointIntegrityError, CkptctlError, CorruptIndexError, UnsafePathError
-from ckptctl.storage.atomic import atomic_write_json, resolve_inside, verify_checksum
+from ckptctl.storage import legacy
+from ckptctl.storage.atomic import atomic_write_bytes, atomic_write_json, resolve_inside, verify_checksum
 from ckptctl.storage.runfiles import checkpoint_file_for_deletion, delete_checkpoint_files
-from ckptctl.storage.scan import read_best, read_index, read_json_file
+from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index, read_json_file
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,9 @@ class PrunePlan:
     skipped: tuple[str, ...] = ()
     max_total_bytes: int | None = None
     fingerprint: tuple[tuple[int, str], ...] = ()
+    #: ``"index"``: planned from ckptctl's index; ``"legacy"``: from the checkpoint files of a
+    #: run whose index other code wrote (no checksums; the newest that loads is kept).
+    source: str = "index"
 
     @property
     def bytes_freed(self) -> int:
@@ -72,12 +78,16 @@ def plan_prune(
     *,
     keep_last: int | None = None,
     max_total_bytes: int | None = None,
+    loads: Callable[[Path], bool] | None = None,
 ) -> PrunePlan:
     """Plan pruning of one run (reads, hashes the newest checkpoints, deletes nothing).
 
     Never plans to delete: the newest checkpoint that verifies, the best model's source,
     pinned checkpoints, entries whose path is unsafe (those are listed in ``skipped``),
-    or anything when the index is missing or unreadable.
+    or anything when the index is missing or unreadable. A run whose index other code
+    wrote (the Colab guide's) is planned from its checkpoint files, keeping the newest
+    for which ``loads(path)`` (a safe trial load, supplied by the caller) is true;
+    without ``loads`` nothing is pruned there.
     """
     run_dir = Path(run_dir)
     try:
@@ -85,6 +95,8 @@ def plan_prune(
     except FileNotFoundError:
         return PrunePlan(run_dir, skipped=("no index (run copied by hand?): nothing pruned",), max_total_bytes=max_total_bytes)
     except CorruptIndexError as exc:
+        if legacy.read_guide_index(run_dir) is not None:
+            return _plan_prune_legacy(run_dir, keep_last, max_total_bytes, loads)
         return PrunePlan(run_dir, skipped=(f"index unreadable, nothing pruned: {exc}",), max_total_bytes=max_total_bytes)
     skipped = [f"index entry {raw_id!r}: {reason}" for raw_id, reason in index.skipped]
     usable: list[CheckpointEntry] = []
@@ -137,15 +149,84 @@ def plan_prune(
     )
 
 
+def _legacy_fingerprint(run_dir: Path) -> tuple[tuple[int, str], ...]:
+    """What a legacy plan depends on: each checkpoint file's size and mtime, and the index file's."""
+    out = []
+    for checkpoint_id, path in sorted(checkpoint_files_on_disk(run_dir).items()):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        out.append((checkpoint_id, f"{st.st_size}:{st.st_mtime_ns}"))
+    try:
+        st = (run_dir / INDEX_FILE).stat()
+        out.append((-1, f"{st.st_size}:{st.st_mtime_ns}"))
+    except OSError:
+        pass
+    return tuple(out)
+
+
+def _plan_prune_legacy(
+    run_dir: Path, keep_last: int | None, max_total_bytes: int | None, loads: Callable[[Path], bool] | None
+) -> PrunePlan:
+    """Plan for a run whose index other code wrote: its checkpoint files, no checksums."""
+    if loads is None:
+        return PrunePlan(
+            run_dir,
+            skipped=(f"{INDEX_FILE} written by other code and no trial load available: nothing pruned",),
+            max_total_bytes=max_total_bytes,
+        )
+    fingerprint = _legacy_fingerprint(run_dir)
+    files = checkpoint_files_on_disk(run_dir)
+    sizes = {i: int(stamp.split(":")[0]) for i, stamp in fingerprint if i in files}
+    entries = [
+        CheckpointEntry(id=i, path=checkpoint_relpath(i), epoch=0, batch=0, global_step=0, metrics={}, timestamp="", size_bytes=sizes[i], checksum="")
+        for i in sorted(sizes)
+    ]
+    newest_good = next((i for i in sorted(sizes, reverse=True) if loads(files[i])), None)
+    items = [RetentionItem(id=e.id, size_bytes=e.size_bytes) for e in entries]
+    victims = set(ids_to_delete(items, keep_last=keep_last, max_total_bytes=max_total_bytes, newest_good_id=newest_good))
+    protected = {i: ("newest that loads" if newest_good is not None else "newest (none loads)") for i in protected_ids(items, newest_good_id=newest_good)}
+    return PrunePlan(
+        run_dir=run_dir,
+        delete=tuple(e for e in entries if e.id in victims),
+        keep=tuple(e for e in entries if e.id not in victims),
+        sizes=sizes,
+        protected=protected,
+        skipped=(f"{INDEX_FILE} written by other code: no checksums, checkpoints checked by loading only",),
+        max_total_bytes=max_total_bytes,
+        fingerprint=fingerprint,
+        source="legacy",
+    )
+
+
+def _execute_prune_legacy(plan: PrunePlan) -> list[str]:
+    """Delete a legacy plan's files: the other code's index first (its bytes kept as ``.legacy``), then the files."""
+    run_dir = plan.run_dir
+    if _legacy_fingerprint(run_dir) != plan.fingerprint:
+        raise CkptctlError(f"{run_dir}: the run changed since the plan was made; nothing deleted, run prune again")
+    raw = read_json_file(run_dir / INDEX_FILE)
+    if legacy.guide_index_entries(raw) is None:
+        raise CkptctlError(f"{run_dir}: the index changed since the plan was made; nothing deleted, run prune again")
+    doomed = {e.id for e in plan.delete}
+    legacy.keep_legacy_copy(run_dir / INDEX_FILE)
+    remaining = {k: v for k, v in raw.items() if int(k) not in doomed}  # still in the other code's schema
+    atomic_write_bytes(run_dir / INDEX_FILE, (json.dumps(remaining, indent=2) + "\n").encode("utf-8"))
+    return delete_checkpoint_files(run_dir, plan.delete)
+
+
 def execute_prune(plan: PrunePlan) -> list[str]:
     """Carry out ``plan``; the caller must hold the run lock. Returns the run-relative paths deleted.
 
     The index is rewritten first (durably, without the deleted entries; every other entry,
-    even one this version cannot read, is kept as it was), then the files are deleted.
+    even one this version cannot read, is kept as it was; deleted ids that were on the
+    Drive mirror are added to its ``retired`` list), then the files are deleted.
     Raises :class:`CkptctlError` if the run changed since the plan was made.
     """
     if not plan.delete:
         return []
+    if plan.source == "legacy":
+        return _execute_prune_legacy(plan)
     run_dir = plan.run_dir
     current = read_index(run_dir)
     if tuple((e.id, e.checksum) for e in current.checkpoints) != plan.fingerprint:
@@ -153,6 +234,9 @@ def execute_prune(plan: PrunePlan) -> list[str]:
     doomed = {e.id for e in plan.delete}
     raw = read_json_file(run_dir / INDEX_FILE)
     raw["checkpoints"] = [e for e in raw["checkpoints"] if not (isinstance(e, dict) and e.get("id") in doomed)]
+    mirrored = [e.id for e in plan.delete if e.mirrored]
+    if mirrored:  # the Drive mirror may delete its copies of these now (see Index.retired)
+        raw["retired"] = list(current.retire(mirrored).retired)
     remaining = Index.from_dict(raw, default_run_name=run_dir.name)
     if {e.id for e in remaining.checkpoints} & doomed:
         raise CkptctlError(f"{run_dir}: could not drop the planned entries from the index; nothing deleted")

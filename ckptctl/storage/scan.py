@@ -22,6 +22,7 @@ from ckptctl.core.format import (
 )
 from ckptctl.core.manifest import BestInfo, Index
 from ckptctl.errors import CorruptIndexError, UnsafePathError
+from ckptctl.storage import legacy
 
 #: Metadata files larger than this are refused rather than parsed.
 MAX_METADATA_BYTES = 64 * 1024 * 1024
@@ -165,6 +166,11 @@ class RunScan:
     training_state: dict[str, Any] | None = None
     unindexed: dict[int, int] = field(default_factory=dict)  # id -> size of files not in the index
     problems: list[str] = field(default_factory=list)
+    #: Metadata other code wrote (the Colab guide's): not a usable ckptctl index or best
+    #: record, but not corrupt either; its per-id entries describe the unindexed files.
+    legacy_entries: dict[int, Any] = field(default_factory=dict)  # id -> legacy.LegacyEntry
+    legacy_index: bool = False
+    legacy_best: Any = None  # legacy.LegacyEntry of best_metadata.json
 
 
 def scan_run(run_dir: str | os.PathLike) -> RunScan:
@@ -178,11 +184,17 @@ def scan_run(run_dir: str | os.PathLike) -> RunScan:
     except FileNotFoundError:
         pass
     except CorruptIndexError as exc:
-        scan.problems.append(str(exc))
+        guide = legacy.read_guide_index(run_dir)
+        if guide is None:
+            scan.problems.append(str(exc))
+        else:  # written by other code: like a run without an index, described by its entries
+            scan.legacy_index, scan.legacy_entries = True, guide
     try:
         scan.best = read_best(run_dir)
     except (CorruptIndexError, UnsafePathError) as exc:
-        scan.problems.append(f"{BEST_METADATA_FILE}: {exc}")
+        scan.legacy_best = legacy.read_guide_best(run_dir)
+        if scan.legacy_best is None:
+            scan.problems.append(f"{BEST_METADATA_FILE}: {exc}")
     scan.training_state = read_training_state(run_dir)
     indexed = set(scan.index.by_id()) if scan.index else set()
     for checkpoint_id, file_path in checkpoint_files_on_disk(run_dir).items():
