@@ -32,7 +32,7 @@ from ckptctl.storage.atomic import (
     verify_checksum,
 )
 from ckptctl.storage.lock import RunLock
-from ckptctl.storage.mirror import SyncReport, sync_run
+from ckptctl.storage.mirror import SyncReport, apply_sync_report, resolve_budget, sync_run, write_mirror_status
 from ckptctl.storage.runfiles import commit_best, commit_index, set_aside
 from ckptctl.storage.scan import checkpoint_files_on_disk, find_runs, read_best, read_index
 
@@ -145,12 +145,15 @@ def restore_run(
     """
     mirror_run, dest_run = Path(mirror_run), Path(dest_run)
     report = RestoreReport(source=mirror_run, dest=dest_run)
+    mirror_guide = None
     try:
         mirror_index = read_index(mirror_run)
     except FileNotFoundError:
         mirror_index = Index(run_name=mirror_run.name, next_id=0)
     except CorruptIndexError as exc:
-        report.problems.append(f"mirror index unreadable ({exc}); copying its checkpoint files by name")
+        mirror_guide = legacy.read_guide_index(mirror_run)  # other code's index: copy its files by name, no problem
+        if mirror_guide is None:
+            report.problems.append(f"mirror index unreadable ({exc}); copying its checkpoint files by name")
         mirror_index = Index(run_name=mirror_run.name, next_id=0)
     for raw_id, reason in mirror_index.skipped:
         report.problems.append(f"mirror index entry {raw_id!r} skipped: {reason}")
@@ -167,12 +170,18 @@ def restore_run(
     with contextlib.nullcontext() if lock_held else RunLock(dest_run):
         cleanup_temporaries(dest_run)
         cleanup_temporaries(dest_run / CHECKPOINT_DIR)
+        local_indexed = True  # the local run has a ckptctl index
         try:
             local_index = read_index(dest_run)
         except FileNotFoundError:
+            local_indexed = False
             local_index = Index(run_name=mirror_index.run_name or mirror_run.name, next_id=0)
         except CorruptIndexError as exc:
-            if not force:
+            if legacy.read_guide_index(dest_run) is not None:  # other code's index: kept (bytes aside) if replaced
+                legacy.keep_legacy_copy(dest_run / INDEX_FILE)
+                local_indexed = False
+                local_index = Index(run_name=mirror_index.run_name or mirror_run.name, next_id=0)
+            elif not force:
                 raise CkptctlError(f"{dest_run}: local index unreadable ({exc}); use --force to set it aside and restore") from None
             set_aside(dest_run / "checkpoint_metadata.json", "unreadable; replaced by restore --force")
             local_index = Index(run_name=mirror_index.run_name or mirror_run.name, next_id=0)
@@ -215,15 +224,24 @@ def restore_run(
                 report.problems.append(f"checkpoint {checkpoint_id}: {exc}")
                 continue
             if dst.exists() and not force:
-                report.kept_local.append(rel)
+                (report.already if _same_file(src, dst) else report.kept_local).append(rel)
                 continue
             copies.append(_Copy(rel, src, dst, None, _size(src)))
 
+        guide_best = None
         try:
             mirror_best = read_best(mirror_run)
         except (CorruptIndexError, UnsafePathError) as exc:
             mirror_best = None
-            report.problems.append(f"mirror best model not restored: {exc}")
+            guide_best = legacy.read_guide_best(mirror_run)
+            if guide_best is None:
+                report.problems.append(f"mirror best model not restored: {exc}")
+        src, dst = mirror_run / BEST_MODEL_FILE, dest_run / BEST_MODEL_FILE
+        if guide_best is not None and src.is_file() and not src.is_symlink():  # no checksum: copied by name
+            if dst.exists() and not force:
+                (report.already if _same_file(src, dst) else report.kept_local).append(BEST_MODEL_FILE)
+            else:
+                copies.append(_Copy(BEST_MODEL_FILE, src, dst, None, _size(src)))
         if mirror_best is not None:
             try:
                 src = resolve_inside(mirror_run, mirror_best.path)
@@ -275,7 +293,9 @@ def restore_run(
             elif c.best is not None:
                 commit_best(dest_run, c.best)
         final = local_index.with_entries(list(local.values()))
-        final = Index(final.run_name, max(final.next_id, mirror_index.next_id), final.checkpoints)
+        # replace, not a new Index: the local index's retired ids (and unreadable entries) stay;
+        # an id restored here is listed again, so it is no longer retired
+        final = replace(final, next_id=max(final.next_id, mirror_index.next_id)).forget_retired(final.by_id())
         commit_index(dest_run, final)
 
         for name in (TRAINING_STATE_FILE, TRAINING_LOG_FILE):
@@ -288,12 +308,21 @@ def restore_run(
     return report
 
 
-def backup_run(local_run: str | os.PathLike, drive: str | os.PathLike, *, on_progress: ProgressCallback = None) -> SyncReport:
-    """Push ``local_run`` to ``<drive>/<run name>`` now, holding the run lock; return what was copied.
+def backup_run(
+    local_run: str | os.PathLike,
+    drive: str | os.PathLike,
+    *,
+    max_bytes: int | str | None = None,
+    on_progress: ProgressCallback = None,
+) -> SyncReport:
+    """Push ``local_run`` to ``<drive>/<run name>`` now, holding the run lock; return what was done.
 
     Uses :func:`ckptctl.storage.mirror.sync_run` (the background mirror's verified, atomic
-    copy), then records in the local index which checkpoints are now on the mirror.
-    Raises RunLockedError while a trainer holds the run (its own mirror is at work then).
+    copy, newest first) within ``max_bytes`` (bytes or a size string like ``"14GB"``;
+    None: no budget, only a full Drive limits), then records the report in the local index
+    (:func:`~ckptctl.storage.mirror.apply_sync_report`) and in ``mirror_status.json``; a
+    failed sync records its error there before it is raised. Raises RunLockedError while
+    a trainer holds the run (its own mirror is at work then).
     """
     local_run, drive = Path(local_run), Path(drive)
     if not drive.is_dir():
@@ -304,15 +333,17 @@ def backup_run(local_run: str | os.PathLike, drive: str | os.PathLike, *, on_pro
         raise CkptctlError(
             f"{local_run}: has no index (copied by hand?); open it once with the library so it is rebuilt, then back it up"
         ) from None
+    mirror_run = drive / local_run.resolve().name
+    budget = resolve_budget(max_bytes, mirror_run) if max_bytes is not None else None
     with RunLock(local_run):
-        report = sync_run(local_run, drive / local_run.resolve().name, on_progress=on_progress)
-        if report.mirrored:
-            index = read_index(local_run)
-            entries = []
-            for entry in index.checkpoints:
-                info = report.mirrored.get(entry.id)
-                if info is not None and info["checksum"] == entry.checksum:
-                    entry = replace(entry, mirrored=info)
-                entries.append(entry)
-            commit_index(local_run, index.with_entries(entries))
+        try:
+            report = sync_run(local_run, mirror_run, max_bytes=budget, on_progress=on_progress)
+        except Exception as exc:
+            write_mirror_status(local_run, None, error=f"{exc.__class__.__name__}: {exc}", mirror_run=mirror_run)
+            raise
+        index = read_index(local_run)
+        updated = apply_sync_report(index, report)
+        if updated != index:
+            commit_index(local_run, updated)
+        write_mirror_status(local_run, report, mirror_run=mirror_run)
     return report
