@@ -16,7 +16,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ckptctl.core.format import (
+    BEST_METADATA_FILE,
+    BEST_MODEL_FILE,
     CHECKPOINT_DIR,
+    INDEX_FILE,
     TRAINING_LOG_FILE,
     TRAINING_STATE_FILE,
     utc_now_iso,
@@ -31,6 +34,7 @@ from ckptctl.storage.atomic import (
     resolve_inside,
     verify_checksum,
 )
+from ckptctl.storage import legacy
 from ckptctl.storage.lock import RunLock
 from ckptctl.storage.mirror import SyncReport, apply_sync_report, resolve_budget, sync_run, write_mirror_status
 from ckptctl.storage.runfiles import commit_best, commit_index, set_aside
@@ -126,6 +130,29 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """True if ``a`` and ``b`` hold the same bytes (sizes first, then checksums)."""
+    try:
+        return _size(a) == _size(b) and hash_file(a)[1] == hash_file(b)[1]
+    except OSError:
+        return False
+
+
+def _copy_guide_metadata(mirror_run: Path, dest_run: Path, report: RestoreReport, with_best: bool) -> None:
+    """Copy the metadata files other code wrote (the Colab guide's) as they are, where the local run lacks them.
+
+    The local run then is what the mirror holds: ``ls``/``verify`` describe it by them,
+    and ``ModelPersistence`` keeps their bytes as ``.legacy`` when it builds its index.
+    The checkpoint files (and ``best_model.pt``) are already durable; these go last.
+    """
+    names = [INDEX_FILE] + ([BEST_METADATA_FILE] if with_best and (dest_run / BEST_MODEL_FILE).is_file() else [])
+    for name in names:
+        src, dst = mirror_run / name, dest_run / name
+        if src.is_file() and not src.is_symlink() and not dst.exists():
+            atomic_copy(src, dst)
+            report.copied.append(name)
+
+
 def restore_run(
     mirror_run: str | os.PathLike,
     dest_run: str | os.PathLike,
@@ -177,13 +204,13 @@ def restore_run(
             local_indexed = False
             local_index = Index(run_name=mirror_index.run_name or mirror_run.name, next_id=0)
         except CorruptIndexError as exc:
-            if legacy.read_guide_index(dest_run) is not None:  # other code's index: kept (bytes aside) if replaced
+            if legacy.read_guide_index(dest_run) is not None:  # other code's index: its bytes kept before it is replaced
                 legacy.keep_legacy_copy(dest_run / INDEX_FILE)
                 local_indexed = False
-                local_index = Index(run_name=mirror_index.run_name or mirror_run.name, next_id=0)
             elif not force:
                 raise CkptctlError(f"{dest_run}: local index unreadable ({exc}); use --force to set it aside and restore") from None
-            set_aside(dest_run / "checkpoint_metadata.json", "unreadable; replaced by restore --force")
+            else:
+                set_aside(dest_run / "checkpoint_metadata.json", "unreadable; replaced by restore --force")
             local_index = Index(run_name=mirror_index.run_name or mirror_run.name, next_id=0)
         local = local_index.by_id()
         local_files = checkpoint_files_on_disk(dest_run)
@@ -296,7 +323,10 @@ def restore_run(
         # replace, not a new Index: the local index's retired ids (and unreadable entries) stay;
         # an id restored here is listed again, so it is no longer retired
         final = replace(final, next_id=max(final.next_id, mirror_index.next_id)).forget_retired(final.by_id())
-        commit_index(dest_run, final)
+        if mirror_guide is not None and not local_indexed and not final.checkpoints:
+            _copy_guide_metadata(mirror_run, dest_run, report, guide_best is not None)  # the run stays in the other code's format
+        else:
+            commit_index(dest_run, final)
 
         for name in (TRAINING_STATE_FILE, TRAINING_LOG_FILE):
             src, dst = mirror_run / name, dest_run / name
