@@ -47,7 +47,14 @@ from ckptctl.errors import (
 from ckptctl.storage import legacy
 from ckptctl.storage.atomic import atomic_copy, atomic_write_json, cleanup_temporaries, hash_file, resolve_inside, verify_checksum
 from ckptctl.storage.lock import RunLock
-from ckptctl.storage.mirror import BackgroundMirror, SyncReport
+from ckptctl.storage.mirror import (
+    BackgroundMirror,
+    SyncReport,
+    apply_sync_report,
+    read_mirror_status,
+    resolve_budget,
+    write_mirror_status,
+)
 from ckptctl.storage.restore import RestoreReport, restore_run
 from ckptctl.storage.runfiles import (
     commit_best,
@@ -81,6 +88,9 @@ _OPEN_WRITERS_LOCK = threading.Lock()
 #: How long a writer that is taken over gives its Drive mirror to finish (a re-run cell
 #: must not hang on a slow Drive; the new writer's mirror catches up).
 TAKEOVER_MIRROR_TIMEOUT = 5.0
+
+#: Saves the newest checkpoint may be ahead of Drive before the library warns (naming the cause).
+MIRROR_LAG_WARN_SAVES = 2
 
 
 def setup_drive_backup(path: str | os.PathLike) -> Path:
@@ -157,6 +167,19 @@ class ModelPersistence:
     state) and writes in the background; ``"none"`` writes the live tensors before
     returning (no extra memory, the whole write stalls training); ``"auto"`` (default)
     copies unless the buffers would need more than half of the available memory.
+
+    ``drive_backup``: a mounted Drive folder; the run is mirrored to ``<drive_backup>/<run
+    name>`` in the background, newest checkpoint first, then the best model, then older
+    ones as ``drive_max_size`` allows (bytes or a size string such as ``"14GB"``; default:
+    the free space Drive reports at start plus what this run's mirror already uses, less
+    a margin). Opening a run whose mirror holds newer checkpoints than the local folder
+    (a fresh VM) restores them first, verified, so :meth:`resume` continues from the
+    newest; nothing ever starts a fresh run over a mirror's checkpoints.
+
+    A second ModelPersistence on the same run in the same process (a re-run notebook
+    cell) takes over from an unclosed earlier one: that one's pending save finishes, its
+    threads stop, later calls on it raise. Another live process holding the run is
+    refused with :class:`RunLockedError` naming its pid and host.
     """
 
     def __init__(
@@ -172,6 +195,7 @@ class ModelPersistence:
         background: bool = True,
         staging: str = "auto",
         mirror_backoff: tuple[float, float] = (1.0, 300.0),
+        drive_max_size: int | str | None = None,
     ):
         if int(max_checkpoints) < 1:
             raise ValueError(f"max_checkpoints must be at least 1, got {max_checkpoints}")
@@ -210,6 +234,11 @@ class ModelPersistence:
         self._mirror: BackgroundMirror | None = None
         self._closed = False
         self._drop_mirror_reports = False
+        self._newest_on_drive: int | None = None
+        self._mirror_problem: tuple[str, str] | None = None  # (what kind, message) of the last mirror trouble
+        self._lag_warned_for: str | None = None
+        #: The Drive mirror's byte budget (None without ``drive_backup``).
+        self.drive_budget: int | None = None
         #: What opening restored from the Drive mirror (a fresh VM), or None.
         self.last_restore: RestoreReport | None = None
         try:
@@ -226,10 +255,13 @@ class ModelPersistence:
             self._global_step = latest.global_step if latest else 0
             self._training_state = self._load_training_state()
             if drive_root is not None:
+                budget = self._drive_budget(drive_max_size, drive_root / self.run_name)
                 self._mirror = BackgroundMirror(
                     self.run_dir,
                     drive_root / self.run_name,
-                    on_synced=self._record_mirrored,
+                    on_synced=self._apply_sync_report,
+                    on_failed=self._record_mirror_failure,
+                    max_bytes=budget,
                     initial_backoff=mirror_backoff[0],
                     max_backoff=mirror_backoff[1],
                 )
@@ -242,6 +274,20 @@ class ModelPersistence:
             _OPEN_WRITERS[self._writer_key] = self
 
     # ------------------------------------------------------------------ opening
+
+    def _drive_budget(self, drive_max_size: int | str | None, mirror_run: Path) -> int:
+        """The mirror's byte budget (see ``drive_max_size``), logged once; remembers where the mirror stands."""
+        try:
+            budget = resolve_budget(drive_max_size, mirror_run)
+        except ValueError as exc:
+            raise CkptctlError(str(exc)) from None
+        status = read_mirror_status(self.run_dir) or {}
+        if isinstance(status.get("newest_verified_id"), int):
+            self._newest_on_drive = status["newest_verified_id"]
+        how = "as given" if drive_max_size is not None else "free space on Drive plus this run's mirror, less a margin"
+        log.info("%s: Drive mirror budget %d bytes (%s)", self.run_dir, budget, how)
+        self.drive_budget = budget
+        return budget
 
     def _load_or_rebuild_index(self) -> Index:
         """Read the index; set a corrupt one aside; adopt committed checkpoint files it lacks.
@@ -457,6 +503,7 @@ class ModelPersistence:
         self._last_save = request
         self._last_save_time = time.monotonic()
         self._snapshot_and_submit(self._write_checkpoint_job, request, checkpoint_id, metrics, states, extra)
+        self._warn_if_mirror_lags(checkpoint_id)
         return checkpoint_id
 
     def _should_stage(self, states: Mapping[str, Any]) -> bool:
@@ -662,25 +709,43 @@ class ModelPersistence:
         if self._mirror is not None:
             self._mirror.request()
 
-    def _record_mirrored(self, report: SyncReport) -> None:
-        """Mark in the local index which checkpoints are verified on the mirror."""
-        if not report.mirrored:
-            return
+    def _apply_sync_report(self, report: SyncReport) -> None:
+        """Record in the local run what a mirror sync verified: index entries and ``mirror_status.json``."""
         with self._index_lock:
             if self._drop_mirror_reports:
-                return  # closed: a newer writer may own the run's index now
-            changed = False
-            entries = []
-            for entry in self._index.checkpoints:
-                info = report.mirrored.get(entry.id)
-                if info is not None and info["checksum"] == entry.checksum and entry.mirrored != info:
-                    entry = CheckpointEntry(**{**entry.__dict__, "mirrored": info})
-                    changed = True
-                entries.append(entry)
-            if changed:
-                updated = self._index.with_entries(entries)
+                return  # closed: a newer writer may own the run's index now; the next open reads the mirror
+            updated = apply_sync_report(self._index, report)
+            if updated != self._index:
                 commit_index(self.run_dir, updated)
                 self._index = updated
+            self._newest_on_drive = report.newest_verified_id
+            self._mirror_problem = ("too big", report.too_big) if report.too_big else None
+            write_mirror_status(self.run_dir, report, mirror_run=self._mirror.mirror_run)
+
+    def _record_mirror_failure(self, error: str) -> None:
+        """Record a failed mirror attempt's cause in ``mirror_status.json`` (the numbers stay as they were)."""
+        with self._index_lock:
+            if self._drop_mirror_reports:
+                return
+            self._mirror_problem = (error.split(":", 1)[0], error)  # keyed by the error type, not its text
+            write_mirror_status(self.run_dir, None, error=error, mirror_run=self._mirror.mirror_run)
+
+    def _warn_if_mirror_lags(self, newest_id: int) -> None:
+        """Warn (once per cause) when the newest checkpoint has not reached Drive for more than 2 saves."""
+        if self._mirror is None:
+            return
+        behind = newest_id - (self._newest_on_drive if self._newest_on_drive is not None else -1)
+        if behind <= MIRROR_LAG_WARN_SAVES:
+            self._lag_warned_for = None
+            return
+        key, cause = self._mirror_problem or ("slow", "Drive copies are slower than the saves")
+        if key != self._lag_warned_for:
+            self._lag_warned_for = key
+            newest = "none yet" if self._newest_on_drive is None else f"#{self._newest_on_drive}"
+            log.warning(
+                "%s: the Drive mirror is %d saves behind (newest verified on Drive: %s): %s",
+                self.run_dir, behind, newest, cause,
+            )
 
     def pin(self, checkpoint_id: int, pinned: bool = True) -> None:
         """Keep checkpoint ``checkpoint_id`` out of retention (or release it with ``pinned=False``)."""

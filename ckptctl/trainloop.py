@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckptctl.arcdata import CHANNELS, COLOURS, IGNORE, PairSet, copy_baseline_accuracy, hash_ids, load_arc
+from ckptctl.core.units import parse_size
 from ckptctl.errors import CkptctlError
 from ckptctl.persistence import (
     ModelPersistence,
@@ -440,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drive-backup", default=os.environ.get(DRIVE_ENV) or None, metavar="PATH",
                         help=f"mirror the run to PATH/<run name>/ in the background, verified (default: ${DRIVE_ENV} "
                              "if set); Drive faults are retried and never stop training")
+    parser.add_argument("--drive-max-size", default=None, metavar="SIZE",
+                        help="most bytes the run's Drive mirror may use, e.g. 14GB or 500MiB (default: the free space "
+                             "Drive reports at start plus what the mirror already uses, less a margin); the newest "
+                             "checkpoint and the best model go first, older ones as room allows")
     parser.add_argument("--drive-retry-max", type=float, default=30.0, metavar="SECONDS",
                         help="longest wait between retries of a failing Drive mirror (retries start at 0.5 s and double)")
     parser.add_argument("--seed", type=int, default=0, help="seeds model init, data order, dropout, random and numpy")
@@ -474,6 +479,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--lr must be positive")
     if args.drive_retry_max <= 0:
         parser.error("--drive-retry-max must be positive")
+    if args.drive_max_size is not None:
+        try:
+            size = parse_size(args.drive_max_size)
+        except ValueError as exc:
+            parser.error(f"--drive-max-size: {exc}")
+        if size <= 0:
+            parser.error("--drive-max-size must be positive")
     return args
 
 
@@ -492,6 +504,7 @@ def _config(args: argparse.Namespace, train: PairSet, val: PairSet, device: torc
         "max_eval_pairs": args.max_eval_pairs,
         "threads": args.threads,
         "drive_backup": str(args.drive_backup) if args.drive_backup else None,
+        "drive_max_size": args.drive_max_size,
         "dataset_size": len(train),
         "dataset_sha256": train.sha256,
         "eval_size": len(val),
@@ -620,9 +633,13 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
         drive_backup=args.drive_backup,
         save_every_seconds=args.save_every_minutes * 60 if args.save_every_minutes else None,
         mirror_backoff=(min(0.5, args.drive_retry_max), args.drive_retry_max),
+        drive_max_size=args.drive_max_size,
     )
     handler = _RunLogHandler(persistence.append_log)
     logging.getLogger("ckptctl").addHandler(handler)
+    if persistence.drive_budget is not None:
+        how = "--drive-max-size" if args.drive_max_size else "free on Drive at start plus this run's mirror, less a margin"
+        say(f"Drive mirror {Path(args.drive_backup) / run_name}: budget {persistence.drive_budget / 1e9:.2f} GB ({how})")
     console: Console | None = None
     closed = False
     try:

@@ -266,3 +266,27 @@ def test_a_mirror_thread_that_outlives_close_never_writes_the_closed_writers_ind
         if frozen:
             subprocess.run(["fsfreeze", "-u", str(drive)], capture_output=True)
         subprocess.run(["umount", "-l", str(drive)], capture_output=True)
+
+
+# ---------------------------------------------------------------------- lag is visible
+
+
+def test_a_mirror_that_falls_behind_is_recorded_and_warned_about_naming_the_cause(tmp_path, caplog):
+    run, drive = tmp_path / "runs" / "r", setup_drive_backup(tmp_path / "drive")
+    rig = Rig()
+    with caplog.at_level(logging.WARNING, logger="ckptctl"):
+        with ModelPersistence(run, save_every_n_batches=1, drive_backup=drive, drive_max_size="2KB") as p:
+            assert p.drive_budget == 2000
+            for batch in range(6):
+                rig.step()
+                p.maybe_save(0, batch, {"loss": 1.0}, **rig.components())
+                p.flush()
+                p._mirror.wait_idle(30)
+    lag = [r.getMessage() for r in caplog.records if "saves behind" in r.getMessage()]
+    assert len(lag) == 1, lag  # once per cause, not once per save
+    assert "newest verified on Drive: none yet" in lag[0] and "does not fit" in lag[0]
+    status = json.loads((run / "mirror_status.json").read_text())
+    assert status["budget_bytes"] == 2000 and status["newest_verified_id"] is None
+    assert status["not_mirrored"] == 5 and status["too_big"]
+    with pytest.raises(CkptctlError, match="not a size"):
+        ModelPersistence(tmp_path / "runs" / "x", drive_backup=drive, drive_max_size="lots")
