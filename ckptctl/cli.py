@@ -533,35 +533,60 @@ def restore_command(
 def backup_command(
     path: Path = typer.Argument(Path("runs"), help="A run directory or a folder of runs.", autocompletion=complete_run_paths),
     drive: Optional[Path] = typer.Option(None, "--drive", metavar="PATH", help="Drive mirror root [default: $CKPTCTL_DRIVE, else /content/drive/MyDrive/ARC-EFE-Backups]."),
+    max_size: Optional[str] = typer.Option(None, "--max-size", metavar="SIZE", help="Per run, the most the mirror may hold, e.g. 14GB, 500MiB [default: Drive's free space plus the run's mirror, less 5%]."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Push runs to the Drive mirror now, with the background mirror's verified, atomic copy.
+    """Push runs to the Drive mirror now, newest checkpoint first, within a byte budget.
 
     Each file is copied to a temporary name, checked, then renamed; the mirror's index is
-    written after its files. Refuses a run a trainer is using (its own mirror is at work).
+    written after its files. Then the best model, then older checkpoints newest to oldest
+    while they fit in --max-size; to make room the mirror drops its own oldest copies
+    (those local retention removed first), never its newest verified one. Dropped files
+    are emptied before they are deleted, so Drive's trash does not keep their bytes.
+    Exits 1 when a local checkpoint is damaged or the newest does not fit. Refuses a run
+    a trainer is using (its own mirror is at work).
 
     \b
     Example:
         ckptctl backup runs/my_run --drive /content/drive/MyDrive/ARC-EFE-Backups
+        ckptctl backup runs/ --max-size 14GB
     """
     from ckptctl import render
+    from ckptctl.core.units import parse_size
+    from ckptctl.storage.mirror import BUDGET_MARGIN, resolve_budget
     from ckptctl.storage.restore import backup_run, default_drive
 
+    if max_size is not None:
+        try:
+            parse_size(max_size)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--max-size'") from None
     drive_root = drive if drive is not None else default_drive()
     runs = _runs_at(path)
     if not runs:
         raise NotFoundError(f"{path}: no runs here")
     reports = {}
     for run_dir in runs:
+        budget = None
+        if drive_root.is_dir():  # else backup_run says Drive is not mounted
+            budget = resolve_budget(max_size, drive_root / run_dir.resolve().name)
+            if max_size is None:
+                render.info(
+                    f"{run_dir.name}: Drive budget {render.size(budget)} "
+                    f"(free space plus this run's mirror, less {BUDGET_MARGIN:.0%}; set --max-size to choose)"
+                )
         with render.progress(f"backing up {run_dir.name}", enabled=not json_out) as on_progress:
-            reports[run_dir] = backup_run(run_dir, drive_root, on_progress=on_progress)
+            reports[run_dir] = backup_run(run_dir, drive_root, max_bytes=budget, on_progress=on_progress)
     if json_out:
         render.print_json(
             {
                 "drive": str(drive_root),
                 "runs": [
                     {"run": r.name, "path": str(r), "mirror": str(drive_root / r.resolve().name), "copied": rep.copied,
-                     "unchanged": rep.skipped, "deleted": rep.deleted, "bytes_copied": rep.bytes_copied}
+                     "unchanged": rep.skipped, "deleted": rep.deleted, "bytes_copied": rep.bytes_copied,
+                     "newest_verified_id": rep.newest_verified_id, "not_mirrored": rep.not_mirrored,
+                     "used_bytes": rep.used_bytes, "budget_bytes": rep.budget_bytes, "too_big": rep.too_big,
+                     "damaged": rep.damaged}
                     for r, rep in reports.items()
                 ],
             }
@@ -573,6 +598,21 @@ def backup_command(
                 f"{r.name}: copied {len(rep.copied)} file(s) ({render.size(rep.bytes_copied)}), "
                 f"{len(rep.skipped)} already on the mirror, {len(rep.deleted)} old removed -> {drive_root / r.resolve().name}"
             )
+            if rep.not_mirrored:
+                out.print(
+                    f"  newest on the mirror: #{rep.newest_verified_id}; not mirrored: "
+                    f"{', '.join(map(str, rep.not_mirrored))} ({render.size(rep.used_bytes)} used of {render.size(rep.budget_bytes)})"
+                )
+    problems = False
+    for r, rep in reports.items():
+        for item in rep.damaged:
+            render.warn(f"{r.name}: checkpoint {item['id']} not backed up: {item['reason']}")
+            problems = True
+        if rep.too_big:
+            render.warn(f"{r.name}: {rep.too_big}")
+            problems = True
+    if problems:
+        raise typer.Exit(EXIT_PROBLEMS)
 
 
 # --------------------------------------------------------------------------- diff

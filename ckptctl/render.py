@@ -199,6 +199,7 @@ def render_ls(doc: dict[str, Any]) -> None:
             missing = " (MISSING)" if not best.get("present", True) else ""
             lines.append(f"  best model: {source}{value}{how}, {size(best['size_bytes'])}{missing}")
         lines.append(f"  {len(rows)} checkpoint(s), {size(run['total_bytes'])} in total")
+        lines.extend(drive_lines(run.get("drive"), latest_id=max((r["id"] for r in rows), default=None)))
         lines.append("")
         for problem in run.get("problems") or []:
             warn(f"{run['name']}: {problem}")
@@ -206,6 +207,39 @@ def render_ls(doc: dict[str, Any]) -> None:
         lines.append(f"{len(runs)} runs, {total_checkpoints} checkpoints, {size(total_bytes)} in total")
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()
+
+
+def drive_lines(status: dict[str, Any] | None, latest_id: int | None = None) -> list[str]:
+    """The Drive mirror's lag under a run in ``ls``, from ``mirror_status.json`` (none when it has none).
+
+    ``Drive: newest #19 verified 12 seconds ago; 2 older not mirrored (1.2 GB used, budget 14 GB)``,
+    then the last error and a checkpoint too big for the budget, when there are.
+    """
+    if not isinstance(status, dict):
+        return []
+    newest = status.get("newest_verified_id")
+    if isinstance(newest, int):
+        text = f"Drive: newest #{newest} verified {age(status.get('newest_verified_at'))}"
+    else:
+        text = "Drive: no checkpoint verified there yet"
+    missing = status.get("not_mirrored")
+    if isinstance(missing, int) and missing > 0:
+        older = " older" if isinstance(newest, int) and newest == latest_id else ""
+        text += f"; {missing}{older} not mirrored"
+    used, budget = status.get("used_bytes"), status.get("budget_bytes")
+    details = []
+    if isinstance(used, int):
+        details.append(f"{size(used)} used")
+    if isinstance(budget, int):
+        details.append(f"budget {size(budget)}")
+    if details:
+        text += f" ({', '.join(details)})"
+    lines = [f"  {text}"]
+    if status.get("too_big"):
+        lines.append(f"  Drive: {status['too_big']}")
+    if status.get("last_error"):
+        lines.append(f"  Drive last error: {status['last_error']}")
+    return lines
 
 
 def _ls_cells(row: dict[str, Any], metrics: list[str]) -> list[str]:

@@ -19,6 +19,7 @@ from ckptctl.errors import UnsafePathError
 from ckptctl.storage import legacy
 from ckptctl.storage.atomic import resolve_inside
 from ckptctl.storage.lock import is_locked
+from ckptctl.storage.mirror import read_mirror_status
 from ckptctl.storage.scan import RunScan, checkpoint_files_on_disk, find_runs, scan_run
 
 
@@ -69,6 +70,8 @@ class RunListing:
     indexed: bool = True
     locked: bool = False
     status: str | None = None
+    #: ``mirror_status.json`` as written by the run's Drive mirror (raw numbers), or None.
+    drive: dict[str, Any] | None = None
 
     @property
     def latest_id(self) -> int | None:
@@ -195,6 +198,7 @@ def listing_from_scan(scan: RunScan) -> RunListing:
         indexed=scan.index is not None,
         locked=is_locked(scan.path),
         status=status if isinstance(status, str) else None,
+        drive=read_mirror_status(scan.path),
     )
 
 
@@ -236,6 +240,7 @@ def run_to_json(run: RunListing) -> dict[str, Any]:
         "indexed": run.indexed,
         "locked": run.locked,
         "status": run.status,
+        "drive": run.drive,
         "checkpoints": [
             {
                 "id": c.id,
