@@ -283,6 +283,10 @@ def describe_checkpoint(ref: CheckpointRef) -> dict[str, Any]:
     rng = payload.get("rng")
     metrics = payload.get("metrics") if isinstance(payload.get("metrics"), Mapping) else {}
     position = {k: payload.get(k) for k in ("epoch", "batch", "global_step")}
+    if position["global_step"] is None and ref.run_dir is not None and ref.checkpoint_id is not None:
+        guide = legacy.read_guide_index(ref.run_dir)  # a file other code wrote: the step its run's index will give it
+        if guide:
+            position["global_step"] = legacy.guide_global_steps(guide, read_training_state(ref.run_dir)).get(ref.checkpoint_id)
     resume = None
     if all(isinstance(v, int) for v in position.values()):
         resume = {**position, "next_batch": position["batch"] + 1}

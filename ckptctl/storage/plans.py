@@ -193,7 +193,6 @@ def _plan_prune_legacy(
         keep=tuple(e for e in entries if e.id not in victims),
         sizes=sizes,
         protected=protected,
-        skipped=(f"{INDEX_FILE} written by other code: no checksums, checkpoints checked by loading only",),
         max_total_bytes=max_total_bytes,
         fingerprint=fingerprint,
         source="legacy",
