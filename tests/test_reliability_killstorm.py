@@ -23,6 +23,7 @@ import pytest
 
 from ckptctl.core.format import TEMP_PREFIX
 from ckptctl.storage.atomic import verify_checksum
+from ckptctl.storage.mirror import tree_bytes
 from ckptctl.storage.scan import read_index
 
 from .trainloop_helpers import (
@@ -72,11 +73,15 @@ def _assert_nothing_half_written(run_dir: Path) -> None:
         verify_checksum(run_dir / entry.path, entry.checksum)
 
 
-def kill_storm(root: Path, kills: int, seed: int, epochs: int, until_both_kinds: bool = False) -> dict[str, int]:
+def kill_storm(
+    root: Path, kills: int, seed: int, epochs: int, until_both_kinds: bool = False, drive_max_size: int | None = None
+) -> dict[str, int]:
     """Run the storm in ``root``; return the counts. Asserts every per-kill guarantee.
 
     With ``until_both_kinds``, kills go on past ``kills`` (up to twice as many) until at
-    least one has landed inside a checkpoint save and one inside a Drive copy.
+    least one has landed inside a checkpoint save and one inside a Drive copy. With
+    ``drive_max_size``, the mirror runs under that byte budget: after every kill the
+    mirror uses no more, and at the end it holds the newest checkpoint and the best model.
     """
     rng = random.Random(seed)
     flags = replace_flags(FAST_FLAGS, {"--epochs": str(epochs)})
@@ -85,6 +90,8 @@ def kill_storm(root: Path, kills: int, seed: int, epochs: int, until_both_kinds:
     reference = Trainer(trainloop_cmd(root / "reference", "reference", flags=flags), root)
     env = trainloop_env(drive=None)
     storm = ["--drive-backup", str(drive)]
+    if drive_max_size is not None:
+        storm += ["--drive-max-size", str(drive_max_size)]
     run = out / "storm"
     # resumes_expected: restarts after a kill that left a durable checkpoint (each must resume);
     # resumes: all restarts that resumed, which also counts a checkpoint committed just
@@ -125,6 +132,8 @@ def kill_storm(root: Path, kills: int, seed: int, epochs: int, until_both_kinds:
         stats["kills_inside_a_drive_copy"] += bool(_temporaries(drive / "storm"))
         _assert_nothing_half_written(run)
         _assert_nothing_half_written(drive / "storm")
+        if drive_max_size is not None:
+            assert tree_bytes(drive / "storm") <= drive_max_size, f"attempt {attempt}: the mirror outgrew its budget"
         positions = [_position(*m.groups()) for m in map(_BATCH_LINE.match, trainer.lines) if m]
         last_trained = max(positions) if positions else last_trained
         durable = _last_durable_id(run)
@@ -133,7 +142,9 @@ def kill_storm(root: Path, kills: int, seed: int, epochs: int, until_both_kinds:
     assert reference.finish(timeout=600) == 0, reference.output[-3000:]
     assert_same_final_state(root / "reference" / "reference", run)
     assert_log_consistent((root / "reference" / "reference" / "training.log").read_text(), (run / "training.log").read_text())
-    assert_mirror_verifies(run, drive / "storm")
+    assert_mirror_verifies(run, drive / "storm", every_local=drive_max_size is None)
+    if drive_max_size is not None:
+        assert tree_bytes(drive / "storm") <= drive_max_size
     assert not _temporaries(run), "a resumed run cleans up the temporaries of killed saves"
     print(
         f"\nkill storm (seed {seed}): kills={stats['kills']}, resumes={stats['resumes']} (required {stats['resumes_expected']}), "
@@ -156,3 +167,11 @@ def test_kill_storm_full(tmp_path):
     assert stats["resumes"] >= stats["resumes_expected"] >= stats["kills"] - 5, stats
     assert stats["kills_inside_a_save"] >= 1, f"no kill landed inside a checkpoint save: instants are not random enough ({stats})"
     assert stats["kills_inside_a_drive_copy"] >= 1, f"no kill landed inside a Drive copy: instants are not random enough ({stats})"
+
+
+@pytest.mark.slow
+def test_kill_storm_with_a_drive_budget_of_about_two_checkpoints(tmp_path):
+    """A Drive that holds about two checkpoints (each ~250 kB here): kills land in copies that must
+    make room first; the mirror never outgrows the budget and ends with the newest and the best."""
+    stats = kill_storm(tmp_path, kills=12, seed=909, epochs=6, drive_max_size=700_000)
+    assert stats["kills"] >= 10 and stats["resumes"] >= stats["resumes_expected"] >= stats["kills"] - 3, stats
