@@ -77,7 +77,8 @@ METADATA_RESERVE = 8192
 _RETIRED, _UNLISTED, _OLDER, _BEST, _NEWEST = range(5)
 _BEST_KEY = (_BEST, 0)
 
-_too_big_logged: set[tuple] = set()
+#: Warnings already logged (a damaged checkpoint, a checkpoint too big): each once per process.
+_logged: set[tuple] = set()
 
 
 class MirrorError(CkptctlError):
@@ -471,7 +472,7 @@ class _Sync:
                     _truncate_and_unlink(path, keep_if_same_as=self.local_run / mine.path)
             # anything else is not ours to delete (its bytes still count against the budget)
         if changed:
-            self.write_index()
+            self.write_index_making_room((_NEWEST, 0))
 
     @staticmethod
     def _matches(path: Path, checksum: str) -> bool:
@@ -533,7 +534,10 @@ class _Sync:
         # else: local retention deleted it since the index was read; nothing to mirror
 
     def _damaged(self, entry: CheckpointEntry, reason: str) -> None:
-        log.warning("not mirroring checkpoint %s: %s", entry.id, reason)
+        logged_key = ("damaged", str(self.mirror_run), entry.id, entry.checksum)
+        if logged_key not in _logged:  # once, not at every sync (the report carries it each time)
+            _logged.add(logged_key)
+            log.warning("not mirroring checkpoint %s: %s", entry.id, reason)
         self.report.damaged.append({"id": entry.id, "path": entry.path, "reason": reason})
 
     def _too_big(self, entry: CheckpointEntry, size: int) -> None:
@@ -546,9 +550,9 @@ class _Sync:
             + (f"keeping checkpoint {kept} there" if kept is not None else "no checkpoint is on the mirror")
         )
         self.report.too_big = message
-        logged_key = (str(self.mirror_run), size, self.max_bytes)
-        if logged_key not in _too_big_logged:
-            _too_big_logged.add(logged_key)
+        logged_key = ("too big", str(self.mirror_run), size, self.max_bytes)
+        if logged_key not in _logged:
+            _logged.add(logged_key)
             log.warning("Drive mirror %s: %s", self.mirror_run, message)
 
     def sync_best(self) -> None:
