@@ -570,11 +570,6 @@ def backup_command(
         budget = None
         if drive_root.is_dir():  # else backup_run says Drive is not mounted
             budget = resolve_budget(max_size, drive_root / run_dir.resolve().name)
-            if max_size is None:
-                render.info(
-                    f"{run_dir.name}: Drive budget {render.size(budget)} "
-                    f"(free space plus this run's mirror, less {BUDGET_MARGIN:.0%}; set --max-size to choose)"
-                )
         with render.progress(f"backing up {run_dir.name}", enabled=not json_out) as on_progress:
             reports[run_dir] = backup_run(run_dir, drive_root, max_bytes=budget, on_progress=on_progress)
     if json_out:
@@ -598,6 +593,11 @@ def backup_command(
                 f"{r.name}: copied {len(rep.copied)} file(s) ({render.size(rep.bytes_copied)}), "
                 f"{len(rep.skipped)} already on the mirror, {len(rep.deleted)} old removed -> {drive_root / r.resolve().name}"
             )
+            if max_size is None and rep.budget_bytes is not None:
+                out.print(
+                    f"  Drive budget {render.size(rep.budget_bytes)} (free space plus this run's mirror, "
+                    f"less {BUDGET_MARGIN:.0%}; --max-size sets it)"
+                )
             if rep.not_mirrored:
                 out.print(
                     f"  newest on the mirror: #{rep.newest_verified_id}; not mirrored: "
