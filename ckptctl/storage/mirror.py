@@ -550,7 +550,8 @@ class _Sync:
             + (f"keeping checkpoint {kept} there" if kept is not None else "no checkpoint is on the mirror")
         )
         self.report.too_big = message
-        logged_key = ("too big", str(self.mirror_run), size, self.max_bytes)
+        # once per distinct sizes (to two significant digits: checkpoints of one run differ by a few bytes)
+        logged_key = ("too big", str(self.mirror_run), self.max_bytes, round(size, -max(0, len(str(size)) - 2)))
         if logged_key not in _logged:
             _logged.add(logged_key)
             log.warning("Drive mirror %s: %s", self.mirror_run, message)
