@@ -10,13 +10,13 @@ deleted) and a new ModelPersistence on the same Drive restores and resumes.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+
+from .mount_helpers import can_mount_private_tmpfs
 
 CHILD = textwrap.dedent(
     r"""
@@ -80,18 +80,11 @@ CHILD = textwrap.dedent(
 )
 
 
-def _can_mount_tmpfs(where: Path) -> bool:
-    if not shutil.which("unshare"):
-        return False
-    where.mkdir(exist_ok=True)
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {where}"], capture_output=True)
-    return probe.returncode == 0
-
-
 def test_a_drive_that_holds_two_checkpoints_keeps_the_newest_and_restore_resumes_from_it(tmp_path):
     drive, run = tmp_path / "drive", tmp_path / "runs" / "run"
-    if not _can_mount_tmpfs(drive):
+    if not can_mount_private_tmpfs(tmp_path):
         pytest.skip("this machine allows no private tmpfs mount (unshare -rm)")
+    drive.mkdir()
     child = tmp_path / "child.py"
     child.write_text(CHILD)
     # Each checkpoint is ~180 kB: the Drive holds three copies (newest, best, one in flight), like 15 GB for 5 GB checkpoints.

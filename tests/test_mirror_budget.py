@@ -35,6 +35,8 @@ from ckptctl.storage.runfiles import commit_index
 from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index
 from tests.cli_helpers import flip_byte, invoke, write_run
 
+from .mount_helpers import can_mount_private_tmpfs
+
 
 def _ckpt(run, i):
     return run / "checkpoints" / f"checkpoint_{i:05d}.pt"
@@ -107,18 +109,9 @@ CHILD = textwrap.dedent(
 )
 
 
-def _can_mount_tmpfs(tmp_path) -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    result = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"], capture_output=True)
-    return result.returncode == 0
-
-
 def test_a_drive_that_holds_two_checkpoints_always_gets_the_newest(tmp_path):
     """Keep 5 locally, 20 saves, a Drive of ~2.6 checkpoints: before, the third copy failed forever."""
-    if not _can_mount_tmpfs(tmp_path):
+    if not can_mount_private_tmpfs(tmp_path):
         pytest.skip("this machine allows no private tmpfs mount (unshare -rm); the small-Drive test needs one")
     drive, work = tmp_path / "drive", tmp_path / "work"
     drive.mkdir()

@@ -25,7 +25,8 @@ from ckptctl.storage.lock import RunLock, is_locked
 from ckptctl.storage.scan import read_best, read_index
 
 from .test_persistence import Rig, assert_same_state, flat_state, seed_all
-from .trainloop_helpers import mount_loop_ext4, wait_until
+from .mount_helpers import mount_loop_ext4
+from .trainloop_helpers import wait_until
 
 
 def _train(p: ModelPersistence, rig: Rig, batches: range, epoch: int = 0) -> None:

@@ -8,12 +8,13 @@ stays intact and resumable, and no partial file is left.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from .mount_helpers import can_mount_private_tmpfs
 
 CHILD = textwrap.dedent(
     """
@@ -89,17 +90,8 @@ def _run_in_small_tmpfs(tmp_path) -> subprocess.CompletedProcess:
     )
 
 
-def _can_mount_tmpfs(tmp_path) -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    result = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {probe}"], capture_output=True)
-    return result.returncode == 0
-
-
 def test_disk_full_frees_space_or_fails_cleanly(tmp_path):
-    if not _can_mount_tmpfs(tmp_path):
+    if not can_mount_private_tmpfs(tmp_path):
         pytest.skip("this machine allows no private tmpfs mount (unshare -rm); disk-full test needs one")
     result = _run_in_small_tmpfs(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -24,8 +24,8 @@ import torch
 from ckptctl import trainloop
 from ckptctl.persistence import latest_run
 
+from .mount_helpers import mount_loop_ext4
 from .trainloop_helpers import (
-    mount_loop_ext4,
     mirrored_checkpoints,
     wait_until,
     FAST_FLAGS,
@@ -372,7 +372,12 @@ def _can_mount_tmpfs(where: Path) -> bool:
 
 
 def _remount(where: Path, options: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True, capture_output=True)
+    """Remount ``where``; a remount read-only is refused (busy) while a file there is open for
+    writing (the mirror may be mid-copy), so it is retried until the mirror is between files."""
+    assert wait_until(
+        lambda: subprocess.run(["mount", "-o", f"remount,{options}", str(where)], capture_output=True).returncode == 0,
+        timeout=60,
+    ), f"cannot remount {where} with {options}"
 
 
 def test_a_fresh_start_never_reuses_a_run_name_that_drive_holds(reference, tmp_path):

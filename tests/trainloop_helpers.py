@@ -10,7 +10,6 @@ import filecmp
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -265,15 +264,3 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60.0) -> bool:
 def mirrored_checkpoints(mirror_run: Path) -> list[Path]:
     """The checkpoint files present in a mirror run (none if it has no checkpoints folder yet)."""
     return sorted((mirror_run / "checkpoints").glob("checkpoint_*.pt")) if (mirror_run / "checkpoints").is_dir() else []
-
-
-def mount_loop_ext4(where: Path, image: Path) -> bool:
-    """Mount a fresh 32 MiB ext4 image at ``where`` (a filesystem fsfreeze(8) can hang); False if not possible."""
-    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("mkfs.ext4", "mount", "fsfreeze")):
-        return False
-    with open(image, "wb") as f:
-        f.truncate(32 << 20)
-    if subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True).returncode != 0:
-        return False
-    where.mkdir(exist_ok=True)
-    return subprocess.run(["mount", "-o", "loop", str(image), str(where)], capture_output=True).returncode == 0
