@@ -12,7 +12,6 @@ import logging
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
 from ckptctl import ModelPersistence

@@ -18,11 +18,10 @@ import torch
 
 from ckptctl import ModelPersistence
 from ckptctl.core.format import MIRROR_STATUS_FILE
-from ckptctl.storage.atomic import hash_file, verify_checksum
+from ckptctl.storage.atomic import hash_file
 from ckptctl.storage.mirror import (
     BUDGET_MARGIN,
     BackgroundMirror,
-    apply_sync_report,
     default_budget,
     read_mirror_status,
     resolve_budget,
@@ -35,23 +34,12 @@ from ckptctl.storage.runfiles import commit_index
 from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index
 from tests.cli_helpers import flip_byte, invoke, write_run
 
+from .mirror_helpers import assert_mirror_index_verifies, sync_and_record
 from .mount_helpers import can_mount_private_tmpfs
 
 
 def _ckpt(run, i):
     return run / "checkpoints" / f"checkpoint_{i:05d}.pt"
-
-
-def _sync(local, mirror, **kwargs):
-    """sync_run, then record the report in the local index (as the mirror's owner does)."""
-    report = sync_run(local, mirror, **kwargs)
-    commit_index(local, apply_sync_report(read_index(local), report))
-    return report
-
-
-def _assert_mirror_index_verifies(mirror):
-    for entry in read_index(mirror).checkpoints:
-        verify_checksum(mirror / entry.path, entry.checksum)
 
 
 # --------------------------------------------------------------------------- a real small Drive
@@ -168,7 +156,7 @@ def test_an_explicit_budget_is_never_exceeded_and_the_newest_verified_copy_never
             assert report.too_big is None and report.damaged == []
             best = read_best(local)
             assert read_best(mirror).checksum == best.checksum and hash_file(mirror / "best_model.pt")[1] == best.checksum
-            _assert_mirror_index_verifies(mirror)
+            assert_mirror_index_verifies(mirror)
             previous_newest = report.newest_verified_id
             newest_seen.append(report.newest_verified_id)
             local_ids = {e.id for e in read_index(local).checkpoints}
@@ -189,7 +177,7 @@ def test_budget_room_frees_retired_then_unlisted_then_older_kept_copies(tmp_path
     local, mirror = tmp_path / "runs" / "r", tmp_path / "drive" / "r"
     mirror.parent.mkdir()
     _save(local, 6)
-    _sync(local, mirror)  # 0-5 on the mirror
+    sync_and_record(local, mirror)  # 0-5 on the mirror
     index = read_index(local)
     # local retention removed 0 and 1 (retired); 2 left the index some other way (not retired)
     commit_index(local, index.with_entries([e for e in index.checkpoints if e.id >= 3]).retire([0, 1]))
@@ -215,7 +203,7 @@ def test_deleted_and_replaced_mirror_files_are_emptied_first(tmp_path):
     local, mirror = tmp_path / "runs" / "r", tmp_path / "drive" / "r"
     mirror.parent.mkdir()
     write_run(local.parent, "r", n=2, keep=2)
-    _sync(local, mirror)
+    sync_and_record(local, mirror)
     held = tmp_path / "held_by_trash"  # what Drive's trash would keep: the old inode
     held.mkdir()
     os.link(_ckpt(mirror, 0), held / "c0")
@@ -223,21 +211,21 @@ def test_deleted_and_replaced_mirror_files_are_emptied_first(tmp_path):
     assert os.path.getsize(held / "c0") > 0
     write_run(local.parent, "r", n=2, keep=2)  # 2, 3; retention removes 0, 1 (mirrored: retired) and a new best
     assert set(read_index(local).retired) >= {0, 1}
-    report = _sync(local, mirror)
+    report = sync_and_record(local, mirror)
     assert sorted(report.deleted_ids) == [0, 1]
     assert not _ckpt(mirror, 0).exists() and 0 not in {e.id for e in read_index(mirror).checkpoints}
     assert os.path.getsize(held / "c0") == 0  # truncated before it was unlinked
     assert os.path.getsize(held / "best") == 0  # the replaced best model, too
     assert hash_file(mirror / "best_model.pt")[1] == read_best(local).checksum
     assert read_index(local).retired == ()  # gone from the mirror: no longer retired
-    _assert_mirror_index_verifies(mirror)
+    assert_mirror_index_verifies(mirror)
 
 
 def test_crash_leftovers_on_the_mirror(tmp_path):
     local, mirror = tmp_path / "runs" / "r", tmp_path / "drive" / "r"
     mirror.parent.mkdir()
     write_run(local.parent, "r", n=3, keep=5)
-    _sync(local, mirror)
+    sync_and_record(local, mirror)
     # a crash between "index entry removed" and "file unlinked": a zero-size unindexed file
     (_ckpt(mirror, 1)).write_bytes(b"")
     # a crash after a copy was renamed but before the index listed it
@@ -253,7 +241,7 @@ def test_crash_leftovers_on_the_mirror(tmp_path):
     assert os.stat(_ckpt(mirror, 2)).st_ino == inode_before  # adopted after a read-back, not uploaded again
     assert {e.id for e in read_index(mirror).checkpoints} == {0, 1, 2}
     assert foreign.read_bytes() == b"x" * 1000 and 77 in report.mirror_ids
-    _assert_mirror_index_verifies(mirror)
+    assert_mirror_index_verifies(mirror)
     # an empty leftover of an id the local run never had is removed by the next sync too
     _ckpt(mirror, 40).write_bytes(b"")
     sync_run(local, mirror)
@@ -278,7 +266,7 @@ def test_a_damaged_pinned_local_checkpoint_does_not_block_newer_copies(tmp_path)
     write_run(local.parent, "r", n=1, keep=2)  # and the next sync goes on the same way
     report = sync_run(local, mirror)
     assert report.newest_verified_id == 6 and [d["id"] for d in report.damaged] == [1]
-    _assert_mirror_index_verifies(mirror)
+    assert_mirror_index_verifies(mirror)
 
 
 def test_a_partial_restore_then_backup_keeps_every_mirror_copy(tmp_path):
@@ -295,7 +283,7 @@ def test_a_partial_restore_then_backup_keeps_every_mirror_copy(tmp_path):
     mirror_index = read_index(mirror)
     assert [e.id for e in mirror_index.checkpoints] == list(range(10)) and mirror_index.next_id == 10
     assert report.deleted_ids == [] and report.newest_verified_id == 9
-    _assert_mirror_index_verifies(mirror)
+    assert_mirror_index_verifies(mirror)
 
 
 def test_prune_retires_mirrored_ids_and_the_next_backup_removes_them(tmp_path):
@@ -395,7 +383,7 @@ def test_cli_backup_max_size_and_ls_show_the_drive_line(tmp_path):
 
     text = invoke("ls", "runs")
     assert text.exit_code == 0, text.stderr
-    assert f"Drive: newest #5 verified" in text.stdout
+    assert "Drive: newest #5 verified" in text.stdout
     assert f"{len(b['not_mirrored'])} older not mirrored" in text.stdout and "budget" in text.stdout
     doc = json.loads(invoke("ls", "runs", "--json").stdout)
     status = doc["runs"][0]["drive"]

@@ -9,10 +9,10 @@ import torch
 
 from ckptctl import ModelPersistence
 from ckptctl.core.format import TEMP_PREFIX
-from ckptctl.storage.atomic import verify_checksum
-from ckptctl.storage.mirror import apply_sync_report, sync_run
-from ckptctl.storage.runfiles import commit_index
+from ckptctl.storage.mirror import sync_run
 from ckptctl.storage.scan import read_index
+
+from .mirror_helpers import assert_mirror_index_verifies, sync_and_record
 
 
 def _run(path, n, keep=5):
@@ -23,18 +23,6 @@ def _run(path, n, keep=5):
                 model.weight.add_(1.0)
             p.maybe_save(0, batch, {"loss": float(batch)}, agent=model)
     return path
-
-
-def _sync(local, mirror, **kwargs):
-    """sync_run, then record the report in the local index (as the mirror's owner does)."""
-    report = sync_run(local, mirror, **kwargs)
-    commit_index(local, apply_sync_report(read_index(local), report))
-    return report
-
-
-def _assert_mirror_verifies(mirror):
-    for entry in read_index(mirror).checkpoints:
-        verify_checksum(mirror / entry.path, entry.checksum)
 
 
 def test_stale_partial_files_are_cleaned_and_damaged_copies_replaced(tmp_path):
@@ -48,14 +36,14 @@ def test_stale_partial_files_are_cleaned_and_damaged_copies_replaced(tmp_path):
     report = sync_run(local, mirror)
     assert not stale.exists()
     assert report.copied == ["checkpoints/checkpoint_00001.pt"]
-    _assert_mirror_verifies(mirror)
+    assert_mirror_index_verifies(mirror)
 
 
 def test_mirror_deletes_old_copies_only_after_the_newer_ones_verify(tmp_path):
     local, mirror = tmp_path / "runs" / "r", tmp_path / "drive" / "r"
     mirror.parent.mkdir()
     _run(local, 2, keep=2)
-    _sync(local, mirror)
+    sync_and_record(local, mirror)
     assert sorted(os.listdir(mirror / "checkpoints")) == ["checkpoint_00000.pt", "checkpoint_00001.pt"]
     _run(local, 2, keep=2)  # local now holds 2, 3 and has deleted (retired) the mirrored 0, 1
     assert read_index(local).retired == (0, 1)
@@ -64,12 +52,12 @@ def test_mirror_deletes_old_copies_only_after_the_newer_ones_verify(tmp_path):
         sync_run(local, mirror)
     # the old copies are still there, and the mirror index lists only verified files
     assert {"checkpoint_00000.pt", "checkpoint_00001.pt"} <= set(os.listdir(mirror / "checkpoints"))
-    _assert_mirror_verifies(mirror)
+    assert_mirror_index_verifies(mirror)
     (mirror / "checkpoints" / "checkpoint_00003.pt").rmdir()  # Drive recovers
-    _sync(local, mirror)
+    sync_and_record(local, mirror)
     assert sorted(os.listdir(mirror / "checkpoints")) == ["checkpoint_00002.pt", "checkpoint_00003.pt"]
     assert [c.id for c in read_index(mirror).checkpoints] == [2, 3]
-    _assert_mirror_verifies(mirror)
+    assert_mirror_index_verifies(mirror)
 
 
 def test_a_vanished_drive_folder_is_not_recreated_on_the_local_disk(tmp_path):
@@ -102,7 +90,7 @@ def test_background_mirror_backs_off_and_logs_a_cause_once(tmp_path, caplog, mon
     drive.mkdir()  # Drive comes back
     assert mirror.wait_idle(timeout=5)
     assert mirror.stop(timeout=5)
-    _assert_mirror_verifies(drive / "r")
+    assert_mirror_index_verifies(drive / "r")
     assert any("recovered" in r.getMessage() for r in caplog.records)
 
 
@@ -130,7 +118,7 @@ def test_a_best_model_that_changed_under_the_sync_is_left_for_the_next_one(tmp_p
         for batch in range(2):
             p.maybe_save(0, batch, {"acc": float(batch)}, agent=model)
             p.update_best(0, batch, {"acc": float(batch)}, agent=model)
-    _sync(local, mirror)
+    sync_and_record(local, mirror)
     mirrored_best = (mirror / "best_model.pt").read_bytes()
     with ModelPersistence(local, max_checkpoints=2, save_every_n_batches=1, background=False, best_metric="acc") as p:
         p.maybe_save(0, 2, {"acc": 2.0}, agent=model)  # checkpoint 2; 0 is pruned
@@ -141,4 +129,4 @@ def test_a_best_model_that_changed_under_the_sync_is_left_for_the_next_one(tmp_p
     assert report.copied == ["checkpoints/checkpoint_00002.pt"]
     assert (mirror / "best_model.pt").read_bytes() == mirrored_best  # the previous best is kept
     assert sorted(os.listdir(mirror / "checkpoints")) == ["checkpoint_00001.pt", "checkpoint_00002.pt"]
-    _assert_mirror_verifies(mirror)
+    assert_mirror_index_verifies(mirror)

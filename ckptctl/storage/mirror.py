@@ -43,7 +43,7 @@ from ckptctl.core.format import (
     checkpoint_relpath,
     utc_now_iso,
 )
-from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index
+from ckptctl.core.manifest import CheckpointEntry, Index
 from ckptctl.core.units import parse_size
 from ckptctl.errors import CheckpointIntegrityError, CkptctlError, CorruptIndexError, UnsafePathError
 from ckptctl.storage.atomic import (
