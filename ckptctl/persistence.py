@@ -256,6 +256,7 @@ class ModelPersistence:
             self._training_state = self._load_training_state()
             if drive_root is not None:
                 budget = self._drive_budget(drive_max_size, drive_root / self.run_name)
+                self._newest_on_drive = self._newest_known_on_drive()
                 self._mirror = BackgroundMirror(
                     self.run_dir,
                     drive_root / self.run_name,
@@ -275,15 +276,23 @@ class ModelPersistence:
 
     # ------------------------------------------------------------------ opening
 
+    def _newest_known_on_drive(self) -> int | None:
+        """The newest checkpoint known to be verified on Drive: the last sync's status, or the index's ``mirrored`` records.
+
+        A run just restored from Drive has no status file yet, but every restored entry is
+        recorded as mirrored; without this, its first save would look many saves behind.
+        """
+        status = read_mirror_status(self.run_dir) or {}
+        known = [status["newest_verified_id"]] if isinstance(status.get("newest_verified_id"), int) else []
+        known += [e.id for e in self._index.checkpoints if e.mirrored]
+        return max(known, default=None)
+
     def _drive_budget(self, drive_max_size: int | str | None, mirror_run: Path) -> int:
-        """The mirror's byte budget (see ``drive_max_size``), logged once; remembers where the mirror stands."""
+        """The mirror's byte budget (see ``drive_max_size``), logged once."""
         try:
             budget = resolve_budget(drive_max_size, mirror_run)
         except ValueError as exc:
             raise CkptctlError(str(exc)) from None
-        status = read_mirror_status(self.run_dir) or {}
-        if isinstance(status.get("newest_verified_id"), int):
-            self._newest_on_drive = status["newest_verified_id"]
         how = "as given" if drive_max_size is not None else "free space on Drive plus this run's mirror, less a margin"
         log.info("%s: Drive mirror budget %d bytes (%s)", self.run_dir, budget, how)
         self.drive_budget = budget

@@ -290,3 +290,14 @@ def test_a_mirror_that_falls_behind_is_recorded_and_warned_about_naming_the_caus
     assert status["not_mirrored"] == 5 and status["too_big"]
     with pytest.raises(CkptctlError, match="not a size"):
         ModelPersistence(tmp_path / "runs" / "x", drive_backup=drive, drive_max_size="lots")
+
+
+def test_a_run_restored_from_drive_does_not_look_behind_on_its_first_save(tmp_path, caplog):
+    run, drive, rig = _mirrored_run(tmp_path, batches=5)
+    shutil.rmtree(run)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ckptctl"):
+        with ModelPersistence(run, save_every_n_batches=1, max_checkpoints=5, drive_backup=drive) as p:
+            p.resume(**rig.components())
+            assert p.save_checkpoint(0, 5, {"loss": 0.1}, **rig.components()) == 5
+    assert not [r for r in caplog.records if "saves behind" in r.getMessage()]
