@@ -589,8 +589,7 @@ class ModelPersistence:
             commit_index(self.run_dir, kept)  # the new file is durable; now the index
             self._index = kept
         delete_checkpoint_files(self.run_dir, [e for e in grown.checkpoints if e.id in victims])
-        if self._mirror is not None:
-            self._mirror.request()
+        self._request_mirror()
 
     def _retire(self, index: Index, removed_from: Any, ids: set[int]) -> Index:
         """Record in ``index`` which of the removed checkpoints the Drive mirror may now delete too.
@@ -696,8 +695,7 @@ class ModelPersistence:
         info = BestInfo.of_checkpoint(judged, size, checksum, self.best_metric, self.best_mode)
         commit_best(self.run_dir, info)
         self._best = info
-        if self._mirror is not None:
-            self._mirror.request()
+        self._request_mirror()
 
     def _best_from_payload_job(self, request: _SaveRequest, payload: dict[str, Any]) -> None:
         size, checksum = write_checkpoint_file(self.run_dir / BEST_MODEL_FILE, payload)
@@ -715,8 +713,7 @@ class ModelPersistence:
         )
         commit_best(self.run_dir, info)
         self._best = info
-        if self._mirror is not None:
-            self._mirror.request()
+        self._request_mirror()
 
     def _apply_sync_report(self, report: SyncReport) -> None:
         """Record in the local run what a mirror sync verified: index entries and ``mirror_status.json``."""

@@ -301,3 +301,16 @@ def test_a_run_restored_from_drive_does_not_look_behind_on_its_first_save(tmp_pa
             p.resume(**rig.components())
             assert p.save_checkpoint(0, 5, {"loss": 0.1}, **rig.components()) == 5
     assert not [r for r in caplog.records if "saves behind" in r.getMessage()]
+
+
+def test_a_best_model_before_the_first_checkpoint_does_not_set_the_mirror_failing(tmp_path, caplog):
+    run, drive = tmp_path / "runs" / "r", setup_drive_backup(tmp_path / "drive")
+    rig = Rig()
+    with caplog.at_level(logging.WARNING, logger="ckptctl"):
+        with ModelPersistence(run, save_every_n_batches=5, drive_backup=drive) as p:
+            assert p.update_best(0, 0, {"accuracy_delta": 0.5}, **rig.components())  # no checkpoint, no index yet
+            p.flush()
+            p.save_checkpoint(0, 1, {"accuracy_delta": 0.4}, **rig.components())
+    assert not [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert (drive / "r" / BEST_MODEL_FILE).read_bytes() == (run / BEST_MODEL_FILE).read_bytes()
+    assert [c.id for c in read_index(drive / "r").checkpoints] == [0]
