@@ -32,7 +32,7 @@ from ckptctl.core.format import (
     checkpoint_relpath,
     utc_now_iso,
 )
-from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index, clean_metrics
+from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index, check_extra, clean_metrics, salvage_extra
 from ckptctl.core.retention import ids_to_delete, protected_ids
 from ckptctl.errors import (
     BackgroundSaveError,
@@ -361,10 +361,17 @@ class ModelPersistence:
                 timestamp=str(payload.get("timestamp") or utc_now_iso()),
                 size_bytes=size,
                 checksum=checksum,
-                extra=dict(payload.get("extra") or {}),
+                extra=self._salvaged_extra(path, payload.get("extra")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptIndexError(f"{path.name}: not a ckptctl checkpoint ({exc})") from None
+
+    def _salvaged_extra(self, path: Path, extra: Any) -> dict[str, Any]:
+        """A checkpoint file's ``extra`` made JSON-safe for the index (files from before it was checked on save)."""
+        cleaned, problems = salvage_extra(extra)
+        for problem in problems:
+            log.warning("%s: %s; stored as null in the index", path.name, problem)
+        return cleaned
 
     def _load_training_state(self) -> dict[str, Any]:
         """training_state.json as a dict; an unreadable one is set aside (the next update rewrites it)."""
@@ -472,6 +479,7 @@ class ModelPersistence:
         """
         self._check_open()
         self._raise_background_error()
+        extra = check_extra(extra)  # fails at the first call with bad extra, not at the first due save
         self._global_step = int(global_step) if global_step is not None else self._global_step + 1
         due = self._global_step % self.save_every_n_batches == 0
         if not due and self.save_every_seconds is not None:
@@ -500,9 +508,11 @@ class ModelPersistence:
         self._raise_background_error()
         if not components:
             raise ValueError("save_checkpoint needs at least one component, e.g. agent=model")
+        # Everything that goes into the file and the index is checked before anything is written.
+        metrics = clean_metrics(metrics)
+        extra = check_extra(extra)
         if global_step is not None:
             self._global_step = int(global_step)
-        metrics = clean_metrics(metrics)
         states = component_states(components)
         self._wait_for_staging_buffers()
         self._raise_background_error()

@@ -45,10 +45,77 @@ def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     """Return ``metrics`` as ``{str: float}``; anything with ``float()`` (tensors too) is accepted."""
     out: dict[str, float] = {}
     for name, value in (metrics or {}).items():
-        if hasattr(value, "item"):
-            value = value.item()
-        out[str(name)] = float(value)
+        try:
+            if hasattr(value, "item"):
+                value = value.item()
+            out[str(name)] = float(value)
+        except (TypeError, ValueError, RuntimeError) as exc:  # a string, a tensor of many values...
+            raise ValueError(f"metrics[{name!r}] is not a number ({type(value).__name__}: {exc})") from None
     return out
+
+
+def check_extra(extra: Mapping[str, Any] | None, where: str = "extra") -> dict[str, Any]:
+    """Return ``extra`` as a plain dict after checking it holds only JSON values; raise ValueError naming what is wrong.
+
+    ``extra`` goes into the index (JSON) and into the checkpoint file (loaded with
+    ``weights_only=True``), so it may hold only ``str``, ``int``, finite ``float``,
+    ``bool``, ``None``, lists and dicts with string keys: no NaN (write it as None, or
+    put it in ``metrics``), no tensors or NumPy scalars (convert with ``float()``).
+    """
+    return _json_extra(extra, where, problems=None)
+
+
+def salvage_extra(extra: Any, where: str = "extra") -> tuple[dict[str, Any], list[str]]:
+    """``extra`` read back from a file written before it was checked: JSON values kept, others replaced by None.
+
+    Returns the cleaned dict and what was replaced (for a warning), so such a file can
+    still be indexed and resumed.
+    """
+    problems: list[str] = []
+    return _json_extra(extra, where, problems), problems
+
+
+def _json_extra(extra: Any, where: str, problems: list[str] | None) -> dict[str, Any]:
+    if extra is None:
+        return {}
+    if not isinstance(extra, Mapping):
+        _reject(f"{where} must be a dict of JSON values, got {type(extra).__name__}", problems)
+        return {}
+    cleaned = _json_value(dict(extra), where, problems)
+    return cleaned if isinstance(cleaned, dict) else {}
+
+
+def _reject(message: str, problems: list[str] | None) -> None:
+    if problems is None:
+        raise ValueError(message)
+    problems.append(message)
+
+
+def _json_value(value: Any, where: str, problems: list[str] | None) -> Any:
+    if value is None or isinstance(value, str) or type(value) in (int, bool):
+        return value
+    if type(value) is float:
+        if math.isfinite(value):
+            return value
+        _reject(f"{where} is {value!r}: JSON has no NaN or infinity (store None, or put it in metrics)", problems)
+        return None
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                _reject(f"{where} has the key {key!r}: keys must be strings", problems)
+                continue
+            out[key] = _json_value(item, f"{where}[{key!r}]", problems)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_json_value(item, f"{where}[{i}]", problems) for i, item in enumerate(value)]
+    kind = f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
+    _reject(
+        f"{where} is a {kind}: extra holds JSON values only (numbers, strings, lists, dicts); "
+        "convert it (float(x), x.item(), x.tolist()) or save tensors as a component",
+        problems,
+    )
+    return None
 
 
 def _json_metrics(metrics: Mapping[str, float]) -> dict[str, float | None]:

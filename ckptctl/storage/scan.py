@@ -51,7 +51,9 @@ def read_json_file(path: str | os.PathLike, max_bytes: int = MAX_METADATA_BYTES)
     except OSError as exc:
         raise CorruptIndexError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
     try:
-        return json.loads(raw.decode("utf-8"))
+        # NaN / Infinity are not JSON (Python writes them, other readers reject them): read
+        # them as null, so whatever ckptctl writes back stays valid JSON.
+        return json.loads(raw.decode("utf-8"), parse_constant=lambda _name: None)
     except (UnicodeDecodeError, ValueError) as exc:
         raise CorruptIndexError(f"{path.name}: not valid JSON ({exc.__class__.__name__})") from None
     except RecursionError:
