@@ -51,6 +51,7 @@ from ckptctl.storage.mirror import (
     BackgroundMirror,
     SyncReport,
     apply_sync_report,
+    check_mirror_apart,
     read_mirror_status,
     resolve_budget,
     write_mirror_status,
@@ -246,6 +247,7 @@ class ModelPersistence:
             cleanup_temporaries(self.run_dir / CHECKPOINT_DIR)
             drive_root = setup_drive_backup(drive_backup) if drive_backup is not None else None  # fails fast if Drive is not mounted
             if drive_root is not None:
+                check_mirror_apart(self.run_dir, drive_root / self.run_name)
                 self.last_restore = restore_if_mirror_ahead(self.run_dir, drive_root / self.run_name, lock_held=True)
             self._index = self._load_or_rebuild_index()
             self._best = self._load_or_repair_best()

@@ -314,3 +314,16 @@ def test_a_best_model_before_the_first_checkpoint_does_not_set_the_mirror_failin
     assert not [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
     assert (drive / "r" / BEST_MODEL_FILE).read_bytes() == (run / BEST_MODEL_FILE).read_bytes()
     assert [c.id for c in read_index(drive / "r").checkpoints] == [0]
+
+
+@pytest.mark.parametrize("where", ["is the run", "inside the run", "around the run"])
+def test_a_drive_folder_that_is_the_run_inside_it_or_around_it_is_refused(tmp_path, where):
+    """The mirror (<drive>/<run name>) must be apart from the run: before, its temporary
+    clean-up deleted the trainer's saves in flight (BackgroundSaveError after 2-3 saves)."""
+    run = tmp_path / "r" / "runs" / "r" if where == "around the run" else tmp_path / "runs" / "r"
+    drive = {"is the run": run.parent, "inside the run": run / "backup", "around the run": tmp_path}[where]
+    run.mkdir(parents=True)
+    drive.mkdir(parents=True, exist_ok=True)
+    with pytest.raises(CkptctlError, match="choose a Drive folder outside"):
+        ModelPersistence(run, drive_backup=drive)
+    ModelPersistence(run).close()  # the refused open left nothing locked

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -31,10 +32,15 @@ def test_stale_partial_files_are_cleaned_and_damaged_copies_replaced(tmp_path):
     sync_run(local, mirror)
     stale = mirror / "checkpoints" / f"{TEMP_PREFIX}checkpoint_00003.pt.0bad"
     stale.write_bytes(b"half a file from a session that died")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    in_flight = mirror / "checkpoints" / f"{TEMP_PREFIX}checkpoint_00007.pt.0ther"
+    in_flight.write_bytes(b"another machine is copying this right now")
     victim = mirror / "checkpoints" / "checkpoint_00001.pt"
     victim.write_bytes(victim.read_bytes()[:100])  # truncated on Drive after it was verified
     report = sync_run(local, mirror)
     assert not stale.exists()
+    assert in_flight.exists()  # not this writer's, and still being written: never deleted
     assert report.copied == ["checkpoints/checkpoint_00001.pt"]
     assert_mirror_index_verifies(mirror)
 

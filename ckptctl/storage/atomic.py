@@ -12,6 +12,7 @@ import os
 import queue
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -272,22 +273,31 @@ def atomic_copy(
     return atomic_write(dst, body, algorithm=algorithm)
 
 
-def cleanup_temporaries(directory: str | os.PathLike) -> list[Path]:
+def cleanup_temporaries(directory: str | os.PathLike, *, idle_for: float | None = None) -> list[Path]:
     """Remove leftover ckptctl temporaries directly inside ``directory``; return what was removed.
 
     Only call this while holding the run lock: a live writer's temporary looks the same.
+    Where no lock covers the folder (a Drive mirror that another machine may be writing
+    to), pass ``idle_for``: only temporaries not written to for that many seconds go (a
+    live writer's keeps changing; file times only tell staleness here, never order).
     """
     removed = []
     try:
         names = os.listdir(directory)
     except OSError:
         return removed
+    now = time.time()
     for name in names:
         if is_temporary_name(name):
             path = Path(directory) / name
-            if path.is_file() and not path.is_symlink():
-                _remove_quietly(path)
-                removed.append(path)
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or (idle_for is not None and now - st.st_mtime < idle_for):
+                continue
+            _remove_quietly(path)
+            removed.append(path)
     return removed
 
 

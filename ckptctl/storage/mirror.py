@@ -69,6 +69,9 @@ NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: that reports free space a little optimistically (Drive's FUSE layer does).
 BUDGET_MARGIN = 0.05
 
+#: A temporary on the mirror not written to for this long is a leftover of a killed copy.
+STALE_TEMPORARY_SECONDS = 600.0
+
 #: Room kept for the mirror's JSON files on top of the index's current size (growth by one
 #: entry, and its temporary while it is rewritten).
 METADATA_RESERVE = 8192
@@ -250,6 +253,24 @@ def _read_mirror_index(mirror_run: Path, run_name: str) -> Index:
 # --------------------------------------------------------------------------- budget
 
 
+def check_mirror_apart(local_run: str | os.PathLike, mirror_run: str | os.PathLike) -> None:
+    """Raise :class:`MirrorError` when the mirror folder is the run itself, inside it, or contains it.
+
+    Such a mirror would copy the run onto itself and its clean-up would delete the
+    trainer's own files in flight.
+    """
+    run, mirror = Path(local_run).resolve(), Path(mirror_run).resolve()
+    if mirror == run:
+        where = "is the run folder itself"
+    elif run in mirror.parents:
+        where = "is inside the run folder"
+    elif mirror in run.parents:
+        where = "contains the run folder"
+    else:
+        return
+    raise MirrorError(f"Drive mirror {mirror} {where} {run}; choose a Drive folder outside the run's folder")
+
+
 def default_budget(mirror_root_or_run: str | os.PathLike) -> int:
     """The byte budget used when none is given: free space + this run's mirror, less :data:`BUDGET_MARGIN`.
 
@@ -296,6 +317,7 @@ class _Sync:
     """The state of one :func:`sync_run` (the mirror's verified copies, the budget, the report)."""
 
     def __init__(self, local_run: Path, mirror_run: Path, max_bytes: int | None, on_progress: ProgressCallback):
+        check_mirror_apart(local_run, mirror_run)
         self.local_run = local_run
         self.mirror_run = mirror_run
         self.max_bytes = max_bytes
@@ -309,8 +331,10 @@ class _Sync:
         # recreated on the local disk under the mount point and reported as mirrored.
         mirror_run.mkdir(exist_ok=True)
         (mirror_run / CHECKPOINT_DIR).mkdir(exist_ok=True)
-        cleanup_temporaries(mirror_run)
-        cleanup_temporaries(mirror_run / CHECKPOINT_DIR)
+        # No lock covers a Drive folder: another machine (or a writer this one took over
+        # from) may be copying into it. Only temporaries idle long enough are leftovers.
+        cleanup_temporaries(mirror_run, idle_for=STALE_TEMPORARY_SECONDS)
+        cleanup_temporaries(mirror_run / CHECKPOINT_DIR, idle_for=STALE_TEMPORARY_SECONDS)
         self.mirror_index = _read_mirror_index(mirror_run, self.local_index.run_name)
         self.verified: dict[int, CheckpointEntry] = dict(self.mirror_index.by_id())
         self.verified_at: dict[int, str] = {}
