@@ -3,6 +3,9 @@
 The CLI maps each of these to a one-line ``Error: ...`` and an exit code in one table.
 """
 
+import errno
+import os
+
 
 class CkptctlError(Exception):
     """Base class of every error ckptctl raises on purpose."""
@@ -50,3 +53,23 @@ class NotFoundError(CkptctlError):
 
 class DeviceUnavailableError(CkptctlError):
     """The device asked for (e.g. ``"cuda"``) does not exist on this machine; no file was judged."""
+
+
+class RunNotWritableError(CkptctlError):
+    """The run folder cannot be written (read-only, missing): its writer lock cannot be taken."""
+
+
+class NotRegularFileError(CkptctlError, OSError):
+    """A path that must be a regular file is a FIFO, a device, a socket, a directory (or, where
+    links are not followed, a symlink). It was not read: opening such a thing can block forever.
+
+    Also an :class:`OSError`, so every ``except OSError`` that handles an unreadable file
+    handles this one the same way. ``kind`` names what was found (``"FIFO"``...).
+    """
+
+    def __init__(self, path: "str | os.PathLike", kind: str):
+        OSError.__init__(self, errno.EINVAL, f"not a regular file ({kind})", os.fsdecode(path))
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"

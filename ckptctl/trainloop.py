@@ -791,6 +791,14 @@ def main(argv: list[str] | None = None) -> int:
     except CkptctlError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the run folder moved, deleted or made read-only under a running loop
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(
+            f"Error: {where}{exc.strerror or exc}; checkpoints committed before this are intact: "
+            f"check the folder (moved, deleted, read-only or full?) and run again with --resume",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:  # a signal before the handlers were installed
         print("Error: interrupted before training started", file=sys.stderr)
         return 130

@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 
 from ckptctl.core.format import LOCK_FILE, utc_now_iso
-from ckptctl.errors import RunLockedError
+from ckptctl.errors import RunLockedError, RunNotWritableError
 
 _PROC_LOCKS = "/proc/locks"
 
@@ -35,7 +35,13 @@ class RunLock:
         """Take the lock or raise :class:`RunLockedError` naming the holder."""
         if self._fd is not None:
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # read-only, missing or not a folder: say so, not a traceback
+            raise RunNotWritableError(
+                f"{self.path.parent}: cannot take the run's writer lock ({exc.strerror or exc}); "
+                "a run is written only in a writable folder: copy it somewhere writable to continue it"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
