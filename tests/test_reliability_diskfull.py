@@ -104,3 +104,22 @@ def test_disk_full_frees_space_or_fails_cleanly(tmp_path):
     assert out["b_error"] is not None and "disk full" in out["b_error"] and "No space left" in out["b_error"]
     assert out["b_files"] == ["checkpoint_00000.pt"]
     assert out["b_resumed"] == 0 and out["b_weights_are_first_save"]
+
+
+def test_restore_onto_a_full_disk_names_the_file_it_could_not_write(tmp_path, make_run):
+    """ckptctl restore --from-drive onto a real full tmpfs: one Error line naming the file, exit 1."""
+    if not can_mount_private_tmpfs(tmp_path):
+        pytest.skip("this machine allows no private tmpfs mount (unshare -rm); disk-full test needs one")
+    drive = tmp_path / "drive"
+    make_run("big", n=3, parent=drive)
+    small = tmp_path / "small"
+    small.mkdir()
+    script = (
+        f"mount -t tmpfs -o size=48k tmpfs {small} && "
+        f'exec "{sys.executable}" -m ckptctl restore --from-drive --drive {drive} --run big --to {small}'
+    )
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"{small}/big/" in lines[0] and "No space left on device" in lines[0], lines[0]

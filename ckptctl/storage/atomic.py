@@ -115,10 +115,19 @@ def atomic_write(
     except BaseException as exc:
         _remove_quietly(tmp)
         if writer is not None and writer.error is not None and writer.error is not exc:
-            raise writer.error from None  # the real cause (e.g. ENOSPC), not the caller's wrapper
+            raise _naming(writer.error, final_path) from None  # the real cause (e.g. ENOSPC), not the caller's wrapper
+        if isinstance(exc, OSError) and not exc.filename:
+            raise _naming(exc, final_path) from None
         raise
     fsync_dir(final_path.parent)
     return writer.bytes_written, writer.checksum()
+
+
+def _naming(exc: BaseException, path: Path) -> BaseException:
+    """``exc``, or for an OSError that names no file (a failed write: ENOSPC, EIO), the same error naming ``path``."""
+    if isinstance(exc, OSError) and not exc.filename and exc.errno is not None:
+        return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
+    return exc
 
 
 def atomic_write_by_name(
@@ -143,8 +152,10 @@ def atomic_write_by_name(
             os.close(fd)
         size, checksum = hash_file(tmp, algorithm)
         os.replace(tmp, final_path)
-    except BaseException:
+    except BaseException as exc:
         _remove_quietly(tmp)
+        if isinstance(exc, OSError) and not exc.filename:
+            raise _naming(exc, final_path) from None
         raise
     fsync_dir(final_path.parent)
     return size, checksum
