@@ -327,3 +327,27 @@ def test_a_drive_folder_that_is_the_run_inside_it_or_around_it_is_refused(tmp_pa
     with pytest.raises(CkptctlError, match="choose a Drive folder outside"):
         ModelPersistence(run, drive_backup=drive)
     ModelPersistence(run).close()  # the refused open left nothing locked
+
+
+def test_a_writer_refused_while_the_holder_writes_its_details_still_names_it(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import fcntl, json, os, socket, sys, time
+            fd = os.open({str(run / ".ckptctl.lock")!r}, os.O_RDWR | os.O_CREAT, 0o644)
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            print("locked", flush=True)
+            time.sleep(0.2)  # the instant between taking the lock and writing who holds it
+            os.pwrite(fd, json.dumps({{"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}}).encode(), 0)
+            sys.stdin.read()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid} on"):
+            ModelPersistence(run)
+    finally:
+        holder.communicate("", timeout=60)

@@ -11,12 +11,16 @@ import fcntl
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 from ckptctl.core.format import LOCK_FILE, utc_now_iso
 from ckptctl.errors import RunLockedError, RunNotWritableError
 
 _PROC_LOCKS = "/proc/locks"
+
+#: How long a refused acquire waits for the holder to write who it is.
+HOLDER_DETAILS_WAIT = 0.5
 
 
 class RunLock:
@@ -131,10 +135,18 @@ def _recorded_holder_alive(lock_path: Path) -> bool:
     return True
 
 
-def describe_holder(lock_path: Path) -> str:
-    """A short description of who holds ``lock_path``, from what it wrote there."""
-    try:
-        info = json.loads(lock_path.read_text())
-        return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
-    except (OSError, ValueError, AttributeError):
-        return "another process"
+def describe_holder(lock_path: Path, wait: float = HOLDER_DETAILS_WAIT) -> str:
+    """A short description of who holds ``lock_path``, from what it wrote there.
+
+    A holder writes its details just after it takes the lock: a caller refused in that
+    instant waits up to ``wait`` seconds for them rather than naming no one.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            info = json.loads(lock_path.read_text())
+            return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
+        except (OSError, ValueError, AttributeError):
+            if time.monotonic() >= deadline:
+                return "another process (it has not written its pid yet)"
+            time.sleep(0.01)
