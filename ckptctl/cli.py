@@ -366,7 +366,7 @@ def prune_command(
     from ckptctl import render
     from ckptctl.core.units import parse_size
     from ckptctl.storage.lock import RunLock, is_locked
-    from ckptctl.storage.plans import execute_prune, plan_prune
+    from ckptctl.storage.plans import execute_prune, finish_interrupted_prune, plan_prune
 
     if keep is None and max_size is None:
         raise typer.BadParameter("give --keep N and/or --max-size SIZE", param_hint="'--keep' / '--max-size'")
@@ -394,6 +394,9 @@ def prune_command(
             try:
                 locks.enter_context(RunLock(run))
                 usable.append(run)
+                finished = finish_interrupted_prune(run)  # an earlier prune killed before its last delete
+                if finished:
+                    render.info(f"{run.name}: finished deleting {len(finished)} checkpoint file(s) an interrupted prune left: {', '.join(finished)}")
             except RunLockedError as exc:
                 message, _ = error_message(exc)
                 sys.stderr.write(f"Error: {message}\n")

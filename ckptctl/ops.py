@@ -95,6 +95,7 @@ def _plan_verify(run_dir: Path) -> tuple[list[_Job], list[VerifyResult]]:
                 continue
             jobs.append(_Job(entry.id, path, shown, entry.checksum))
     indexed = set(index.by_id()) if index else set()
+    indexed |= set(index.deleting) if index else set()  # tombstoned leftovers of an interrupted removal: not checkpoints
     on_disk = checkpoint_files_on_disk(run_dir)
     if index is None and on_disk and not (run_dir / INDEX_FILE).exists():
         bad(None, str(run_dir / INDEX_FILE), "no index: checksums unknown, checkpoints checked by loading only", "missing")
@@ -448,8 +449,10 @@ def resume_info(run_dir: Path) -> dict[str, Any]:
                 candidates[entry.id] = (path, entry.checksum, str(run_dir / entry.path), entry)
             except UnsafePathError as exc:
                 candidates[entry.id] = (None, None, str(run_dir / entry.path), str(exc))
+    deleting = set(index.deleting) if index is not None else set()  # never adopted: the next open deletes them
     for checkpoint_id, path in checkpoint_files_on_disk(run_dir).items():
-        candidates.setdefault(checkpoint_id, (path, None, str(path), None))
+        if checkpoint_id not in deleting:
+            candidates.setdefault(checkpoint_id, (path, None, str(path), None))
     skipped: list[dict[str, Any]] = []
     chosen = None
     for checkpoint_id in sorted(candidates, reverse=True):

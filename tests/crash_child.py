@@ -55,3 +55,11 @@ def save_cycles(run_dir: str, target: str, kill_at: int, cycles: int) -> None:
         p.maybe_save(0, batch, metrics, agent=model, optimizer=opt)
         p.update_best(0, batch, metrics, agent=model, optimizer=opt)
     p.close()
+
+
+def prune_cli(run_dir: str, target: str, kill_at: int, keep: int) -> None:
+    """Run ``ckptctl prune RUN --keep N --yes`` in this process, killed at the ``kill_at``-th ``target`` call."""
+    from ckptctl.cli import main
+
+    _arm(target, kill_at)
+    main(["prune", run_dir, "--keep", str(keep), "--yes"])

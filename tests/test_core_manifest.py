@@ -97,3 +97,30 @@ def test_rewriting_an_index_keeps_unusable_entries_as_they_were():
     assert hostile in written["checkpoints"]
     again = Index.from_dict(written)
     assert [c.id for c in again.checkpoints] == [0, 1] and again.skipped[0][0] == 5
+
+
+@pytest.mark.parametrize("raw", [entry(0, path="checkpoints/checkpoint_00009.pt"), entry(2**64 + 5, path="checkpoints/checkpoint_00000.pt")])
+def test_an_entry_whose_file_name_carries_another_id_is_skipped_and_kept(raw):
+    from ckptctl.errors import UnsafePathError
+
+    with pytest.raises(UnsafePathError, match="not the file of checkpoint"):
+        CheckpointEntry.from_dict(raw)
+    index = Index.from_dict({"format_version": 1, "run_name": "r", "next_id": 10, "checkpoints": [raw, entry(9)]})
+    assert [c.id for c in index.checkpoints] == [9] and index.skipped[0][0] == raw["id"]
+    assert index.next_id == 10  # a skipped entry does not move the counter
+    assert raw in index.to_dict()["checkpoints"]  # written back unchanged
+    assert CheckpointEntry.from_dict(entry(3, path="checkpoints/./checkpoint_00003.pt")).path == "checkpoints/checkpoint_00003.pt"
+
+
+def test_tombstones_round_trip_and_keep_the_id_counter_ahead():
+    index = Index.from_dict({"format_version": 1, "run_name": "r", "next_id": 0, "checkpoints": [entry(2)],
+                             "deleting": [7, 0, "x", -1, True, 2]})
+    assert index.deleting == (0, 7)  # junk dropped; a listed id is never a tombstone (the entry wins)
+    assert index.next_id == 8  # ids of files being deleted are never reused
+    assert Index.from_dict(json.loads(json.dumps(index.to_dict()))) == index
+    marked = index.mark_deleting([2, 3])  # 2 is still listed: not marked
+    assert marked.deleting == (0, 3, 7)
+    cleared = marked.forget_deleting([0, 3, 7])
+    assert cleared.deleting == () and "deleting" not in cleared.to_dict() and cleared.next_id == 8
+    relisted = marked.with_entries(list(marked.checkpoints) + [CheckpointEntry.from_dict(entry(3))])
+    assert relisted.deleting == (0, 7)

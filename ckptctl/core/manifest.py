@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
-from ckptctl.core.format import BEST_MODEL_FILE, FORMAT_VERSION, check_relative_path
+from ckptctl.core.format import BEST_MODEL_FILE, FORMAT_VERSION, check_relative_path, checkpoint_relpath
 from ckptctl.errors import CorruptIndexError, UnsafePathError
 
 #: Checksum algorithms the readers understand; writers use the first. xxh3_128 detects
@@ -190,6 +190,8 @@ class CheckpointEntry:
         if entry_id < 0:
             raise CorruptIndexError(f"{what}: negative id")
         path = check_relative_path(data.get("path"))
+        if path != checkpoint_relpath(entry_id):  # the file name carries the id: never another checkpoint's file
+            raise UnsafePathError(f"{what}: path {path!r} is not the file of checkpoint {entry_id} ({checkpoint_relpath(entry_id)})")
         checksum = _require(data, "checksum", str, what)
         try:
             parse_checksum(checksum)
@@ -336,12 +338,16 @@ class BestInfo:
         )
 
 
-def _read_retired(raw: Any) -> tuple[int, ...]:
-    """The ``retired`` list of an index; anything that is not a non-negative int is dropped."""
+def _read_ids(raw: Any) -> tuple[int, ...]:
+    """A list of ids in an index, sorted; anything that is not a non-negative int is dropped."""
     if not isinstance(raw, list):
         return ()
-    ids = {v for v in raw if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
-    return tuple(sorted(ids)[-MAX_RETIRED:])
+    return tuple(sorted({v for v in raw if isinstance(v, int) and not isinstance(v, bool) and v >= 0}))
+
+
+def _read_retired(raw: Any) -> tuple[int, ...]:
+    """The ``retired`` list of an index; anything that is not a non-negative int is dropped."""
+    return _read_ids(raw)[-MAX_RETIRED:]
 
 
 def _check_version(data: Mapping[str, Any], what: str) -> None:
@@ -374,6 +380,11 @@ class Index:
     #: deletes a copy the local run never had, e.g. after a partial restore). An id leaves
     #: this list once the mirror reports it gone there.
     retired: tuple[int, ...] = ()
+    #: Tombstones: ids whose entries were removed from the index (by ``prune`` or retention)
+    #: while their files may still exist. Such a file is never adopted again; whoever opens
+    #: the run next (the library, ``prune``) deletes it and clears the tombstone. An id
+    #: listed in :attr:`checkpoints` is never a tombstone (the entry wins).
+    deleting: tuple[int, ...] = ()
 
     @property
     def latest(self) -> CheckpointEntry | None:
@@ -388,7 +399,9 @@ class Index:
         """Return a copy holding ``entries`` (sorted by id); ``next_id`` never goes down."""
         ordered = tuple(sorted(entries, key=lambda c: c.id))
         next_id = max([self.next_id] + [c.id + 1 for c in ordered])
-        return replace(self, checkpoints=ordered, next_id=next_id)
+        listed = {c.id for c in ordered}
+        deleting = tuple(i for i in self.deleting if i not in listed)
+        return replace(self, checkpoints=ordered, next_id=next_id, deleting=deleting)
 
     def retire(self, ids: Iterable[int]) -> "Index":
         """Return a copy that records ``ids`` as removed by local retention (see :attr:`retired`)."""
@@ -400,9 +413,20 @@ class Index:
         gone = {int(i) for i in ids}
         return replace(self, retired=tuple(i for i in self.retired if i not in gone))
 
+    def mark_deleting(self, ids: Iterable[int]) -> "Index":
+        """Return a copy with ``ids`` as tombstones (see :attr:`deleting`); ``next_id`` stays above them."""
+        listed = self.by_id()
+        marked = tuple(sorted(set(self.deleting) | {int(i) for i in ids if int(i) not in listed}))
+        return replace(self, deleting=marked, next_id=max([self.next_id] + [i + 1 for i in marked]))
+
+    def forget_deleting(self, ids: Iterable[int]) -> "Index":
+        """Return a copy whose :attr:`deleting` no longer holds ``ids`` (their files are gone)."""
+        gone = {int(i) for i in ids}
+        return replace(self, deleting=tuple(i for i in self.deleting if i not in gone))
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form, as stored in ``checkpoint_metadata.json``."""
-        return {
+        """Plain-JSON form, as stored in ``checkpoint_metadata.json`` (``deleting`` only while it holds ids)."""
+        out = {
             "format_version": FORMAT_VERSION,
             "run_name": self.run_name,
             "next_id": self.next_id,
@@ -410,6 +434,9 @@ class Index:
             + [raw for raw in self.raw_skipped if not (isinstance(raw, dict) and raw.get("id") in self.by_id())],
             "retired": list(self.retired),
         }
+        if self.deleting:
+            out["deleting"] = list(self.deleting)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, default_run_name: str = "") -> "Index":
@@ -441,11 +468,13 @@ class Index:
             next_id = 0
         run_name = data.get("run_name") if isinstance(data.get("run_name"), str) else default_run_name
         retired = _read_retired(data.get("retired"))
+        deleting = _read_ids(data.get("deleting"))
         return cls(
-            run_name=run_name, next_id=0, skipped=tuple(skipped), raw_skipped=tuple(raw_skipped), retired=retired
+            run_name=run_name, next_id=0, skipped=tuple(skipped), raw_skipped=tuple(raw_skipped), retired=retired,
+            deleting=deleting,
         ).with_entries(
             list(entries.values())
-        )._with_next_id_at_least(next_id)
+        )._with_next_id_at_least(max([next_id] + [i + 1 for i in deleting]))
 
     def _with_next_id_at_least(self, next_id: int) -> "Index":
         return replace(self, next_id=max(self.next_id, next_id))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,7 @@ from ckptctl.core.retention import RetentionItem, ids_to_delete, protected_ids
 from ckptctl.errors import CheckpointIntegrityError, CkptctlError, CorruptIndexError, UnsafePathError
 from ckptctl.storage import legacy
 from ckptctl.storage.atomic import atomic_write_bytes, atomic_write_json, resolve_inside, verify_checksum
-from ckptctl.storage.runfiles import checkpoint_file_for_deletion, delete_checkpoint_files
+from ckptctl.storage.runfiles import checkpoint_file_for_deletion, delete_checkpoint_files, finish_pending_removal
 from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index, read_json_file
 
 
@@ -56,10 +57,12 @@ class PrunePlan:
 
 
 def _size_on_disk(run_dir: Path, entry: CheckpointEntry) -> int:
+    """Bytes of the entry's file; 0 when missing or not a regular file (a directory's size frees nothing)."""
     try:
-        return resolve_inside(run_dir, entry.path).stat().st_size
+        st = resolve_inside(run_dir, entry.path).stat()
     except (OSError, UnsafePathError):
         return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
 def _newest_verified(run_dir: Path, entries: list[CheckpointEntry]) -> int | None:
@@ -214,12 +217,28 @@ def _execute_prune_legacy(plan: PrunePlan) -> list[str]:
     return delete_checkpoint_files(run_dir, plan.delete)
 
 
+def finish_interrupted_prune(run_dir: str | os.PathLike) -> list[str]:
+    """Delete the files an interrupted prune (or retention) left behind its tombstones; the caller holds the lock.
+
+    Returns the run-relative paths deleted (none when the index is missing, unreadable or
+    holds no tombstones).
+    """
+    try:
+        index = read_index(run_dir)
+    except (FileNotFoundError, CorruptIndexError):
+        return []
+    return finish_pending_removal(run_dir, index)[1]
+
+
 def execute_prune(plan: PrunePlan) -> list[str]:
     """Carry out ``plan``; the caller must hold the run lock. Returns the run-relative paths deleted.
 
-    The index is rewritten first (durably, without the deleted entries; every other entry,
-    even one this version cannot read, is kept as it was; deleted ids that were on the
-    Drive mirror are added to its ``retired`` list), then the files are deleted.
+    The index is rewritten first (durably, without the deleted entries and with their ids
+    as tombstones in ``deleting``; every other entry, even one this version cannot read, is
+    kept as it was; deleted ids that were on the Drive mirror are added to its ``retired``
+    list), then the files are deleted, then the tombstones are cleared. A kill in between
+    leaves tombstones that the next prune or library open finishes
+    (:func:`ckptctl.storage.runfiles.finish_pending_removal`); their files are never adopted.
     Raises :class:`CkptctlError` if the run changed since the plan was made.
     """
     if not plan.delete:
@@ -239,5 +258,14 @@ def execute_prune(plan: PrunePlan) -> list[str]:
     remaining = Index.from_dict(raw, default_run_name=run_dir.name)
     if {e.id for e in remaining.checkpoints} & doomed:
         raise CkptctlError(f"{run_dir}: could not drop the planned entries from the index; nothing deleted")
+    marked = remaining.mark_deleting(doomed)
+    raw["deleting"], raw["next_id"] = list(marked.deleting), marked.next_id
     atomic_write_json(run_dir / INDEX_FILE, raw)
-    return delete_checkpoint_files(run_dir, plan.delete)
+    deleted = delete_checkpoint_files(run_dir, plan.delete)
+    left = [i for i in marked.deleting if i not in doomed]
+    if left:
+        raw["deleting"] = left
+    else:
+        raw.pop("deleting")
+    atomic_write_json(run_dir / INDEX_FILE, raw)
+    return deleted
