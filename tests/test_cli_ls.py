@@ -134,3 +134,22 @@ def test_names_that_look_like_markup_are_printed_as_they_are(tmp_path):
     out = invoke("ls").stdout
     assert "exp[red]1[b]" in out
     assert "exp[red]1[b]" in invoke("verify").stdout
+
+
+def test_the_drive_mark_belongs_to_the_run_it_was_verified_for_not_to_a_copy(tmp_path):
+    import shutil
+
+    from ckptctl import ModelPersistence, setup_drive_backup
+    from ckptctl.storage.scan import read_index
+
+    drive = setup_drive_backup(tmp_path / "drive")
+    run = tmp_path / "runs" / "r"
+    model = __import__("torch").nn.Linear(3, 3)
+    with ModelPersistence(run, save_every_n_batches=1, drive_backup=drive) as p:
+        for batch in range(2):
+            p.maybe_save(0, batch, {"loss": 1.0}, agent=model)
+    assert all(c.mirrored and c.mirrored["mirror"] == str(drive / "r") for c in read_index(run).checkpoints)
+    shutil.copytree(run, tmp_path / "runs" / "r_copy")  # a copy under another name: its own mirror has nothing
+    doc = json.loads(invoke("ls", str(tmp_path / "runs"), "--json").stdout)
+    marks = {r["name"]: [c["mirrored"] for c in r["checkpoints"]] for r in doc["runs"]}
+    assert marks == {"r": [True, True], "r_copy": [False, False]}

@@ -110,6 +110,19 @@ def _file_size(run_dir: Path, relpath: str) -> int | None:
         return None
 
 
+def mirrored_for_this_run(mirrored: dict | None, run_dir: Path) -> bool:
+    """Whether an entry's ``mirrored`` record speaks of this run's mirror.
+
+    The record names the mirror folder it was verified in; a run copied under another
+    name keeps the records of the original, which say nothing about its own mirror.
+    Records from before the mirror was named count as this run's.
+    """
+    if not mirrored:
+        return False
+    mirror = mirrored.get("mirror")
+    return not isinstance(mirror, str) or Path(mirror).name == run_dir.name
+
+
 def listing_from_scan(scan: RunScan) -> RunListing:
     """Build the listing of one scanned run (stat calls only)."""
     rows: list[CheckpointRow] = []
@@ -131,7 +144,7 @@ def listing_from_scan(scan: RunScan) -> RunListing:
                     timestamp=e.timestamp,
                     checksum=e.checksum,
                     pinned=e.pinned,
-                    mirrored=e.mirrored is not None,
+                    mirrored=mirrored_for_this_run(e.mirrored, scan.path),
                     present=size is not None,
                 )
             )

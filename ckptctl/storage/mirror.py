@@ -676,11 +676,18 @@ class _Sync:
             if have is None or have.checksum != entry.checksum:
                 report.not_mirrored.append(checkpoint_id)
                 continue
-            if entry.mirrored and entry.mirrored.get("checksum") == entry.checksum and checkpoint_id not in self.verified_at:
+            if (
+                entry.mirrored
+                and entry.mirrored.get("checksum") == entry.checksum
+                and entry.mirrored.get("mirror", str(self.mirror_run)) == str(self.mirror_run)
+                and checkpoint_id not in self.verified_at
+            ):
                 report.mirrored[checkpoint_id] = dict(entry.mirrored)
             else:
                 at = self.verified_at.get(checkpoint_id, now)
-                report.mirrored[checkpoint_id] = {"checksum": entry.checksum, "size_bytes": have.size_bytes, "at": at}
+                report.mirrored[checkpoint_id] = {
+                    "checksum": entry.checksum, "size_bytes": have.size_bytes, "at": at, "mirror": str(self.mirror_run)
+                }
         newest = self.newest_verified()
         report.newest_verified_id = newest
         if newest is not None:
@@ -745,8 +752,9 @@ def sync_run(
 def apply_sync_report(index: Index, report: SyncReport) -> Index:
     """Return ``index`` with what ``report`` says about the mirror recorded in it.
 
-    Entries verified on the mirror (same checksum) get ``mirrored`` (an earlier record with
-    the same checksum is kept as it is); entries the sync saw that are not verified there
+    Entries verified on the mirror (same checksum) get ``mirrored``, naming the mirror (an
+    earlier record of the same checksum and mirror is kept as it is); entries the sync saw
+    that are not verified there
     (dropped for the budget, never copied) lose it; entries newer than the sync are left
     alone. Ids no longer on the mirror leave ``retired``.
     """
@@ -755,7 +763,7 @@ def apply_sync_report(index: Index, report: SyncReport) -> Index:
     for entry in index.checkpoints:
         info = report.mirrored.get(entry.id)
         if info is not None and info.get("checksum") == entry.checksum:
-            if not (entry.mirrored and entry.mirrored.get("checksum") == entry.checksum):
+            if entry.mirrored != info:  # the sync keeps a still-valid earlier record as it is
                 entry = replace(entry, mirrored=dict(info))
         elif entry.id in seen and entry.mirrored is not None:
             entry = replace(entry, mirrored=None)

@@ -313,7 +313,8 @@ def restore_run(
             report.bytes_copied += size
             if c.entry is not None:
                 local[c.entry.id] = replace(
-                    c.entry, mirrored={"checksum": checksum, "size_bytes": size, "at": utc_now_iso()}
+                    c.entry,
+                    mirrored={"checksum": checksum, "size_bytes": size, "at": utc_now_iso(), "mirror": str(mirror_run)},
                 )
                 local_index = local_index.with_entries(list(local.values()))
                 commit_index(dest_run, local_index)  # after each file: an interrupted restore resumes here
