@@ -755,8 +755,7 @@ def apply_sync_report(index: Index, report: SyncReport) -> Index:
     Entries verified on the mirror (same checksum) get ``mirrored``, naming the mirror (an
     earlier record of the same checksum and mirror is kept as it is); entries the sync saw
     that are not verified there (dropped for the budget, never copied) lose it; entries
-    newer than the sync are left
-    alone. Ids no longer on the mirror leave ``retired``.
+    newer than the sync are left alone. Ids no longer on the mirror leave ``retired``.
     """
     seen = set(report.mirrored) | set(report.not_mirrored)
     entries = []
