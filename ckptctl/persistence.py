@@ -60,7 +60,10 @@ from ckptctl.storage.restore import RestoreReport, restore_run
 from ckptctl.storage.runfiles import (
     commit_best,
     commit_index,
+    commit_removal,
     delete_checkpoint_files,
+    finish_pending_removal,
+    finish_removal,
     retention_items,
     set_aside,
 )
@@ -322,6 +325,9 @@ class ModelPersistence:
             index = Index(run_name=self.run_name, next_id=0)
         for raw_id, reason in index.skipped:
             log.warning("%s: ignoring index entry %r: %s", self.run_dir, raw_id, reason)
+        index, finished = finish_pending_removal(self.run_dir, index)  # tombstoned files: deleted, never adopted
+        if finished:
+            log.warning("%s: finished deleting %d checkpoint file(s) an interrupted removal left", self.run_dir, len(finished))
         on_disk = checkpoint_files_on_disk(self.run_dir)
         known = index.by_id()
         adopted = []
@@ -598,10 +604,18 @@ class ModelPersistence:
                 )
             )
             kept = self._retire(grown.with_entries([e for e in grown.checkpoints if e.id not in victims]), grown.checkpoints, victims)
-            commit_index(self.run_dir, kept)  # the new file is durable; now the index
-            self._index = kept
-        delete_checkpoint_files(self.run_dir, [e for e in grown.checkpoints if e.id in victims])
+            # the new file is durable; now the index (the victims as tombstones until their files are gone)
+            self._index = commit_removal(self.run_dir, kept, [e for e in grown.checkpoints if e.id in victims])
+        self._remove_files([e for e in grown.checkpoints if e.id in victims])
         self._request_mirror()
+
+    def _remove_files(self, victims: list[CheckpointEntry]) -> None:
+        """Delete the files of ``victims`` (committed as tombstones), then clear their tombstones."""
+        if not victims:
+            return
+        delete_checkpoint_files(self.run_dir, victims)
+        with self._index_lock:
+            self._index = finish_removal(self.run_dir, self._index, [v.id for v in victims])
 
     def _retire(self, index: Index, removed_from: Any, ids: set[int]) -> Index:
         """Record in ``index`` which of the removed checkpoints the Drive mirror may now delete too.
@@ -649,14 +663,14 @@ class ModelPersistence:
                 self._index.with_entries([e for e in self._index.checkpoints if e.id not in gone]), victims, gone
             )
             try:
-                commit_index(self.run_dir, smaller)
+                smaller = commit_removal(self.run_dir, smaller, victims)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
                 delete_checkpoint_files(self.run_dir, victims)  # old, not the newest: resume is unaffected
                 commit_index(self.run_dir, smaller)
             self._index = smaller
-        delete_checkpoint_files(self.run_dir, victims)
+        self._remove_files(victims)
 
     def update_best(
         self,

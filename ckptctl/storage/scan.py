@@ -199,8 +199,9 @@ def scan_run(run_dir: str | os.PathLike) -> RunScan:
             scan.problems.append(f"{BEST_METADATA_FILE}: {exc}")
     scan.training_state = read_training_state(run_dir)
     indexed = set(scan.index.by_id()) if scan.index else set()
+    deleting = set(scan.index.deleting) if scan.index else set()  # an interrupted removal's leftovers: already gone
     for checkpoint_id, file_path in checkpoint_files_on_disk(run_dir).items():
-        if checkpoint_id not in indexed:
+        if checkpoint_id not in indexed and checkpoint_id not in deleting:
             try:
                 scan.unindexed[checkpoint_id] = file_path.stat().st_size
             except OSError:
