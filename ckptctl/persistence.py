@@ -45,7 +45,7 @@ from ckptctl.errors import (
     UnsafePathError,
 )
 from ckptctl.storage import legacy
-from ckptctl.storage.atomic import atomic_copy, atomic_write_json, cleanup_temporaries, hash_file, resolve_inside, verify_checksum
+from ckptctl.storage.atomic import atomic_copy, atomic_write_json, cleanup_temporaries, hash_file, open_regular, resolve_inside, verify_checksum
 from ckptctl.storage.lock import RunLock
 from ckptctl.storage.mirror import (
     BackgroundMirror,
@@ -814,8 +814,14 @@ class ModelPersistence:
         return dict(self._training_state)
 
     def append_log(self, line: str) -> None:
-        """Append one line to training.log (flushed, not fsynced)."""
-        with open(self.run_dir / TRAINING_LOG_FILE, "a", encoding="utf-8") as f:
+        """Append one line to training.log (flushed, not fsynced).
+
+        Only to a regular file: a FIFO, a device, a socket, a directory or a symlink at that
+        name raises :class:`NotRegularFileError` at once (the open never blocks).
+        """
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        fd = open_regular(self.run_dir / TRAINING_LOG_FILE, flags, 0o644, follow_symlinks=False)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
             f.write(line.rstrip("\n") + "\n")
 
     # ------------------------------------------------------------------ reading and resuming

@@ -7,7 +7,6 @@ verifying it, and capturing/restoring RNG states.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import pickle
@@ -21,8 +20,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from ckptctl.core.format import FORMAT_VERSION, RESERVED_CHECKPOINT_KEYS
-from ckptctl.errors import CheckpointIntegrityError, DeviceUnavailableError, RestoreStateError
-from ckptctl.storage.atomic import ProgressCallback, atomic_write, atomic_write_by_name, verify_checksum
+from ckptctl.errors import CheckpointIntegrityError, DeviceUnavailableError, NotRegularFileError, RestoreStateError
+from ckptctl.storage.atomic import ProgressCallback, atomic_write, atomic_write_by_name, open_regular, verify_checksum
 
 try:  # NumPy is optional for the library; its RNG is saved when it is installed.
     import numpy as _np
@@ -270,21 +269,15 @@ def _classify_load_error(path: Path, exc: BaseException) -> CheckpointIntegrityE
     return CheckpointIntegrityError(f"{path.name}: cannot load: {message[:200]}", status="corrupt")
 
 
-@contextlib.contextmanager
-def _utf8_path(path: Path) -> Iterator[str | Path]:
-    """A name torch can open for ``path``: torch passes names to C++ as UTF-8, so a path
-    with undecodable bytes (``run_\\xff``) is reached through ``/proc/self/fd`` instead."""
+def _utf8_path(path: Path, fd: int) -> str | Path:
+    """A name torch can open for ``path``, already open as ``fd``: torch passes names to C++ as
+    UTF-8, so a path with undecodable bytes (``run_\\xff``) is reached through ``/proc/self/fd`` instead."""
     if _is_utf8(str(path)):
-        yield path
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        proc = f"/proc/self/fd/{fd}"
-        if not os.path.exists(proc):
-            raise CheckpointIntegrityError(f"{path.name!r}: file name is not valid UTF-8 and cannot be opened by torch here")
-        yield proc
-    finally:
-        os.close(fd)
+        return path
+    proc = f"/proc/self/fd/{fd}"
+    if not os.path.exists(proc):
+        raise CheckpointIntegrityError(f"{path.name!r}: file name is not valid UTF-8 and cannot be opened by torch here")
+    return proc
 
 
 def check_device(device: Any) -> None:
@@ -313,16 +306,26 @@ def safe_load(path: str | os.PathLike, device: str | torch.device = "cpu", *, mm
     """Load a checkpoint file with ``weights_only=True`` (never runs pickled code).
 
     Memory-mapped where the file allows it. Raises :class:`CheckpointIntegrityError` with
-    status ``missing``, ``corrupt`` or ``unsafe``.
+    status ``missing``, ``corrupt`` or ``unsafe``; anything but a regular file (a FIFO, a
+    device, a socket, a directory, or a symlink to one) is ``corrupt`` and never opened
+    in a way that could block (:func:`ckptctl.storage.atomic.open_regular`).
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointIntegrityError(f"{path.name}: file is missing", status="missing")
-    if not zipfile.is_zipfile(path):
-        mmap = False  # legacy (non-zip) format cannot be memory-mapped
     try:
-        with _utf8_path(path) as loadable:
-            data = torch.load(loadable, map_location=device, weights_only=True, mmap=mmap)
+        fd = open_regular(path)  # torch.load would block on a FIFO: judge the file first
+    except FileNotFoundError:
+        raise CheckpointIntegrityError(f"{path.name}: file is missing", status="missing") from None
+    except NotRegularFileError as exc:
+        raise CheckpointIntegrityError(f"{path.name}: {exc.strerror}") from None
+    except OSError as exc:
+        raise CheckpointIntegrityError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not zipfile.is_zipfile(f):
+                mmap = False  # legacy (non-zip) format cannot be memory-mapped
+            data = torch.load(_utf8_path(path, fd), map_location=device, weights_only=True, mmap=mmap)
+    except CheckpointIntegrityError:
+        raise
     except MemoryError:
         raise CheckpointIntegrityError(f"{path.name}: absurd sizes in archive (out of memory)") from None
     except FileNotFoundError:  # deleted between the check above and the open (a trainer's retention)

@@ -5,9 +5,11 @@ Plain functions (not fixtures) so each test says exactly what run it builds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +149,23 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     return subprocess.run([*ckptctl_cmd(), *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=120)
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 10):
+    """Fail with TimeoutError instead of blocking forever (e.g. a FIFO opened the ordinary way).
+
+    SIGALRM interrupts a blocking open() or read() in the main thread and the handler's
+    exception ends it, so a regression fails the test instead of hanging the suite.
+    """
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -25,6 +25,22 @@ def test_non_checkpoint_names_are_not_parsed(name):
     assert fmt.parse_checkpoint_filename(name) is None
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "checkpoint_00002.pt\n",  # re.match with $ accepted it: it shadowed checkpoint 2 after an index rebuild
+        "checkpoint_00002.pt\r",
+        "checkpoint_00002.pt ",
+        " checkpoint_00002.pt",
+        "checkpoint_\u0660\u0660\u0660\u0660\u0663.pt",  # Arabic-Indic digits: \\d took them as id 3
+        "checkpoint_\uff10\uff10\uff10\uff10\uff13.pt",  # fullwidth digits
+        "checkpoint_00002.pt\udcff",  # a non-UTF-8 byte, as os.listdir decodes it
+    ],
+)
+def test_names_that_only_look_like_checkpoints_are_not_parsed(name):
+    assert fmt.parse_checkpoint_filename(name) is None
+
+
 def test_temporaries_are_recognised():
     assert fmt.is_temporary_name(fmt.TEMP_PREFIX + "checkpoint_00001.pt.1234")
     assert not fmt.is_temporary_name("checkpoint_00001.pt")

@@ -160,3 +160,76 @@ def test_read_ahead_yields_every_byte_in_order_and_stops_cleanly(tmp_path):
     assert not [t for t in threading.enumerate() if t.name == "ckptctl-read-ahead"]
     with pytest.raises(FileNotFoundError):
         next(read_ahead(tmp_path / "missing"))
+
+
+def _not_regular(tmp_path):
+    """A FIFO, a directory, a Unix socket (and /dev/null's numbers where mknod is allowed), by kind."""
+    import socket
+    import stat as st
+
+    made = {"FIFO": tmp_path / "fifo", "directory": tmp_path / "dir", "socket": tmp_path / "sock"}
+    os.mkfifo(made["FIFO"])
+    made["directory"].mkdir()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(made["socket"]))
+    try:
+        os.mknod(tmp_path / "null", 0o644 | st.S_IFCHR, os.makedev(1, 3))
+        made["character device"] = tmp_path / "null"
+    except OSError:
+        pass
+    return made
+
+
+def test_open_regular_refuses_fifos_devices_sockets_directories_and_links_to_them(tmp_path):
+    from ckptctl.errors import NotRegularFileError
+    from ckptctl.storage.atomic import open_regular
+    from tests.cli_helpers import no_hang
+
+    regular = tmp_path / "regular"
+    regular.write_bytes(b"ok")
+    os.close(open_regular(regular))
+    (tmp_path / "link-regular").symlink_to(regular)
+    os.close(open_regular(tmp_path / "link-regular"))  # a symlink is followed and its target judged
+    with pytest.raises(NotRegularFileError, match=r"not a regular file \(symlink\)"):
+        open_regular(tmp_path / "link-regular", follow_symlinks=False)
+    with pytest.raises(FileNotFoundError):
+        open_regular(tmp_path / "missing")
+    with no_hang():
+        for kind, path in _not_regular(tmp_path).items():
+            (tmp_path / f"link-{path.name}").symlink_to(path)
+            for target in (path, tmp_path / f"link-{path.name}"):
+                for flags in (os.O_RDONLY, os.O_WRONLY | os.O_APPEND | os.O_CREAT):  # a reader, and a log appender
+                    with pytest.raises(NotRegularFileError) as err:
+                        open_regular(target, flags)
+                    assert str(err.value) == f"{target}: not a regular file ({kind})"
+                    assert isinstance(err.value, OSError)  # every `except OSError` handles it as unreadable
+
+
+def test_hashing_verifying_and_copying_refuse_a_fifo_without_blocking(tmp_path):
+    from ckptctl.errors import CorruptIndexError, NotRegularFileError
+    from ckptctl.storage.atomic import read_ahead
+    from ckptctl.storage.scan import read_json_file
+    from tests.cli_helpers import no_hang
+
+    fifo = tmp_path / "checkpoint_00001.pt"
+    os.mkfifo(fifo)
+    good = tmp_path / "good"
+    good.write_bytes(b"payload")
+    checksum = hash_file(good)[1]
+    with no_hang():
+        with pytest.raises(NotRegularFileError):
+            hash_file(fifo)
+        with pytest.raises(CheckpointIntegrityError, match=r"not a regular file \(FIFO\)") as err:
+            verify_checksum(fifo, checksum)
+        assert err.value.status == "corrupt"
+        with pytest.raises(NotRegularFileError):
+            atomic_copy(fifo, tmp_path / "copy")
+        with pytest.raises(CheckpointIntegrityError, match=r"not a regular file \(FIFO\)"):
+            atomic_copy(fifo, tmp_path / "copy", expected_checksum=checksum)  # the source is damaged
+        with pytest.raises(NotRegularFileError):
+            next(read_ahead(fifo))
+        json_fifo = tmp_path / "checkpoint_metadata.json"
+        os.mkfifo(json_fifo)
+        with pytest.raises(CorruptIndexError, match=r"checkpoint_metadata.json: not a regular file \(FIFO\)"):
+            read_json_file(json_fifo)
+    assert not (tmp_path / "copy").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]

@@ -89,3 +89,22 @@ def test_verify_deep_finds_nonfinite_tensors(tmp_path):
         verify_file(tmp_path / "bad.pt", checksum, deep=True)
     assert err.value.status == "nonfinite" and "agent.w" in str(err.value)
     assert find_nonfinite(bad) == ["agent.w"]
+
+
+def test_safe_load_refuses_a_fifo_and_a_symlink_to_one_without_blocking(tmp_path):
+    from tests.cli_helpers import no_hang
+
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    (tmp_path / "link-good.pt").symlink_to(good)
+    assert torch.equal(safe_load(tmp_path / "link-good.pt")["w"], torch.ones(2))  # a link to a regular file loads
+    fifo = tmp_path / "checkpoint_00001.pt"
+    os.mkfifo(fifo)
+    (tmp_path / "link-fifo.pt").symlink_to(fifo)
+    (tmp_path / "dir.pt").mkdir()
+    with no_hang():
+        for path in (fifo, tmp_path / "link-fifo.pt", tmp_path / "dir.pt"):
+            for call in (lambda: safe_load(path), lambda: verify_file(path, None), lambda: verify_file(path, hash_file(good)[1])):
+                with pytest.raises(CheckpointIntegrityError, match="not a regular file") as err:
+                    call()
+                assert err.value.status == "corrupt"

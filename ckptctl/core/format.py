@@ -56,7 +56,9 @@ RESERVED_CHECKPOINT_KEYS = frozenset(
     }
 )
 
-_CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d{5,})\.pt$")
+#: Matched against the whole name (``fullmatch``: ``$`` would also accept a trailing newline),
+#: ASCII digits only (``\d`` would accept ``٠٠٠٠٣``, whose id 3 names another file).
+_CHECKPOINT_NAME = re.compile(r"checkpoint_([0-9]{5,})\.pt")
 
 
 def checkpoint_filename(checkpoint_id: int) -> str:
@@ -73,7 +75,7 @@ def checkpoint_relpath(checkpoint_id: int) -> str:
 
 def parse_checkpoint_filename(name: str) -> int | None:
     """Return the id carried by a checkpoint file name, or None if ``name`` is not one."""
-    match = _CHECKPOINT_NAME.match(name)
+    match = _CHECKPOINT_NAME.fullmatch(name)
     return int(match.group(1)) if match else None
 
 

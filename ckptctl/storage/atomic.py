@@ -7,6 +7,7 @@ are removed by :func:`cleanup_temporaries`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -14,12 +15,12 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 
 from ckptctl.core.format import TEMP_PREFIX, check_relative_path, is_temporary_name
 from ckptctl.core.manifest import CHECKSUM_ALGORITHMS, format_checksum, parse_checksum
-from ckptctl.errors import CheckpointIntegrityError, UnsafePathError
+from ckptctl.errors import CheckpointIntegrityError, NotRegularFileError, UnsafePathError
 
 CHUNK_BYTES = 8 * 1024 * 1024
 DEFAULT_ALGORITHM = CHECKSUM_ALGORITHMS[0]
@@ -38,6 +39,63 @@ def new_hasher(algorithm: str = DEFAULT_ALGORITHM):
 
         return hashlib.new(algorithm)
     raise ValueError(f"unknown checksum algorithm {algorithm!r}")
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISLNK, "symlink"),
+    ):
+        if test(mode):
+            return kind
+    return "unknown type"
+
+
+def open_regular(
+    path: str | os.PathLike,
+    flags: int = os.O_RDONLY,
+    mode: int = 0o644,
+    *,
+    follow_symlinks: bool = True,
+) -> int:
+    """Open ``path`` only if it is a regular file; return the descriptor (the caller closes it).
+
+    The one place every reader of a run's files (checkpoints, the best model, metadata,
+    logs) opens them: a FIFO, a device, a socket or a directory at such a path raises
+    :class:`NotRegularFileError` at once instead of blocking or reading garbage. The open
+    itself never blocks (``O_NONBLOCK``: a FIFO opens without a peer, or refuses a writer
+    with ENXIO), then ``fstat`` on the descriptor decides, so what is judged is what was
+    opened. ``follow_symlinks=False`` adds ``O_NOFOLLOW`` (a symlink is then refused too);
+    by default a symlink is followed and its target judged. ``flags`` may add ``O_CREAT``,
+    ``O_APPEND``... (``mode`` is used on creation). A missing file raises FileNotFoundError.
+    """
+    extra = os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow_symlinks else getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(path, flags | extra, mode)
+    except OSError as exc:
+        # ENXIO: a socket, or a FIFO with no reader opened for writing; EISDIR: a directory
+        # opened for writing; ELOOP: a symlink under O_NOFOLLOW. Name the kind when it is one.
+        if exc.errno in (errno.ENXIO, errno.EISDIR, errno.ELOOP, errno.ENODEV, errno.EOPNOTSUPP):
+            try:
+                st = os.stat(path, follow_symlinks=follow_symlinks)
+            except OSError:
+                raise exc from None
+            if not stat.S_ISREG(st.st_mode):
+                raise NotRegularFileError(path, _file_kind(st.st_mode)) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(path, _file_kind(st.st_mode))
+        os.set_blocking(fd, True)  # a regular file ignores O_NONBLOCK; cleared so nothing else sees it
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -177,26 +235,37 @@ def hash_file(
     algorithm: str = DEFAULT_ALGORITHM,
     on_progress: ProgressCallback = None,
 ) -> tuple[int, str]:
-    """Stream ``path`` through the hash; return ``(size_bytes, checksum)``."""
+    """Stream ``path`` through the hash; return ``(size_bytes, checksum)``.
+
+    Only a regular file is read (:func:`open_regular`); anything else raises :class:`NotRegularFileError`.
+    """
     hasher = new_hasher(algorithm)
-    total = os.path.getsize(path)
-    done = 0
-    for chunk in read_ahead(path):
-        hasher.update(chunk)
-        done += len(chunk)
-        if on_progress:
-            on_progress(done, total)
+    with os.fdopen(open_regular(path), "rb", buffering=0) as f:
+        total = os.fstat(f.fileno()).st_size
+        done = 0
+        for chunk in read_ahead(f):
+            hasher.update(chunk)
+            done += len(chunk)
+            if on_progress:
+                on_progress(done, total)
     return done, format_checksum(algorithm, hasher.hexdigest())
 
 
-def read_ahead(path: str | os.PathLike, depth: int = 3) -> Iterator[memoryview]:
-    """Yield the bytes of ``path`` chunk by chunk while a thread reads the next ones.
+def read_ahead(source: str | os.PathLike | BinaryIO, depth: int = 3) -> Iterator[memoryview]:
+    """Yield the bytes of ``source`` chunk by chunk while a thread reads the next ones.
 
     Reading overlaps whatever the caller does with each chunk (hashing, writing): both
     release the GIL, so a copy or a checksum runs at the speed of the slower side instead
     of the sum of both. Each chunk is valid until the next one is requested.
+
+    ``source`` is a path (opened with :func:`open_regular`, so a missing file or one that
+    is not a regular file raises at once) or a binary file already opened that way; either
+    is closed when the iteration ends.
     """
-    f = open(path, "rb", buffering=0)  # opened here so a missing file raises at once
+    if isinstance(source, (str, bytes, os.PathLike)):
+        f = os.fdopen(open_regular(source), "rb", buffering=0)
+    else:
+        f = source
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
     filled: queue.Queue = queue.Queue()
@@ -249,6 +318,8 @@ def verify_checksum(path: str | os.PathLike, expected: str, on_progress: Progres
         size, actual = hash_file(path, algorithm, on_progress)
     except FileNotFoundError:
         raise CheckpointIntegrityError(f"{path}: file is missing", status="missing") from None
+    except NotRegularFileError as exc:
+        raise CheckpointIntegrityError(f"{path}: {exc.strerror}") from None
     except OSError as exc:
         raise CheckpointIntegrityError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if actual != expected:
@@ -266,14 +337,14 @@ def atomic_copy(
     """Copy ``src`` to ``dst`` crash-safely, hashing in the same pass; return ``(size, checksum)``.
 
     If ``expected_checksum`` is given and the copied bytes do not match, the temporary is
-    removed, ``dst`` is left as it was, and :class:`CheckpointIntegrityError` is raised.
+    removed, ``dst`` is left as it was, and :class:`CheckpointIntegrityError` is raised (also
+    when ``src`` is not a regular file; without a checksum that is :class:`NotRegularFileError`).
     """
     algorithm = parse_checksum(expected_checksum)[0] if expected_checksum else DEFAULT_ALGORITHM
-    total = os.path.getsize(src)
 
     def body(writer: HashingWriter) -> None:
         done = 0
-        for chunk in read_ahead(src):
+        for chunk in read_ahead(source):
             writer.write(chunk)
             done += len(chunk)
             if on_progress:
@@ -281,7 +352,16 @@ def atomic_copy(
         if expected_checksum and writer.checksum() != expected_checksum:
             raise CheckpointIntegrityError(f"{src}: checksum mismatch while copying")
 
-    return atomic_write(dst, body, algorithm=algorithm)
+    # opened before the temporary exists: a FIFO or a device source is refused at once
+    try:
+        fd = open_regular(src)
+    except NotRegularFileError as exc:
+        if expected_checksum:  # the caller expects certain bytes there: that file is damaged
+            raise CheckpointIntegrityError(f"{src}: {exc.strerror}") from None
+        raise
+    with os.fdopen(fd, "rb", buffering=0) as source:
+        total = os.fstat(source.fileno()).st_size
+        return atomic_write(dst, body, algorithm=algorithm)
 
 
 def cleanup_temporaries(directory: str | os.PathLike, *, idle_for: float | None = None) -> list[Path]:

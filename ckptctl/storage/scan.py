@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,8 @@ from ckptctl.core.format import (
     parse_checkpoint_filename,
 )
 from ckptctl.core.manifest import BestInfo, Index
-from ckptctl.errors import CorruptIndexError, UnsafePathError
+from ckptctl.errors import CorruptIndexError, NotRegularFileError, UnsafePathError
+from ckptctl.storage.atomic import open_regular
 from ckptctl.storage import legacy
 
 #: Metadata files larger than this are refused rather than parsed.
@@ -35,21 +35,20 @@ def read_json_file(path: str | os.PathLike, max_bytes: int = MAX_METADATA_BYTES)
     """
     path = Path(path)
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
+        # opened, then judged by fstat: a FIFO or a device never blocks the read (nor is swapped in after a check)
+        with os.fdopen(open_regular(path), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise CorruptIndexError(f"{path.name}: {size} bytes is larger than the {max_bytes}-byte limit")
+            raw = f.read(max_bytes + 1)
+    except (FileNotFoundError, CorruptIndexError):
         raise
+    except NotRegularFileError as exc:
+        raise CorruptIndexError(f"{path.name}: {exc.strerror}") from None
     except OSError as exc:
         raise CorruptIndexError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise CorruptIndexError(f"{path.name}: not a regular file")
-    if st.st_size > max_bytes:
-        raise CorruptIndexError(f"{path.name}: {st.st_size} bytes is larger than the {max_bytes}-byte limit")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise CorruptIndexError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) > max_bytes:  # grew after the fstat
+        raise CorruptIndexError(f"{path.name}: larger than the {max_bytes}-byte limit")
     try:
         # NaN / Infinity are not JSON (Python writes them, other readers reject them): read
         # them as null, so whatever ckptctl writes back stays valid JSON.
