@@ -8,9 +8,11 @@ are removed by :func:`cleanup_temporaries`.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import queue
+import socket
 import stat
 import threading
 import time
@@ -141,10 +143,21 @@ class HashingWriter:
         return format_checksum(self.algorithm, self._hasher.hexdigest())
 
 
+#: Marks the temporaries this machine writes (``.<name>.<host token><random>``), so a clean-up
+#: of a folder no lock covers (a Drive mirror) can tell this machine's leftovers (a killed
+#: copy) from another machine's copy in flight.
+HOST_TOKEN = hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
 def temporary_path_for(final_path: str | os.PathLike) -> Path:
     """A fresh temporary path next to ``final_path`` (same directory, so rename is atomic)."""
     final_path = Path(final_path)
-    return final_path.with_name(f"{TEMP_PREFIX}{final_path.name}.{os.urandom(4).hex()}")
+    return final_path.with_name(f"{TEMP_PREFIX}{final_path.name}.{HOST_TOKEN}{os.urandom(4).hex()}")
+
+
+def _written_here(name: str) -> bool:
+    """True for a temporary whose name carries this machine's :data:`HOST_TOKEN`."""
+    return name.rsplit(".", 1)[-1].startswith(HOST_TOKEN)
 
 
 def atomic_write(
@@ -369,8 +382,10 @@ def cleanup_temporaries(directory: str | os.PathLike, *, idle_for: float | None 
 
     Only call this while holding the run lock: a live writer's temporary looks the same.
     Where no lock covers the folder (a Drive mirror that another machine may be writing
-    to), pass ``idle_for``: only temporaries not written to for that many seconds go (a
-    live writer's keeps changing; file times only tell staleness here, never order).
+    to), pass ``idle_for``: another machine's temporaries go only once they have not been
+    written to for that many seconds (a live writer's keeps changing; file times only tell
+    staleness here, never order); this machine's go at once (the caller holds the run
+    lock, so none of them is in flight).
     """
     removed = []
     try:
@@ -385,7 +400,9 @@ def cleanup_temporaries(directory: str | os.PathLike, *, idle_for: float | None 
                 st = path.lstat()
             except OSError:
                 continue
-            if not stat.S_ISREG(st.st_mode) or (idle_for is not None and now - st.st_mtime < idle_for):
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if idle_for is not None and not _written_here(name) and now - st.st_mtime < idle_for:
                 continue
             _remove_quietly(path)
             removed.append(path)
