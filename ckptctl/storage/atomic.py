@@ -8,14 +8,13 @@ are removed by :func:`cleanup_temporaries`.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import queue
-import socket
 import stat
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Optional
 
@@ -146,7 +145,7 @@ class HashingWriter:
 #: Marks the temporaries this machine writes (``.<name>.<host token><random>``), so a clean-up
 #: of a folder no lock covers (a Drive mirror) can tell this machine's leftovers (a killed
 #: copy) from another machine's copy in flight.
-HOST_TOKEN = hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
+HOST_TOKEN = f"{zlib.crc32(os.uname().nodename.encode('utf-8', 'surrogateescape')):08x}"
 
 
 def temporary_path_for(final_path: str | os.PathLike) -> Path:
