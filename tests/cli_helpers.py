@@ -151,16 +151,22 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
     return subprocess.run([*ckptctl_cmd(), *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=120)
 
 
+class Hung(BaseException):
+    """Raised by :func:`no_hang`; a BaseException, so no ``except OSError``/``except Exception`` swallows it."""
+
+
 @contextlib.contextmanager
 def no_hang(seconds: int = 10):
-    """Fail with TimeoutError instead of blocking forever (e.g. a FIFO opened the ordinary way).
+    """Fail with :class:`Hung` instead of blocking forever (e.g. a FIFO opened the ordinary way).
 
     SIGALRM interrupts a blocking open() or read() in the main thread and the handler's
-    exception ends it, so a regression fails the test instead of hanging the suite.
+    exception ends it (re-armed every second in case one is swallowed), so a regression
+    fails the test instead of hanging the suite.
     """
 
     def on_alarm(signum, frame):
-        raise TimeoutError(f"blocked for {seconds} s")
+        signal.alarm(1)
+        raise Hung(f"blocked for {seconds} s or more")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(seconds)

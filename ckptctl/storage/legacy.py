@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping
 from ckptctl.core.format import BEST_METADATA_FILE, INDEX_FILE, TRAINING_STATE_FILE
 from ckptctl.core.manifest import CheckpointEntry, Index
 from ckptctl.errors import CorruptIndexError
-from ckptctl.storage.atomic import atomic_write_bytes
+from ckptctl.storage.atomic import atomic_write_bytes, open_regular
 
 #: A user's metadata file is kept as ``<name>.legacy`` (``.legacy-2``, ... when taken).
 LEGACY_SUFFIX = ".legacy"
@@ -180,7 +180,8 @@ def keep_legacy_copy(path: str | os.PathLike) -> Path | None:
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with os.fdopen(open_regular(path), "rb") as f:  # only a regular file's bytes (never a FIFO's wait)
+            data = f.read()
     except FileNotFoundError:
         return None
     n = 1
