@@ -45,7 +45,7 @@ from torch import nn
 
 from ckptctl.arcdata import CHANNELS, COLOURS, IGNORE, PairSet, copy_baseline_accuracy, hash_ids, load_arc
 from ckptctl.core.units import parse_size
-from ckptctl.errors import CkptctlError
+from ckptctl.errors import BackgroundSaveError, CkptctlError
 from ckptctl.persistence import (
     ModelPersistence,
     latest_run,
@@ -778,6 +778,15 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
         logging.getLogger("ckptctl").removeHandler(handler)
 
 
+def _folder_fault_line(exc: OSError) -> str:
+    """The one line for a run folder that was moved, deleted, made read-only or filled under the loop."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return (
+        f"Error: {where}{exc.strerror or exc}; checkpoints committed before this are intact: "
+        "check the folder (moved, deleted, read-only or full?) and run again with --resume"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m ckptctl.trainloop``; returns the exit code."""
     args = parse_args(argv)
@@ -789,15 +798,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     except CkptctlError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
+        cause = exc.__cause__
+        if isinstance(exc, BackgroundSaveError) and isinstance(cause, OSError) and not isinstance(cause, CkptctlError):
+            print(_folder_fault_line(cause), file=sys.stderr)  # a save failed because the folder went away
+        else:
+            print(f"Error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # the run folder moved, deleted or made read-only under a running loop
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(
-            f"Error: {where}{exc.strerror or exc}; checkpoints committed before this are intact: "
-            f"check the folder (moved, deleted, read-only or full?) and run again with --resume",
-            file=sys.stderr,
-        )
+        print(_folder_fault_line(exc), file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a signal before the handlers were installed
         print("Error: interrupted before training started", file=sys.stderr)

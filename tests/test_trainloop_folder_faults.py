@@ -30,6 +30,7 @@ def test_the_run_folder_deleted_mid_run_ends_with_one_line(tmp_path):
     out = tmp_path / "runs"
     t = Trainer(trainloop_cmd(out, "gone", flags=FLAGS), tmp_path)
     assert t.wait_batches(3), t.output
+    assert wait_until(lambda: (out / "gone" / "checkpoint_metadata.json").exists()), t.output
     moved = tmp_path / "moved_away"
     os.rename(out / "gone", moved)  # renamed (or deleted) while training
     rc = t.finish()
