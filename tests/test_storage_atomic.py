@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from ckptctl.core.format import TEMP_PREFIX
-from ckptctl.errors import CheckpointIntegrityError, RunLockedError, UnsafePathError
+from ckptctl.errors import CheckpointIntegrityError, CkptctlError, RunLockedError, UnsafePathError
 from ckptctl.storage.atomic import (
     atomic_copy,
     atomic_write,
@@ -233,3 +233,12 @@ def test_hashing_verifying_and_copying_refuse_a_fifo_without_blocking(tmp_path):
         with pytest.raises(CorruptIndexError, match=r"checkpoint_metadata.json: not a regular file \(FIFO\)"):
             read_json_file(json_fifo)
     assert not (tmp_path / "copy").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]
+
+
+def test_a_lock_file_that_is_a_fifo_is_refused_in_one_clear_line(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / ".ckptctl.lock")
+    with pytest.raises(CkptctlError, match=r"not a regular file \(FIFO\).*lock file must be a plain file"):
+        RunLock(run).acquire()
+    assert not is_locked(run)

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from ckptctl.core.format import LOCK_FILE, utc_now_iso
-from ckptctl.errors import RunLockedError, RunNotWritableError
+from ckptctl.errors import CkptctlError, NotRegularFileError, RunLockedError, RunNotWritableError
+from ckptctl.storage.atomic import open_regular
 
 _PROC_LOCKS = "/proc/locks"
 
@@ -40,7 +41,9 @@ class RunLock:
         if self._fd is not None:
             return self
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o644, follow_symlinks=False)
+        except NotRegularFileError as exc:  # a FIFO or device there would fail flock with EINVAL
+            raise CkptctlError(f"{exc}: the run's lock file must be a plain file; remove it and try again") from None
         except OSError as exc:  # read-only, missing or not a folder: say so, not a traceback
             raise RunNotWritableError(
                 f"{self.path.parent}: cannot take the run's writer lock ({exc.strerror or exc}); "
