@@ -20,8 +20,15 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from ckptctl.core.format import FORMAT_VERSION, RESERVED_CHECKPOINT_KEYS
-from ckptctl.errors import CheckpointIntegrityError, DeviceUnavailableError, NotRegularFileError, RestoreStateError
-from ckptctl.storage.atomic import ProgressCallback, atomic_write, atomic_write_by_name, open_regular, verify_checksum
+from ckptctl.errors import CheckpointIntegrityError, DeviceUnavailableError, RestoreStateError
+from ckptctl.storage.atomic import (
+    ProgressCallback,
+    atomic_write,
+    atomic_write_by_name,
+    open_regular,
+    read_failure,
+    verify_checksum,
+)
 
 try:  # NumPy is optional for the library; its RNG is saved when it is installed.
     import numpy as _np
@@ -313,12 +320,8 @@ def safe_load(path: str | os.PathLike, device: str | torch.device = "cpu", *, mm
     path = Path(path)
     try:
         fd = open_regular(path)  # torch.load would block on a FIFO: judge the file first
-    except FileNotFoundError:
-        raise CheckpointIntegrityError(f"{path.name}: file is missing", status="missing") from None
-    except NotRegularFileError as exc:
-        raise CheckpointIntegrityError(f"{path.name}: {exc.strerror}") from None
     except OSError as exc:
-        raise CheckpointIntegrityError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
+        raise read_failure(path.name, exc) from None
     try:
         with os.fdopen(fd, "rb") as f:
             if not zipfile.is_zipfile(f):
@@ -328,10 +331,8 @@ def safe_load(path: str | os.PathLike, device: str | torch.device = "cpu", *, mm
         raise
     except MemoryError:
         raise CheckpointIntegrityError(f"{path.name}: absurd sizes in archive (out of memory)") from None
-    except FileNotFoundError:  # deleted between the check above and the open (a trainer's retention)
-        raise CheckpointIntegrityError(f"{path.name}: file is missing", status="missing") from None
-    except OSError as exc:
-        raise CheckpointIntegrityError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
+    except OSError as exc:  # e.g. deleted between the check above and the load (a trainer's retention)
+        raise read_failure(path.name, exc) from None
     except Exception as exc:  # torch raises many types for damaged archives
         if not path.exists():  # torch's mmap open reports a vanished file as a RuntimeError
             raise CheckpointIntegrityError(f"{path.name}: file is missing", status="missing") from None

@@ -317,6 +317,19 @@ def read_ahead(source: str | os.PathLike | BinaryIO, depth: int = 3) -> Iterator
         f.close()
 
 
+def read_failure(label: str | os.PathLike, exc: OSError) -> CheckpointIntegrityError:
+    """How a checkpoint that could not be read is reported: ``missing`` if absent, else ``corrupt`` with the reason.
+
+    The one classification for every reader of checkpoint files (checksums, safe loads):
+    a FIFO or directory says what it is, anything else the system's reason.
+    """
+    if isinstance(exc, FileNotFoundError):
+        return CheckpointIntegrityError(f"{label}: file is missing", status="missing")
+    if isinstance(exc, NotRegularFileError):
+        return CheckpointIntegrityError(f"{label}: {exc.strerror}")
+    return CheckpointIntegrityError(f"{label}: cannot read ({exc.strerror or exc})")
+
+
 def verify_checksum(path: str | os.PathLike, expected: str, on_progress: ProgressCallback = None) -> int:
     """Raise :class:`CheckpointIntegrityError` unless ``path`` hashes to ``expected``; return its size.
 
@@ -328,12 +341,8 @@ def verify_checksum(path: str | os.PathLike, expected: str, on_progress: Progres
         raise CheckpointIntegrityError(f"{path}: {exc}") from None
     try:
         size, actual = hash_file(path, algorithm, on_progress)
-    except FileNotFoundError:
-        raise CheckpointIntegrityError(f"{path}: file is missing", status="missing") from None
-    except NotRegularFileError as exc:
-        raise CheckpointIntegrityError(f"{path}: {exc.strerror}") from None
     except OSError as exc:
-        raise CheckpointIntegrityError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise read_failure(path, exc) from None
     if actual != expected:
         raise CheckpointIntegrityError(f"{path}: checksum mismatch (expected {expected[:19]}…, got {actual[:19]}…)")
     return size
