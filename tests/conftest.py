@@ -70,3 +70,32 @@ def make_run(tmp_path) -> Callable[..., Path]:
         return run_dir
 
     return _make
+
+
+@pytest.fixture(scope="module")
+def fork_context():
+    """A forkserver context for the SIGKILL tests, with the heavy imports preloaded once."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    # torch._dynamo is imported lazily by the first optimizer step (~2 s): preload it once.
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "ckptctl.persistence", "ckptctl.cli", "tests.crash_child"])
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    """A small real run (keep 2, three saves, a best model) that the SIGKILL tests copy and crash."""
+    import torch
+
+    from ckptctl import ModelPersistence
+
+    run = tmp_path_factory.mktemp("base") / "run"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with ModelPersistence(run, max_checkpoints=2, save_every_n_batches=1) as p:
+        for batch in range(3):
+            p.maybe_save(0, batch, {"accuracy_delta": float(batch)}, agent=model, optimizer=opt)
+            p.update_best(0, batch, {"accuracy_delta": float(batch)}, agent=model, optimizer=opt)
+    return run

@@ -8,7 +8,6 @@ fallback and must not go back past the last durable checkpoint.
 
 from __future__ import annotations
 
-import multiprocessing
 import shutil
 import signal
 
@@ -22,29 +21,6 @@ from . import crash_child
 
 CYCLES = 2
 WRITE_KILL_POINTS = (1, 2, 3, 5, 8, 13)
-
-
-@pytest.fixture(scope="module")
-def fork_context():
-    ctx = multiprocessing.get_context("forkserver")
-    # torch._dynamo is imported lazily by the first optimizer step (~2 s): preload it once.
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "ckptctl.persistence", "tests.crash_child"])
-    return ctx
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    import torch
-
-    run = tmp_path_factory.mktemp("base") / "run"
-    torch.manual_seed(0)
-    model = torch.nn.Linear(16, 16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with ModelPersistence(run, max_checkpoints=2, save_every_n_batches=1) as p:
-        for batch in range(3):
-            p.maybe_save(0, batch, {"accuracy_delta": float(batch)}, agent=model, optimizer=opt)
-            p.update_best(0, batch, {"accuracy_delta": float(batch)}, agent=model, optimizer=opt)
-    return run
 
 
 def _check_run_after_crash(run, last_durable_id):

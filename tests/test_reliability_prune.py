@@ -10,7 +10,6 @@ finishes: the files are deleted, never adopted again, and ids are never reused.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import shutil
 import signal
 
@@ -27,13 +26,6 @@ from . import crash_child
 from .cli_helpers import ckpt, index_of, invoke, write_index, write_run
 
 HUGE_ID = 2**64 + 5
-
-
-@pytest.fixture(scope="module")
-def fork_context():
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch._dynamo", "ckptctl.persistence", "ckptctl.cli", "tests.crash_child"])
-    return ctx
 
 
 def _resume_id(run):
@@ -178,24 +170,9 @@ def test_open_after_a_killed_prune_deletes_the_leftovers_and_never_reuses_ids(tm
     assert "deleting" not in index_of(run)
 
 
-@pytest.fixture(scope="module")
-def retention_run(tmp_path_factory):
-    import torch
-
-    run = tmp_path_factory.mktemp("base") / "run"
-    torch.manual_seed(0)
-    model = torch.nn.Linear(16, 16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with ModelPersistence(run, max_checkpoints=2, save_every_n_batches=1) as p:
-        for batch in range(3):
-            p.maybe_save(0, batch, {"accuracy_delta": float(batch)}, agent=model, optimizer=opt)
-            p.update_best(0, batch, {"accuracy_delta": float(batch)}, agent=model, optimizer=opt)
-    return run
-
-
-def test_retention_killed_between_index_and_delete_is_finished_on_open(tmp_path, fork_context, retention_run):
+def test_retention_killed_between_index_and_delete_is_finished_on_open(tmp_path, fork_context, base_run):
     run = tmp_path / "run"
-    shutil.copytree(retention_run, run)
+    shutil.copytree(base_run, run)
     assert sorted(read_index(run).by_id()) == [1, 2]
     child = fork_context.Process(target=crash_child.save_cycles, args=(str(run), "os.unlink", 1, 1))
     child.start()
