@@ -9,7 +9,7 @@ dataclasses and dicts with raw numbers; nothing here prints.
 from __future__ import annotations
 
 import math
-import time
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -20,10 +20,10 @@ from ckptctl.core.format import BEST_METADATA_FILE, BEST_MODEL_FILE, INDEX_FILE,
 from ckptctl.core.manifest import BestInfo
 from ckptctl.errors import CheckpointIntegrityError, CorruptIndexError, NotFoundError, UnsafePathError
 from ckptctl.storage import legacy
-from ckptctl.storage.atomic import atomic_copy, resolve_inside
-from ckptctl.storage.lock import RunLock, is_locked
-from ckptctl.storage.runfiles import commit_best, commit_index
-from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index, read_json_file, read_training_state
+from ckptctl.storage.atomic import atomic_copy, open_regular, resolve_inside
+from ckptctl.storage.lock import RunLock
+from ckptctl.storage.runfiles import commit_index, replace_best
+from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_best_record, read_index, read_json_file, read_training_state
 from ckptctl.storage.select import CheckpointRef
 from ckptctl.torch_io import iter_tensors, verify_file
 
@@ -58,9 +58,36 @@ class _Job:
     id: int | None
     path: Path | None
     shown: str
-    checksum: str | None
+    checksum: str | tuple[str, ...] | None  # the best model: any of its record's checksums
     detail: str = ""
     size: int = 0
+
+
+def _plan_verify_best(run_dir: Path, jobs: list[_Job], bad: Callable[..., None]) -> None:
+    """The best model's job: its file against every checksum its metadata allows (one, outside a replace)."""
+    try:
+        record = read_best_record(run_dir)
+        best_detail = "no best_metadata.json: checked by loading only"
+    except (CorruptIndexError, UnsafePathError) as exc:
+        record = None
+        if legacy.read_guide_best(run_dir) is None:
+            best_detail = "no usable best_metadata.json: checked by loading only"
+            bad(None, str(run_dir / BEST_METADATA_FILE), f"best metadata unreadable: {exc}")
+        else:
+            best_detail = LEGACY_DETAIL.format(what=BEST_METADATA_FILE)
+    relpath = record.candidates()[-1].path if record is not None else BEST_MODEL_FILE
+    shown = str(run_dir / relpath)
+    try:
+        best_file = resolve_inside(run_dir, relpath)
+    except UnsafePathError as exc:
+        bad(None, shown, f"not read: {exc}")
+        return
+    if record is not None and (record.current is not None or best_file.is_file()):  # pending alone: the first best is not there yet
+        jobs.append(_Job(None, best_file, shown, record.checksums()))
+    elif record is None and best_file.is_file():
+        jobs.append(_Job(None, best_file, shown, None, best_detail))
+        if not (run_dir / BEST_METADATA_FILE).exists():
+            bad(None, str(run_dir / BEST_METADATA_FILE), "missing: best_model.pt has no checksum to check against", "missing")
 
 
 def _plan_verify(run_dir: Path) -> tuple[list[_Job], list[VerifyResult]]:
@@ -102,26 +129,7 @@ def _plan_verify(run_dir: Path) -> tuple[list[_Job], list[VerifyResult]]:
     for checkpoint_id, path in sorted(on_disk.items()):
         if checkpoint_id not in indexed:
             jobs.append(_Job(checkpoint_id, path, str(path), None, unindexed_detail))
-    try:
-        best = read_best(run_dir)
-        best_detail = "no best_metadata.json: checked by loading only"
-    except (CorruptIndexError, UnsafePathError) as exc:
-        best = None
-        if legacy.read_guide_best(run_dir) is None:
-            best_detail = "no usable best_metadata.json: checked by loading only"
-            bad(None, str(run_dir / BEST_METADATA_FILE), f"best metadata unreadable: {exc}")
-        else:
-            best_detail = LEGACY_DETAIL.format(what=BEST_METADATA_FILE)
-    relpath, checksum = (best.path, best.checksum) if best is not None else (BEST_MODEL_FILE, None)
-    shown = str(run_dir / relpath)
-    try:
-        best_file = resolve_inside(run_dir, relpath)
-        if best is not None or best_file.is_file():
-            jobs.append(_Job(None, best_file, shown, checksum, "" if best is not None else best_detail))
-        if best is None and best_file.is_file() and not (run_dir / BEST_METADATA_FILE).exists():
-            bad(None, str(run_dir / BEST_METADATA_FILE), "missing: best_model.pt has no checksum to check against", "missing")
-    except UnsafePathError as exc:
-        bad(None, shown, f"not read: {exc}")
+    _plan_verify_best(run_dir, jobs, bad)
     state_path = run_dir / TRAINING_STATE_FILE
     if state_path.exists() or state_path.is_symlink():
         try:
@@ -213,27 +221,35 @@ def _best_results(run: Path, results: list[VerifyResult]) -> list[VerifyResult]:
     return [r for r in results if r.run == run.name and r.id is None and Path(r.path).name in _BEST_FILES]
 
 
-def _recheck_live_best(run: Path, results: list[VerifyResult], deep: bool, tries: int = 20) -> list[VerifyResult]:
-    """A live trainer replaces best_model.pt, then best_metadata.json: between the two they disagree.
+def _recheck_live_best(run: Path, results: list[VerifyResult], deep: bool, rounds: int = 5) -> list[VerifyResult]:
+    """A best-model problem is checked again while best_metadata.json changes under the check.
 
-    A best-model problem is checked once more before it is reported (the trainer may have
-    replaced the best model while verify read it, then closed), and while the run is
-    locked, repeatedly for a moment.
+    A live trainer may replace the best model between verify reading its record and
+    hashing its file (the file then matches a newer record). Every replace rewrites
+    best_metadata.json before and after its one rename, so a check during which the
+    metadata stayed byte-identical saw a consistent pair: its problem is real.
     """
-    bad = [r for r in _best_results(run, results) if r.status != "ok"]
-    if not bad:
+    if all(r.status == "ok" for r in _best_results(run, results)):
         return results
-    tries = tries if is_locked(run) else 1
     fresh: list[VerifyResult] = []
-    for _ in range(tries):
-        time.sleep(0.05)
+    for _ in range(rounds):
+        before = _best_metadata_bytes(run)
         jobs, found = _plan_verify(run)
         fresh = [r for r in found if Path(r.path).name in _BEST_FILES and r.id is None]
         fresh += [_verify_job(run, job, deep) for job in jobs if job.id is None]
-        if all(r.status == "ok" for r in fresh):
+        if all(r.status == "ok" for r in fresh) or _best_metadata_bytes(run) == before:
             break
     old = set(map(id, _best_results(run, results)))
     return [r for r in results if id(r) not in old] + fresh
+
+
+def _best_metadata_bytes(run: Path) -> bytes | None:
+    """best_metadata.json's bytes (None if unreadable): whether a replace happened between two reads."""
+    try:
+        with os.fdopen(open_regular(run / BEST_METADATA_FILE), "rb") as f:
+            return f.read(1 << 20)
+    except OSError:
+        return None
 
 
 def _drop_pruned_meanwhile(results: list[VerifyResult], run_dirs: list[Path]) -> list[VerifyResult]:
@@ -506,7 +522,7 @@ def promote(run_dir: Path, checkpoint_id: int, *, pin: bool = False) -> BestInfo
     """Make checkpoint ``checkpoint_id`` the run's best model, holding the run lock.
 
     The checkpoint must verify (checksum + safe load). ``best_model.pt`` is replaced by a
-    verified atomic copy, then ``best_metadata.json`` (``promoted_by_hand: true``). With
+    verified atomic copy, one commit with its record (``promoted_by_hand: true``). With
     ``pin`` the checkpoint is also pinned in the index so retention keeps it. Raises
     RunLockedError while a trainer holds the run, NotFoundError for an unknown id.
     """
@@ -528,9 +544,11 @@ def promote(run_dir: Path, checkpoint_id: int, *, pin: bool = False) -> BestInfo
             old = None
         metric = old.metric if old and old.metric else None
         mode = old.mode if old else "max"
-        size, checksum = atomic_copy(path, run_dir / BEST_MODEL_FILE, expected_checksum=entry.checksum)
-        info = BestInfo.of_checkpoint(entry, size, checksum, metric, mode, promoted_by_hand=True)
-        commit_best(run_dir, info)
+        info = replace_best(
+            run_dir,
+            lambda before: atomic_copy(path, run_dir / BEST_MODEL_FILE, expected_checksum=entry.checksum, before_replace=before),
+            lambda size, checksum: BestInfo.of_checkpoint(entry, size, checksum, metric, mode, promoted_by_hand=True),
+        )
         if pin and not entry.pinned:
             entries[checkpoint_id] = replace(entry, pinned=True)
             commit_index(run_dir, index.with_entries(list(entries.values())))

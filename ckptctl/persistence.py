@@ -32,7 +32,7 @@ from ckptctl.core.format import (
     checkpoint_relpath,
     utc_now_iso,
 )
-from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index, check_extra, clean_metrics, salvage_extra
+from ckptctl.core.manifest import BestInfo, BestRecord, CheckpointEntry, Index, check_extra, clean_metrics, salvage_extra
 from ckptctl.core.retention import ids_to_delete, protected_ids
 from ckptctl.errors import (
     BackgroundSaveError,
@@ -45,7 +45,17 @@ from ckptctl.errors import (
     UnsafePathError,
 )
 from ckptctl.storage import legacy
-from ckptctl.storage.atomic import atomic_copy, atomic_write_json, cleanup_temporaries, hash_file, open_regular, resolve_inside, verify_checksum
+from ckptctl.storage.atomic import (
+    atomic_copy,
+    atomic_write_json,
+    cleanup_temporaries,
+    hash_file,
+    matching_checksum,
+    open_regular,
+    remove_file,
+    resolve_inside,
+    verify_checksum,
+)
 from ckptctl.storage.lock import RunLock
 from ckptctl.storage.mirror import (
     BackgroundMirror,
@@ -64,10 +74,18 @@ from ckptctl.storage.runfiles import (
     delete_checkpoint_files,
     finish_pending_removal,
     finish_removal,
+    replace_best,
     retention_items,
     set_aside,
 )
-from ckptctl.storage.scan import checkpoint_files_on_disk, checkpoint_names_present, find_runs, read_best, read_index, read_training_state
+from ckptctl.storage.scan import (
+    checkpoint_files_on_disk,
+    checkpoint_names_present,
+    find_runs,
+    read_best_record,
+    read_index,
+    read_training_state,
+)
 from ckptctl.torch_io import (
     Stager,
     check_device,
@@ -391,22 +409,37 @@ class ModelPersistence:
             legacy.keep_legacy_copy(path)
         return state or {}
 
+    def _best_record_matching(self, record: BestRecord | None) -> BestInfo | None:
+        """The record of ``record`` that best_model.pt's bytes match, or None."""
+        if record is None:
+            return None
+        try:
+            return record.describing(matching_checksum(self.run_dir / BEST_MODEL_FILE, record.checksums()))
+        except CheckpointIntegrityError:
+            return None
+
     def _load_or_repair_best(self) -> BestInfo | None:
-        """Read best_metadata.json; if it does not match best_model.pt (crash between the two), rebuild it."""
+        """The record of best_model.pt: a replace a crash cut short is settled; metadata that does not match the file is rebuilt from it."""
         best_path = self.run_dir / BEST_MODEL_FILE
         try:
-            best = read_best(self.run_dir)
+            record = read_best_record(self.run_dir)
         except (CorruptIndexError, UnsafePathError) as exc:
             if legacy.read_guide_best(self.run_dir) is None:
                 set_aside(self.run_dir / BEST_METADATA_FILE, f"unusable ({exc}); rebuilding it from best_model.pt")
             else:  # written by other code: its bytes are kept, then it is rebuilt from best_model.pt
                 legacy.keep_legacy_copy(self.run_dir / BEST_METADATA_FILE)
-            best = None
+            record = None
+        best = record.current if record is not None else None
         if not best_path.is_file():
+            if record is not None and record.pending is not None and best is None:
+                remove_file(self.run_dir / BEST_METADATA_FILE)  # the first best model's write never reached its rename
             return None if best is None or best.path == BEST_MODEL_FILE else best
+        matched = self._best_record_matching(record)
+        if matched is not None:
+            if record.pending is not None:  # a replace a crash cut short: the file says which side of the rename
+                commit_best(self.run_dir, matched)
+            return matched
         size, checksum = hash_file(best_path)
-        if best is not None and best.checksum == checksum:
-            return best
         try:
             payload = safe_load(best_path, "cpu", mmap=True)
         except CheckpointIntegrityError as exc:
@@ -714,31 +747,34 @@ class ModelPersistence:
         if entry is None:
             raise CkptctlError(f"checkpoint {request.checkpoint_id} was not saved; cannot copy it to best_model.pt")
         src = resolve_inside(self.run_dir, entry.path)
-        size, checksum = atomic_copy(src, self.run_dir / BEST_MODEL_FILE, expected_checksum=entry.checksum)
         # The metrics update_best was given are what made this the best (the checkpoint's own
         # may not even hold the best metric); they win over the checkpoint's where both have a name.
         judged = dataclasses.replace(entry, metrics={**entry.metrics, **metrics})
-        info = BestInfo.of_checkpoint(judged, size, checksum, self.best_metric, self.best_mode)
-        commit_best(self.run_dir, info)
-        self._best = info
+        self._best = replace_best(
+            self.run_dir,
+            lambda before: atomic_copy(src, self.run_dir / BEST_MODEL_FILE, expected_checksum=entry.checksum, before_replace=before),
+            lambda size, checksum: BestInfo.of_checkpoint(judged, size, checksum, self.best_metric, self.best_mode),
+        )
         self._request_mirror()
 
     def _best_from_payload_job(self, request: _SaveRequest, payload: dict[str, Any]) -> None:
-        size, checksum = write_checkpoint_file(self.run_dir / BEST_MODEL_FILE, payload)
-        info = BestInfo.of_model(
-            source_id=None,
-            epoch=payload["epoch"],
-            batch=payload["batch"],
-            global_step=payload["global_step"],
-            metrics=payload["metrics"],
-            timestamp=payload["timestamp"],
-            size_bytes=size,
-            checksum=checksum,
-            metric=self.best_metric,
-            mode=self.best_mode,
+        def describe(size: int, checksum: str) -> BestInfo:
+            return BestInfo.of_model(
+                source_id=None,
+                epoch=payload["epoch"],
+                batch=payload["batch"],
+                global_step=payload["global_step"],
+                metrics=payload["metrics"],
+                timestamp=payload["timestamp"],
+                size_bytes=size,
+                checksum=checksum,
+                metric=self.best_metric,
+                mode=self.best_mode,
+            )
+
+        self._best = replace_best(
+            self.run_dir, lambda before: write_checkpoint_file(self.run_dir / BEST_MODEL_FILE, payload, before_replace=before), describe
         )
-        commit_best(self.run_dir, info)
-        self._best = info
         self._request_mirror()
 
     def _apply_sync_report(self, report: SyncReport) -> None:

@@ -8,6 +8,7 @@ verifying it, and capturing/restoring RNG states.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import pickle
 from collections import OrderedDict
@@ -22,13 +23,16 @@ import torch
 from ckptctl.core.format import FORMAT_VERSION, RESERVED_CHECKPOINT_KEYS
 from ckptctl.errors import CheckpointIntegrityError, DeviceUnavailableError, RestoreStateError
 from ckptctl.storage.atomic import (
+    BeforeReplace,
     ProgressCallback,
     atomic_write,
     atomic_write_by_name,
+    matching_checksum,
     open_regular,
     read_failure,
-    verify_checksum,
 )
+
+log = logging.getLogger("ckptctl")
 
 try:  # NumPy is optional for the library; its RNG is saved when it is installed.
     import numpy as _np
@@ -242,21 +246,47 @@ def _save_without_zip_crc(payload: Mapping[str, Any], writer: Any) -> None:
             set_crc(previous)
 
 
-def write_checkpoint_file(path: str | os.PathLike, payload: Mapping[str, Any]) -> tuple[int, str]:
+def write_checkpoint_file(
+    path: str | os.PathLike, payload: Mapping[str, Any], *, before_replace: BeforeReplace = None
+) -> tuple[int, str]:
     """``torch.save`` ``payload`` crash-safely to ``path``; return ``(size_bytes, checksum)``.
 
     Fast path: torch's native file writer on the temporary's name (several times faster
     than writing through a Python file object), then fsync and a checksum read back from
     the page cache. torch reports a failed write (disk full...) as a bare RuntimeError, so
     on one the save is redone through Python IO, whose OSError names the real cause; the
-    same path serves names torch cannot take (not UTF-8).
+    same path serves names torch cannot take (not UTF-8). A RuntimeError that is not
+    torch's write failure is logged (once per message) even when the redo succeeds: a
+    regression of the fast path is never hidden.
+    ``before_replace`` runs just before the rename (see :func:`atomic_write`).
     """
     if _is_utf8(os.fspath(path)):
         try:
-            return atomic_write_by_name(path, lambda name: _save_without_zip_crc(payload, name))
-        except RuntimeError:
-            pass
-    return atomic_write(path, lambda writer: _save_without_zip_crc(payload, writer))
+            return atomic_write_by_name(path, lambda name: _save_without_zip_crc(payload, name), before_replace=before_replace)
+        except RuntimeError as exc:
+            # only the message is kept: the exception's frames hold torch's writer, whose open
+            # descriptor would keep the removed temporary's blocks in use on a full disk
+            message = _first_line(exc)
+        if not any(marker in message for marker in _TORCH_WRITE_FAILURES):
+            _warn_fast_path_failed(message)
+    return atomic_write(path, lambda writer: _save_without_zip_crc(payload, writer), before_replace=before_replace)
+
+
+#: How torch's zip writer reports a failed write (disk full, I/O error): the errors the Python IO redo is for.
+_TORCH_WRITE_FAILURES = ("file write failed", "unexpected pos")
+_fast_path_warned: set[str] = set()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else exc.__class__.__name__
+
+
+def _warn_fast_path_failed(message: str) -> None:
+    """torch's native writer failed other than by a failed write: a regression to report, once per message."""
+    if message not in _fast_path_warned:
+        _fast_path_warned.add(message)
+        log.warning("torch's file writer failed (%s); the checkpoint was written through Python IO instead (slower)", message)
 
 
 def _is_utf8(name: str) -> bool:
@@ -366,18 +396,20 @@ def find_nonfinite(payload: Mapping[str, Any]) -> list[str]:
 
 def verify_file(
     path: str | os.PathLike,
-    expected_checksum: str | None,
+    expected_checksum: str | tuple[str, ...] | None,
     *,
     deep: bool = False,
     on_progress: ProgressCallback = None,
 ) -> dict[str, Any]:
     """Checksum (when known) + safe trial load (+ finite check when ``deep``) of one file.
 
-    Returns the loaded payload. Raises :class:`CheckpointIntegrityError` with status
-    ``missing``/``corrupt``/``unsafe``/``nonfinite``.
+    ``expected_checksum`` may be several checksums, any of which is good (the best model
+    during a replace). Returns the loaded payload. Raises :class:`CheckpointIntegrityError`
+    with status ``missing``/``corrupt``/``unsafe``/``nonfinite``.
     """
     if expected_checksum is not None:
-        verify_checksum(path, expected_checksum, on_progress)
+        candidates = (expected_checksum,) if isinstance(expected_checksum, str) else expected_checksum
+        matching_checksum(path, candidates, on_progress)
     payload = safe_load(path, "cpu", mmap=True)
     if deep:
         bad = find_nonfinite(payload)

@@ -63,3 +63,11 @@ def prune_cli(run_dir: str, target: str, kill_at: int, keep: int) -> None:
 
     _arm(target, kill_at)
     main(["prune", run_dir, "--keep", str(keep), "--yes"])
+
+
+def cli(args: list[str], target: str, kill_at: int) -> None:
+    """Run ``ckptctl ARGS`` in this process, killed at the ``kill_at``-th ``target`` call."""
+    from ckptctl.cli import main
+
+    _arm(target, kill_at)
+    main(args)

@@ -14,6 +14,7 @@ import signal
 import pytest
 
 from ckptctl import ModelPersistence
+from ckptctl.ops import verify_runs
 from ckptctl.storage.atomic import verify_checksum
 from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index
 
@@ -27,6 +28,10 @@ def _check_run_after_crash(run, last_durable_id):
     index = read_index(run)  # parses
     for entry in index.checkpoints:
         verify_checksum(run / entry.path, entry.checksum)
+    # as the crash left it, before any repair on open: every file checks out (the best model's
+    # replace is one commit, so no kill leaves best_model.pt without the record it matches)
+    bad = [r for r in verify_runs([run]) if r.status != "ok"]
+    assert bad == []
     import torch
 
     model = torch.nn.Linear(16, 16)

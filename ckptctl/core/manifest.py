@@ -338,6 +338,58 @@ class BestInfo:
         )
 
 
+@dataclass(frozen=True)
+class BestRecord:
+    """All that ``best_metadata.json`` holds: the committed best model and, during a replace, the pending one.
+
+    Replacing the best model is one commit, the rename of ``best_model.pt``: the new
+    record is written first as ``pending`` (next to the old one), then the file is
+    renamed over, then the metadata is settled to the new record alone. So whatever a
+    reader or a crash sees, ``best_model.pt`` is described by one of the records here;
+    :meth:`describing` tells which (by checksum). ``current`` is None while the first best
+    model of a run is being written.
+    """
+
+    current: BestInfo | None
+    pending: BestInfo | None = None
+
+    def candidates(self) -> list[BestInfo]:
+        """The records ``best_model.pt`` may match: the committed one first."""
+        return [info for info in (self.current, self.pending) if info is not None]
+
+    def checksums(self) -> tuple[str, ...]:
+        """The checksums ``best_model.pt`` may have (one outside a replace)."""
+        return tuple(dict.fromkeys(info.checksum for info in self.candidates()))
+
+    def describing(self, checksum: str) -> BestInfo | None:
+        """The record whose checksum is ``checksum`` (the pending one wins a tie: it is the newer)."""
+        for info in reversed(self.candidates()):
+            if info.checksum == checksum:
+                return info
+        return None
+
+    def source_ids(self) -> set[int]:
+        """Checkpoint ids any record here was copied from (retention keeps them all)."""
+        return {info.source_id for info in self.candidates() if info.source_id is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form: the committed record's fields, plus ``pending`` during a replace."""
+        data = self.current.to_dict() if self.current is not None else {"format_version": FORMAT_VERSION}
+        if self.pending is not None:
+            data["pending"] = self.pending.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "BestRecord":
+        """Parse ``best_metadata.json``; raise CorruptIndexError / UnsafePathError on bad input."""
+        if not isinstance(data, dict):
+            raise CorruptIndexError("best_metadata.json is not an object")
+        raw_pending = data.get("pending")
+        pending = BestInfo.from_dict(raw_pending) if raw_pending is not None else None
+        current = BestInfo.from_dict(data) if pending is None or "checksum" in data else None
+        return cls(current, pending)
+
+
 def _read_ids(raw: Any) -> tuple[int, ...]:
     """A list of ids in an index, sorted; anything that is not a non-negative int is dropped."""
     if not isinstance(raw, list):

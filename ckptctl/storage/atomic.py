@@ -27,6 +27,10 @@ CHUNK_BYTES = 8 * 1024 * 1024
 DEFAULT_ALGORITHM = CHECKSUM_ALGORITHMS[0]
 
 ProgressCallback = Optional[Callable[[int, int], None]]
+#: Called with ``(size_bytes, checksum)`` of a written temporary, after its fsync and before
+#: the rename that commits it: the moment to record what is about to appear (the best model's
+#: pending record). An exception from it removes the temporary and leaves the old file.
+BeforeReplace = Optional[Callable[[int, str], None]]
 
 
 def new_hasher(algorithm: str = DEFAULT_ALGORITHM):
@@ -164,13 +168,14 @@ def atomic_write(
     write_body: Callable[[HashingWriter], None],
     *,
     algorithm: str = DEFAULT_ALGORITHM,
+    before_replace: BeforeReplace = None,
 ) -> tuple[int, str]:
     """Write a file crash-safely and return ``(size_bytes, checksum)`` of what was written.
 
     ``write_body`` receives a :class:`HashingWriter`. The data goes to a temporary file in
     the same directory, which is flushed, fsynced, renamed over ``final_path``; then the
     directory is fsynced. On any error the temporary is removed and the old file (if
-    any) is untouched.
+    any) is untouched. ``before_replace`` (see :data:`BeforeReplace`) runs just before the rename.
     """
     final_path = Path(final_path)
     tmp = temporary_path_for(final_path)
@@ -181,6 +186,8 @@ def atomic_write(
             write_body(writer)
             raw.flush()
             os.fsync(raw.fileno())
+        if before_replace is not None:
+            before_replace(writer.bytes_written, writer.checksum())
         os.replace(tmp, final_path)
     except BaseException as exc:
         _remove_quietly(tmp)
@@ -205,6 +212,7 @@ def atomic_write_by_name(
     write_to: Callable[[str], None],
     *,
     algorithm: str = DEFAULT_ALGORITHM,
+    before_replace: BeforeReplace = None,
 ) -> tuple[int, str]:
     """Like :func:`atomic_write`, for writers that need a file name (e.g. torch's native writer).
 
@@ -221,6 +229,8 @@ def atomic_write_by_name(
         finally:
             os.close(fd)
         size, checksum = hash_file(tmp, algorithm)
+        if before_replace is not None:
+            before_replace(size, checksum)
         os.replace(tmp, final_path)
     except BaseException as exc:
         _remove_quietly(tmp)
@@ -348,18 +358,41 @@ def verify_checksum(path: str | os.PathLike, expected: str, on_progress: Progres
     return size
 
 
+def matching_checksum(path: str | os.PathLike, candidates: tuple[str, ...] | list[str], on_progress: ProgressCallback = None) -> str:
+    """The one of ``candidates`` that ``path`` hashes to (read once per checksum algorithm among them).
+
+    Raises :class:`CheckpointIntegrityError` (``missing`` when absent) when it matches none:
+    e.g. ``best_model.pt`` against the committed and the pending record of a replace.
+    """
+    if len(candidates) == 1:
+        verify_checksum(path, candidates[0], on_progress)
+        return candidates[0]
+    actual = ""
+    for algorithm in dict.fromkeys(parse_checksum(c)[0] for c in candidates):
+        try:
+            _, actual = hash_file(path, algorithm, on_progress)
+        except OSError as exc:
+            raise read_failure(path, exc) from None
+        if actual in candidates:
+            return actual
+    expected = " or ".join(c[:19] + "…" for c in candidates)
+    raise CheckpointIntegrityError(f"{path}: checksum mismatch (expected {expected}, got {actual[:19]}…)")
+
+
 def atomic_copy(
     src: str | os.PathLike,
     dst: str | os.PathLike,
     *,
     expected_checksum: str | None = None,
     on_progress: ProgressCallback = None,
+    before_replace: BeforeReplace = None,
 ) -> tuple[int, str]:
     """Copy ``src`` to ``dst`` crash-safely, hashing in the same pass; return ``(size, checksum)``.
 
     If ``expected_checksum`` is given and the copied bytes do not match, the temporary is
     removed, ``dst`` is left as it was, and :class:`CheckpointIntegrityError` is raised (also
     when ``src`` is not a regular file; without a checksum that is :class:`NotRegularFileError`).
+    ``before_replace`` runs after the checksum matched, just before the rename.
     """
     algorithm = parse_checksum(expected_checksum)[0] if expected_checksum else DEFAULT_ALGORITHM
 
@@ -382,7 +415,7 @@ def atomic_copy(
         raise
     with os.fdopen(fd, "rb", buffering=0) as source:
         total = os.fstat(source.fileno()).st_size
-        return atomic_write(dst, body, algorithm=algorithm)
+        return atomic_write(dst, body, algorithm=algorithm, before_replace=before_replace)
 
 
 def cleanup_temporaries(directory: str | os.PathLike, *, idle_for: float | None = None) -> list[Path]:

@@ -47,6 +47,7 @@ from ckptctl.core.manifest import CheckpointEntry, Index
 from ckptctl.core.units import parse_size
 from ckptctl.errors import CheckpointIntegrityError, CkptctlError, CorruptIndexError, UnsafePathError
 from ckptctl.storage.atomic import (
+    BeforeReplace,
     ProgressCallback,
     atomic_copy,
     atomic_write_json,
@@ -56,8 +57,8 @@ from ckptctl.storage.atomic import (
     remove_file,
     resolve_inside,
 )
-from ckptctl.storage.runfiles import checkpoint_file_for_deletion
-from ckptctl.storage.scan import checkpoint_files_on_disk, is_run_dir, read_best, read_index, read_json_file
+from ckptctl.storage.runfiles import checkpoint_file_for_deletion, replace_best, settled_best
+from ckptctl.storage.scan import checkpoint_files_on_disk, is_run_dir, read_best_record, read_index, read_json_file
 
 log = logging.getLogger("ckptctl.mirror")
 
@@ -202,10 +203,22 @@ def _write_json(path: Path, obj: Any) -> None:
         atomic_write_json(path, obj)
 
 
-def _copy_verified(src: Path, dst: Path, checksum: str | None, on_progress: ProgressCallback) -> int:
+def _write_best_json(path: Path, obj: dict[str, Any]) -> None:
+    """The mirror's best_metadata.json writer: settling it may fail on a full Drive (its pending record still describes the copy)."""
+    try:
+        _write_json(path, obj)
+    except OSError as exc:
+        if "pending" in obj or not _is_no_space(exc):
+            raise
+        log.info("best model metadata not settled on the mirror this time (Drive full); its pending record describes the copy")
+
+
+def _copy_verified(
+    src: Path, dst: Path, checksum: str | None, on_progress: ProgressCallback, *, before_replace: BeforeReplace = None
+) -> int:
     """Atomic copy (old ``dst`` truncated after the rename), then read back and compare; return the size."""
     with _truncating_replaced(dst, keep_if_same_as=src):
-        size, copied_sum = atomic_copy(src, dst, expected_checksum=checksum, on_progress=on_progress)
+        size, copied_sum = atomic_copy(src, dst, expected_checksum=checksum, on_progress=on_progress, before_replace=before_replace)
     expected = checksum or copied_sum
     read_size, read_sum = hash_file(dst, expected.split(":", 1)[0])
     if read_sum != expected or read_size != size:
@@ -582,16 +595,17 @@ class _Sync:
 
     def sync_best(self) -> None:
         try:
-            best = read_best(self.local_run)
+            record = read_best_record(self.local_run)
         except (CorruptIndexError, UnsafePathError) as exc:
             log.warning("not mirroring the best model: %s", exc)
             return
+        if record is None:
+            return
+        # during the trainer's replace (or after a crash in one): the record the file matches now
+        best = record.current if record.pending is None else settled_best(self.local_run)
         if best is None:
             return
-        try:
-            mirror_best = read_best(self.mirror_run)
-        except (CorruptIndexError, UnsafePathError):
-            mirror_best = None
+        mirror_best = settled_best(self.mirror_run)
         try:
             src = resolve_inside(self.local_run, best.path)
             dst = resolve_inside(self.mirror_run, best.path)
@@ -607,29 +621,28 @@ class _Sync:
         copied: list[int] = []
 
         def copy() -> None:
-            copied.append(_copy_verified(src, dst, best.checksum, self.on_progress))
+            def write_file(before: BeforeReplace) -> tuple[int, str]:
+                copied.append(_copy_verified(src, dst, best.checksum, self.on_progress, before_replace=before))
+                return copied[-1], best.checksum
+
+            replace_best(self.mirror_run, write_file, lambda _size, _checksum: best, write_json=_write_best_json)
 
         try:
             placed = self.place(_BEST_KEY, size, "best", copy)
         except (CheckpointIntegrityError, FileNotFoundError) as exc:
             if isinstance(exc, FileNotFoundError) and src.exists():
                 raise
-            # The trainer replaces best_model.pt, then best_metadata.json, and asks for another
-            # sync once both are written; a damaged local best is verify's to report. Either way
-            # the mirror keeps its previous best, and the rest of this sync goes on.
+            # The trainer may replace best_model.pt during the copy (which then fails its
+            # checksum); it asks for another sync once its replace is settled. A damaged local
+            # best is verify's to report. Either way the mirror keeps its previous best, and
+            # the rest of this sync goes on.
             log.info("best model not mirrored this time: %s", exc)
             return
         if not placed:
             log.info("best model (%d bytes) does not fit on the mirror this time", size)
             return
         self.report.copied.append(best.path)
-        self.report.bytes_copied += copied[0]
-        try:
-            _write_json(self.mirror_run / BEST_METADATA_FILE, best.to_dict())
-        except OSError as exc:
-            if not _is_no_space(exc):
-                raise
-            log.info("best model metadata not mirrored this time (Drive full)")
+        self.report.bytes_copied += copied[-1]
 
     def retire(self) -> None:
         """Delete copies local retention removed (ids in the local index's ``retired``), older than every kept one."""

@@ -20,7 +20,7 @@ from ckptctl.core.retention import RetentionItem, ids_to_delete, protected_ids
 from ckptctl.errors import CheckpointIntegrityError, CkptctlError, CorruptIndexError, UnsafePathError
 from ckptctl.storage import legacy
 from ckptctl.storage.atomic import atomic_write_bytes, atomic_write_json, resolve_inside, verify_checksum
-from ckptctl.storage.runfiles import checkpoint_file_for_deletion, delete_checkpoint_files, finish_pending_removal
+from ckptctl.storage.runfiles import checkpoint_file_for_deletion, delete_checkpoint_files, finish_pending_removal, settled_best
 from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index, read_json_file
 
 
@@ -115,6 +115,8 @@ def plan_prune(
     except (CorruptIndexError, UnsafePathError) as exc:
         best = None
         skipped.append(f"best metadata unreadable ({exc}); best model's source unknown")
+    else:
+        best = settled_best(run_dir)  # after a crash mid-replace: the record the file matches
     best_source = best.source_id if best else None
     newest_good = _newest_verified(run_dir, list(index.checkpoints))
     sizes = {e.id: _size_on_disk(run_dir, e) for e in usable}

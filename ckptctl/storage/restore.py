@@ -37,8 +37,8 @@ from ckptctl.storage.atomic import (
 from ckptctl.storage import legacy
 from ckptctl.storage.lock import RunLock
 from ckptctl.storage.mirror import SyncReport, apply_sync_report, resolve_budget, sync_run, write_mirror_status
-from ckptctl.storage.runfiles import commit_best, commit_index, set_aside
-from ckptctl.storage.scan import checkpoint_files_on_disk, find_runs, read_best, read_index
+from ckptctl.storage.runfiles import commit_index, replace_best, set_aside, settled_best
+from ckptctl.storage.scan import checkpoint_files_on_disk, find_runs, read_best_record, read_index
 
 #: Where Colab mounts Drive, and the folder the trainloop mirrors to by default.
 COLAB_DRIVE_DEFAULT = "/content/drive/MyDrive/ARC-EFE-Backups"
@@ -153,6 +153,19 @@ def _copy_guide_metadata(mirror_run: Path, dest_run: Path, report: RestoreReport
             report.copied.append(name)
 
 
+def _copy_file(c: _Copy, dest_run: Path, on_progress: ProgressCallback) -> tuple[int, str]:
+    """Copy one file of a restore, checked against its checksum; the best model in one commit with its record."""
+    if c.best is None:
+        return atomic_copy(c.src, c.dst, expected_checksum=c.checksum, on_progress=on_progress)
+    best = c.best
+    info = replace_best(
+        dest_run,
+        lambda before: atomic_copy(c.src, c.dst, expected_checksum=c.checksum, on_progress=on_progress, before_replace=before),
+        lambda _size, _checksum: best,
+    )
+    return info.size_bytes, info.checksum
+
+
 def restore_run(
     mirror_run: str | os.PathLike,
     dest_run: str | os.PathLike,
@@ -257,7 +270,9 @@ def restore_run(
 
         guide_best = None
         try:
-            mirror_best = read_best(mirror_run)
+            mirror_best = read_best_record(mirror_run)
+            if mirror_best is not None:  # the record the mirror's file matches (after a crash mid-replace, by its bytes)
+                mirror_best = mirror_best.current if mirror_best.pending is None else settled_best(mirror_run)
         except (CorruptIndexError, UnsafePathError) as exc:
             mirror_best = None
             guide_best = legacy.read_guide_best(mirror_run)
@@ -276,10 +291,7 @@ def restore_run(
             except UnsafePathError as exc:
                 report.problems.append(f"mirror best model not restored: {exc}")
             else:
-                try:
-                    local_best = read_best(dest_run)
-                except (CorruptIndexError, UnsafePathError):
-                    local_best = None
+                local_best = settled_best(dest_run)
                 local_good = local_best is not None and dst.is_file() and _local_ok(dst, local_best.checksum)
                 if not src.is_file():
                     report.problems.append(f"mirror best model {mirror_best.path} is missing")
@@ -300,7 +312,7 @@ def restore_run(
                     on_progress(min(base + d, total), total)
 
             try:
-                size, checksum = atomic_copy(c.src, c.dst, expected_checksum=c.checksum, on_progress=progress)
+                size, checksum = _copy_file(c, dest_run, progress)
             except FileNotFoundError:
                 report.skip(c.relpath, "listed on the mirror but missing there")
                 continue
@@ -318,8 +330,6 @@ def restore_run(
                 )
                 local_index = local_index.with_entries(list(local.values()))
                 commit_index(dest_run, local_index)  # after each file: an interrupted restore resumes here
-            elif c.best is not None:
-                commit_best(dest_run, c.best)
         final = local_index.with_entries(list(local.values()))
         # replace, not a new Index: the local index's retired ids (and unreadable entries) stay;
         # an id restored here is listed again, so it is no longer retired

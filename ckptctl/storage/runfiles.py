@@ -11,19 +11,21 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 from ckptctl.core.format import (
     BEST_METADATA_FILE,
+    BEST_MODEL_FILE,
     CHECKPOINT_DIR,
     INDEX_FILE,
     checkpoint_relpath,
     parse_checkpoint_filename,
 )
-from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index
+from ckptctl.core.manifest import BestInfo, BestRecord, CheckpointEntry, Index
 from ckptctl.core.retention import RetentionItem
-from ckptctl.errors import UnsafePathError
-from ckptctl.storage.atomic import atomic_write_json, fsync_dir, remove_file, resolve_inside
+from ckptctl.errors import CheckpointIntegrityError, CorruptIndexError, UnsafePathError
+from ckptctl.storage.atomic import BeforeReplace, atomic_write_json, fsync_dir, matching_checksum, remove_file, resolve_inside
+from ckptctl.storage.scan import read_best_record
 
 log = logging.getLogger("ckptctl")
 
@@ -34,8 +36,64 @@ def commit_index(run_dir: str | os.PathLike, index: Index) -> None:
 
 
 def commit_best(run_dir: str | os.PathLike, best: BestInfo) -> None:
-    """Durably replace ``best_metadata.json`` (call only after ``best_model.pt`` is durable)."""
+    """Durably replace ``best_metadata.json`` by ``best`` alone (it must describe the ``best_model.pt`` there).
+
+    To replace ``best_model.pt`` itself, use :func:`replace_best`.
+    """
     atomic_write_json(Path(run_dir) / BEST_METADATA_FILE, best.to_dict())
+
+
+WriteJson = Callable[[Path, Any], Any]
+
+
+def replace_best(
+    run_dir: str | os.PathLike,
+    write_file: Callable[[BeforeReplace], tuple[int, str]],
+    describe: Callable[[int, str], BestInfo],
+    *,
+    write_json: WriteJson = atomic_write_json,
+) -> BestInfo:
+    """Replace ``best_model.pt`` and its record as one commit: the rename of the file. Return the new record.
+
+    ``write_file(before_replace)`` writes the new file crash-safely (an atomic write or copy
+    to ``best_model.pt``) and calls ``before_replace(size, checksum)`` between its fsync and
+    its rename; ``describe(size, checksum)`` makes the new record. At that moment the new
+    record is written as ``pending`` beside the committed one, so before the rename the
+    file matches the committed record and after it the pending one; the metadata is then
+    settled to the new record alone. No reader and no crash sees ``best_model.pt`` without
+    its record. ``write_json`` writes the metadata (the Drive mirror passes its own, which
+    truncates what it replaces).
+    """
+    run_dir = Path(run_dir)
+    current = settled_best(run_dir)
+    made: list[BestInfo] = []
+
+    def announce(size: int, checksum: str) -> None:
+        made.append(describe(size, checksum))
+        write_json(run_dir / BEST_METADATA_FILE, BestRecord(current, made[0]).to_dict())
+
+    write_file(announce)
+    write_json(run_dir / BEST_METADATA_FILE, made[0].to_dict())
+    return made[0]
+
+
+def settled_best(run_dir: str | os.PathLike) -> BestInfo | None:
+    """The record that describes the ``best_model.pt`` there now; None if none does (or the metadata is unusable).
+
+    Outside a replace that is the committed record. After a crash inside one, the file is
+    hashed to tell whether the rename happened.
+    """
+    run_dir = Path(run_dir)
+    try:
+        record = read_best_record(run_dir)
+    except (CorruptIndexError, UnsafePathError):
+        return None
+    if record is None or record.pending is None:
+        return record.current if record is not None else None
+    try:
+        return record.describing(matching_checksum(run_dir / BEST_MODEL_FILE, record.checksums()))
+    except CheckpointIntegrityError:
+        return None
 
 
 def set_aside(path: str | os.PathLike, reason: str) -> Path | None:

@@ -19,7 +19,7 @@ from ckptctl.core.format import (
     TRAINING_STATE_FILE,
     parse_checkpoint_filename,
 )
-from ckptctl.core.manifest import BestInfo, Index
+from ckptctl.core.manifest import BestInfo, BestRecord, Index
 from ckptctl.errors import CorruptIndexError, NotRegularFileError, UnsafePathError
 from ckptctl.storage.atomic import open_regular
 from ckptctl.storage import legacy
@@ -65,13 +65,23 @@ def read_index(run_dir: str | os.PathLike) -> Index:
     return Index.from_dict(read_json_file(run_dir / INDEX_FILE), default_run_name=run_dir.name)
 
 
-def read_best(run_dir: str | os.PathLike) -> BestInfo | None:
-    """Read ``best_metadata.json``; None if absent, CorruptIndexError/UnsafePathError if bad."""
+def read_best_record(run_dir: str | os.PathLike) -> BestRecord | None:
+    """Read ``best_metadata.json`` whole (committed and pending record); None if absent, CorruptIndexError/UnsafePathError if bad.
+
+    For readers that check ``best_model.pt``'s bytes: during a replace (or after a crash
+    in one) the file matches the committed or the pending record.
+    """
     try:
         data = read_json_file(Path(run_dir) / BEST_METADATA_FILE)
     except FileNotFoundError:
         return None
-    return BestInfo.from_dict(data)
+    return BestRecord.from_dict(data)
+
+
+def read_best(run_dir: str | os.PathLike) -> BestInfo | None:
+    """The committed best-model record of ``best_metadata.json``; None if absent (or not committed yet), CorruptIndexError/UnsafePathError if bad."""
+    record = read_best_record(run_dir)
+    return record.current if record is not None else None
 
 
 def read_training_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:

@@ -14,17 +14,17 @@ from pathlib import Path
 from ckptctl.core.format import BEST_MODEL_FILE, CHECKPOINT_DIR, parse_checkpoint_filename
 from ckptctl.errors import CorruptIndexError, NotFoundError, UnsafePathError
 from ckptctl.storage.atomic import resolve_inside
-from ckptctl.storage.scan import checkpoint_files_on_disk, find_runs, is_run_dir, read_best, read_index
+from ckptctl.storage.scan import checkpoint_files_on_disk, find_runs, is_run_dir, read_best_record, read_index
 
 
 @dataclass(frozen=True)
 class CheckpointRef:
-    """One checkpoint file picked by the user; ``checksum`` is the index's, when there is one."""
+    """One checkpoint file picked by the user; ``checksum`` is the index's, when there is one (the best model: any of its record's)."""
 
     path: Path
     label: str
     checkpoint_id: int | None = None
-    checksum: str | None = None
+    checksum: str | tuple[str, ...] | None = None
     run_dir: Path | None = None
 
 
@@ -52,16 +52,17 @@ def _ref_in_run(run_dir: Path, which: str | None) -> CheckpointRef:
     entries = index.by_id() if index else {}
     files = checkpoint_files_on_disk(run_dir)
     if which is not None and which.lower() == "best":
-        best = None
         try:
-            best = read_best(run_dir)
+            record = read_best_record(run_dir)
         except (CorruptIndexError, UnsafePathError):
-            best = None
-        rel = best.path if best else BEST_MODEL_FILE
-        path = resolve_inside(run_dir, rel)
+            record = None
+        best = record.candidates()[0] if record else None  # the committed record (the pending one while the first best is written)
+        path = resolve_inside(run_dir, best.path if best else BEST_MODEL_FILE)
         if not path.is_file():
             raise NotFoundError(f"{run_dir}: has no best model")
-        return CheckpointRef(path, f"{run_dir.name} best", best.source_id if best else None, best.checksum if best else None, run_dir)
+        # during a replace (or after a crash in one) the file may match either record
+        checksums = record.checksums() if record else None
+        return CheckpointRef(path, f"{run_dir.name} best", best.source_id if best else None, checksums, run_dir)
     if which is None:
         ids = set(entries) | set(files)
         if not ids:
