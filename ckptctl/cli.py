@@ -625,14 +625,15 @@ def backup_command(
 def diff_command(
     a: str = typer.Argument(..., help="A checkpoint file, a run (its newest), or RUN:ID / RUN:best."),
     b: str = typer.Argument(..., help="The same forms as A."),
-    atol: float = typer.Option(0.0, "--atol", min=0.0, metavar="X", help="Treat values within this absolute difference as equal."),
+    atol: float = typer.Option(0.0, "--atol", min=0.0, metavar="X", help="Treat values within this absolute difference as equal (default 0: every byte must match)."),
     show_all: bool = typer.Option(False, "--all", help="List every tensor, not only those that differ."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Compare two checkpoints tensor by tensor: which changed, the max absolute difference, metrics side by side.
 
-    Exits 0 when every tensor matches (within --atol), 1 when any differs, like diff(1):
-    use it to confirm a resumed run matches an uninterrupted one.
+    Exits 0 when every tensor matches, 1 when any differs, like diff(1): use it to confirm
+    a resumed run matches an uninterrupted one. By default tensors must be bit-identical
+    (dtype, shape and every byte: -0.0 differs from 0.0); --atol compares values instead.
 
     \b
     Example:

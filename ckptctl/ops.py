@@ -25,7 +25,8 @@ from ckptctl.storage.lock import RunLock
 from ckptctl.storage.runfiles import commit_index, replace_best
 from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_best_record, read_index, read_json_file, read_training_state
 from ckptctl.storage.select import CheckpointRef
-from ckptctl.torch_io import iter_tensors, verify_file
+from ckptctl.tensors import compare_states, summarize
+from ckptctl.torch_io import verify_file
 
 ProgressCallback = Optional[Callable[[int, int], None]]
 
@@ -273,20 +274,6 @@ def _load(ref: CheckpointRef) -> dict[str, Any]:
     return verify_file(ref.path, ref.checksum)
 
 
-def _component_summary(state: Any) -> dict[str, Any]:
-    tensors = list(iter_tensors(state))
-    dtypes = sorted({str(t.dtype).replace("torch.", "") for _, t in tensors})
-    elements = sum(t.numel() for _, t in tensors)
-    is_model = isinstance(state, Mapping) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
-    return {
-        "tensors": len(tensors),
-        "elements": elements,
-        "bytes": sum(t.numel() * t.element_size() for _, t in tensors),
-        "dtypes": dtypes,
-        "parameters": sum(t.numel() for _, t in tensors if t.is_floating_point()) if is_model else None,
-    }
-
-
 def describe_checkpoint(ref: CheckpointRef) -> dict[str, Any]:
     """Everything ``show`` prints about one checkpoint, as JSON-ready data.
 
@@ -296,7 +283,7 @@ def describe_checkpoint(ref: CheckpointRef) -> dict[str, Any]:
     reserved = {"format_version", "checkpoint_id", "epoch", "batch", "global_step", "metrics", "timestamp", "rng", "components", "extra"}
     names = [n for n in (payload.get("components") or []) if n in payload]
     names += [n for n in payload if n not in reserved and n not in names]
-    components = {name: _component_summary(payload[name]) for name in names}
+    components = {name: summarize(payload[name]).to_json() for name in names}
     rng = payload.get("rng")
     metrics = payload.get("metrics") if isinstance(payload.get("metrics"), Mapping) else {}
     position = {k: payload.get(k) for k in ("epoch", "batch", "global_step")}
@@ -354,57 +341,17 @@ def _jsonable(obj: Any) -> Any:
 # --------------------------------------------------------------------------- diff
 
 
-@dataclass(frozen=True)
-class TensorDiff:
-    """How one named tensor compares: ``status`` is same / changed / shape / dtype / only_a / only_b."""
-
-    name: str
-    status: str
-    shape_a: tuple[int, ...] | None
-    shape_b: tuple[int, ...] | None
-    max_abs_diff: float | None = None
-
-
-def _compare(a: torch.Tensor, b: torch.Tensor, atol: float) -> tuple[str, float | None]:
-    if a.shape != b.shape:
-        return "shape", None
-    if a.dtype != b.dtype:
-        return "dtype", None
-    if a.numel() == 0:
-        return "same", 0.0
-    if a.dtype == torch.bool:
-        differ = int((a != b).sum())
-        return ("changed" if differ else "same"), float(bool(differ))
-    if a.is_complex():
-        a, b = torch.view_as_real(a), torch.view_as_real(b)
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    both_nan = torch.isnan(a64) & torch.isnan(b64)
-    delta = (a64 - b64).abs()
-    delta = torch.where(both_nan, torch.zeros_like(delta), delta)
-    delta = torch.where(torch.isnan(delta), torch.full_like(delta, math.inf), delta)
-    same_inf = (a64 == b64)
-    delta = torch.where(same_inf, torch.zeros_like(delta), delta)
-    worst = float(delta.max())
-    return ("changed" if worst > atol else "same"), worst
-
-
 def diff_checkpoints(a: CheckpointRef, b: CheckpointRef, *, atol: float = 0.0) -> dict[str, Any]:
     """Compare every tensor (model, optimizer, RNG, ...) of two checkpoints; JSON-ready.
 
-    ``identical`` is True when both hold the same tensor names, shapes and dtypes and no
-    value differs by more than ``atol``. Raises CheckpointIntegrityError if either fails to load.
+    With ``atol == 0`` (the default) tensors match only when dtype, shape and every byte
+    agree (:func:`ckptctl.tensors.compare_tensors`). ``identical`` is True when both hold the
+    same tensor names and every tensor matches; ``bit_identical`` when, in addition, every
+    tensor is byte for byte the same (whatever ``atol``). Raises CheckpointIntegrityError if
+    either fails to load.
     """
     pa, pb = _load(a), _load(b)
-    ta, tb = dict(iter_tensors(pa)), dict(iter_tensors(pb))
-    rows: list[TensorDiff] = []
-    for name in sorted(set(ta) | set(tb)):
-        if name not in tb:
-            rows.append(TensorDiff(name, "only_a", tuple(ta[name].shape), None))
-        elif name not in ta:
-            rows.append(TensorDiff(name, "only_b", None, tuple(tb[name].shape)))
-        else:
-            status, worst = _compare(ta[name], tb[name], atol)
-            rows.append(TensorDiff(name, status, tuple(ta[name].shape), tuple(tb[name].shape), worst))
+    rows = compare_states(pa, pb, atol)
 
     def side(ref: CheckpointRef, payload: Mapping[str, Any]) -> dict[str, Any]:
         metrics = payload.get("metrics") if isinstance(payload.get("metrics"), Mapping) else {}
@@ -423,16 +370,8 @@ def diff_checkpoints(a: CheckpointRef, b: CheckpointRef, *, atol: float = 0.0) -
         "b": side(b, pb),
         "atol": atol,
         "identical": not changed,
-        "tensors": [
-            {
-                "name": r.name,
-                "status": r.status,
-                "shape_a": list(r.shape_a) if r.shape_a is not None else None,
-                "shape_b": list(r.shape_b) if r.shape_b is not None else None,
-                "max_abs_diff": r.max_abs_diff if r.max_abs_diff is None or math.isfinite(r.max_abs_diff) else None,
-            }
-            for r in rows
-        ],
+        "bit_identical": all(r.bit_identical for r in rows),
+        "tensors": [r.to_json() for r in rows],
         "changed": len(changed),
         "compared": len(rows),
     }

@@ -339,13 +339,26 @@ def render_diff(d: dict[str, Any], show_all: bool = False) -> None:
         for t in rows:
             shape_a = "-" if t["shape_a"] is None else "×".join(map(str, t["shape_a"])) or "scalar"
             shape_b = "-" if t["shape_b"] is None else "×".join(map(str, t["shape_b"])) or "scalar"
-            worst = "-" if t["max_abs_diff"] is None else f"{t['max_abs_diff']:.3g}"
-            table.add_row(t["name"], t["status"], shape_a, shape_b, worst)
+            table.add_row(t["name"], t["status"], shape_a, shape_b, _max_abs_diff(t))
         out.print(table)
-    if d["identical"]:
-        out.print(f"Identical: all {d['compared']} tensors match" + (f" within {d['atol']:g}" if d["atol"] else ""))
+    if d["bit_identical"]:
+        out.print(f"Identical: all {d['compared']} tensors are bit-identical")
+    elif d["identical"]:
+        out.print(f"Identical: all {d['compared']} tensors match within {d['atol']:g}")
     else:
         out.print(f"Different: {d['changed']} of {d['compared']} tensors differ")
+
+
+def _max_abs_diff(t: dict[str, Any]) -> str:
+    """A ``diff`` row's largest difference: exact for integers; a changed row at 0 differs in its bits (-0.0, a NaN's payload)."""
+    worst = t["max_abs_diff"]
+    if worst is None:
+        return "-"
+    if isinstance(worst, int):
+        return str(worst)
+    if worst == 0 and t["status"] == "changed":
+        return "0 (bits differ)"
+    return f"{worst:.3g}"
 
 
 # --------------------------------------------------------------------------- resume-info

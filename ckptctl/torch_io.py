@@ -1,4 +1,4 @@
-"""Torch IO: the only storage code that imports torch.
+"""Torch IO: the only storage code that imports torch (with :mod:`ckptctl.tensors`, its walk and compare).
 
 Staging (a consistent CPU copy of the state into reusable buffers), serialising a
 checkpoint crash-safely, loading it back safely (``weights_only=True``, memory-mapped),
@@ -16,7 +16,7 @@ import random
 import threading
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -31,6 +31,7 @@ from ckptctl.storage.atomic import (
     open_regular,
     read_failure,
 )
+from ckptctl import tensors as _tensors
 
 log = logging.getLogger("ckptctl")
 
@@ -169,9 +170,8 @@ def component_states(components: Mapping[str, Any]) -> dict[str, Any]:
     return {name: component_state(name, component) for name, component in components.items()}
 
 
-def tensor_bytes(obj: Any) -> int:
-    """Total bytes of the tensors nested in ``obj``."""
-    return sum(t.numel() * t.element_size() for _, t in iter_tensors(obj))
+#: Bytes a state's staging copy needs; its home is :mod:`ckptctl.tensors`, importable here for the persistence API.
+tensor_bytes = _tensors.tensor_bytes
 
 
 def available_memory_bytes() -> int | None:
@@ -372,28 +372,6 @@ def safe_load(path: str | os.PathLike, device: str | torch.device = "cpu", *, mm
     return data
 
 
-def iter_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(dotted_name, tensor)`` for every tensor nested in dicts/lists/tuples of ``obj``."""
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from iter_tensors(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from iter_tensors(v, f"{prefix}.{i}" if prefix else str(i))
-
-
-def find_nonfinite(payload: Mapping[str, Any]) -> list[str]:
-    """Names of floating tensors in ``payload`` that hold NaN or infinity."""
-    bad = []
-    for name, tensor in iter_tensors(payload):
-        if tensor.is_floating_point() or tensor.is_complex():
-            if not bool(torch.isfinite(tensor).all()):
-                bad.append(name)
-    return bad
-
-
 def verify_file(
     path: str | os.PathLike,
     expected_checksum: str | tuple[str, ...] | None,
@@ -412,7 +390,7 @@ def verify_file(
         matching_checksum(path, candidates, on_progress)
     payload = safe_load(path, "cpu", mmap=True)
     if deep:
-        bad = find_nonfinite(payload)
+        bad = _tensors.find_nonfinite(payload)
         if bad:
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             raise CheckpointIntegrityError(f"{Path(path).name}: non-finite values in {shown}", status="nonfinite")

@@ -51,31 +51,16 @@ def _run_until(cmd: list[str], stop_after: str | None) -> int:
     return proc.wait()
 
 
-def _final_tensors(run_dir: Path):
-    import torch
+def _final_payload(run_dir: Path):
+    """The run's newest index entry and its checkpoint, loaded safely."""
+    from ckptctl.torch_io import safe_load
 
     index = json.loads((run_dir / "checkpoint_metadata.json").read_text())
     entry = max(index["checkpoints"], key=lambda e: e["id"])
-    payload = torch.load(run_dir / entry["path"], map_location="cpu", weights_only=True)
-    flat = {}
-
-    def walk(obj, prefix):
-        if isinstance(obj, torch.Tensor):
-            flat[prefix] = obj
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(v, f"{prefix}.{i}")
-
-    walk(payload, "")
-    return entry, flat
+    return entry, safe_load(run_dir / entry["path"], "cpu", mmap=False)
 
 
 def main(runs: str = "runs", drive: str = "drive") -> int:
-    import torch
-
     runs_dir, drive_dir = Path(runs), Path(drive)
     for path in (runs_dir / "demo", runs_dir / "demo_reference", drive_dir / "demo"):
         shutil.rmtree(path, ignore_errors=True)
@@ -103,18 +88,17 @@ def main(runs: str = "runs", drive: str = "drive") -> int:
     if reference.returncode != 0:
         print(f"demo: the reference run failed:\n{err}", file=sys.stderr)
         return 1
-    entry_a, a = _final_tensors(runs_dir / "demo")
-    entry_b, b = _final_tensors(runs_dir / "demo_reference")
-    same = sorted(a) == sorted(b) and all(
-        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-        and torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8))
-        for k in a
-    )
+    from ckptctl.tensors import compare_states
+
+    entry_a, a = _final_payload(runs_dir / "demo")
+    entry_b, b = _final_payload(runs_dir / "demo_reference")
+    rows = compare_states(a, b)  # atol 0: dtype, shape and every byte
+    differ = [r.name for r in rows if not r.bit_identical]
     print("== [5/5] final checkpoint vs the uninterrupted run", flush=True)
     print(f"   runs/demo checkpoint {entry_a['id']} (epoch {entry_a['epoch']}, batch {entry_a['batch']}) vs "
-          f"runs/demo_reference checkpoint {entry_b['id']}: {len(a)} tensors (weights, optimizer, scheduler, RNG) "
-          + ("all bit-identical" if same else "DIFFER"), flush=True)
-    return 0 if same else 1
+          f"runs/demo_reference checkpoint {entry_b['id']}: {len(rows)} tensors (weights, optimizer, scheduler, RNG) "
+          + ("all bit-identical" if not differ else f"DIFFER: {', '.join(differ[:5])}"), flush=True)
+    return 0 if not differ else 1
 
 
 if __name__ == "__main__":

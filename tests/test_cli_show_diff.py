@@ -62,7 +62,85 @@ def test_diff_same_checkpoint_is_identical(tmp_path):
     result = invoke("diff", "runs/run_a:1", str(ckpt(run, 1)), "--json")
     assert result.exit_code == 0
     d = json.loads(result.stdout)
-    assert d["identical"] and d["changed"] == 0 and d["compared"] > 5
+    assert d["identical"] and d["bit_identical"] and d["changed"] == 0 and d["compared"] > 5
+    text = invoke("diff", "runs/run_a:1", str(ckpt(run, 1)))
+    assert text.exit_code == 0 and f"Identical: all {d['compared']} tensors are bit-identical" in text.stdout
+
+
+def _nan(payload: int):
+    """A float32 NaN whose low mantissa bits are ``payload``."""
+    import torch
+
+    return torch.tensor([0x7FC00000 | payload], dtype=torch.int32).view(torch.float32)
+
+
+def _saved_pair(tmp_path, a, b) -> tuple[str, str]:
+    """Two checkpoint files written with ``torch.save``: ``{"agent": {"w": a}}`` and the same with ``b``."""
+    import torch
+
+    for name, value in (("a.pt", a), ("b.pt", b)):
+        torch.save({"epoch": 0, "batch": 0, "global_step": 1, "agent": {"w": value, "bias": torch.ones(2)}}, tmp_path / name)
+    return str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
+
+
+def _changed_rows(result) -> dict:
+    return {t["name"]: t for t in json.loads(result.stdout)["tensors"] if t["status"] != "same"}
+
+
+def test_diff_tells_negative_zero_from_zero(tmp_path):
+    """Numerically equal (a float64 comparison calls them the same) but not the same bytes: an exact resume differs."""
+    import torch
+
+    a, b = _saved_pair(tmp_path, torch.tensor([0.0, 1.0]), torch.tensor([-0.0, 1.0]))
+    result = invoke("diff", a, b, "--json")
+    assert result.exit_code == 1, result.stdout
+    d = json.loads(result.stdout)
+    assert not d["identical"] and not d["bit_identical"] and d["changed"] == 1
+    assert _changed_rows(result) == {"agent.w": {"name": "agent.w", "status": "changed", "shape_a": [2], "shape_b": [2], "max_abs_diff": 0.0}}
+    text = invoke("diff", a, b)
+    assert text.exit_code == 1 and "0 (bits differ)" in text.stdout and "Different: 1 of 2 tensors differ" in text.stdout
+    loose = invoke("diff", a, b, "--atol", "1e-12")
+    assert loose.exit_code == 0 and "Identical: all 2 tensors match within 1e-12" in loose.stdout
+    assert "bit-identical" not in loose.stdout
+
+
+def test_diff_tells_nan_payloads_apart(tmp_path):
+    a, b = _saved_pair(tmp_path, _nan(0), _nan(1))
+    result = invoke("diff", a, b, "--json")
+    assert result.exit_code == 1, result.stdout
+    assert list(_changed_rows(result)) == ["agent.w"]
+    same = invoke("diff", a, str(tmp_path / "a.pt"), "--json")
+    assert same.exit_code == 0 and json.loads(same.stdout)["bit_identical"]
+    loose = invoke("diff", a, b, "--atol", "1e-6", "--json")  # numerically NaN matches NaN
+    assert loose.exit_code == 0 and json.loads(loose.stdout)["identical"] and not json.loads(loose.stdout)["bit_identical"]
+
+
+def test_diff_int64_beyond_float64_precision_through_the_library(tmp_path):
+    """Two checkpoints saved by ModelPersistence whose int64 buffer holds 2**53 and 2**53 + 1 (equal as float64)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from ckptctl import ModelPersistence
+
+    counter = torch.nn.Module()
+    counter.register_buffer("n", torch.tensor([2**53, 7]))
+    with ModelPersistence(tmp_path / "runs" / "r", save_every_n_batches=1, background=False) as p:
+        for batch, value in enumerate((2**53, 2**53 + 1)):
+            counter.n[0] = value
+            random.seed(0)  # the same RNG states in both checkpoints
+            np.random.seed(0)
+            torch.manual_seed(0)
+            p.save_checkpoint(0, batch, {"loss": 1.0}, counter=counter)
+    result = invoke("diff", "runs/r:0", "runs/r:1", "--json")
+    assert result.exit_code == 1, result.stdout
+    assert _changed_rows(result) == {"counter.n": {"name": "counter.n", "status": "changed", "shape_a": [2], "shape_b": [2], "max_abs_diff": 1}}
+    assert '"max_abs_diff": 1\n' in result.stdout  # an exact integer, not 1.0
+    text = invoke("diff", "runs/r:0", "runs/r:1")
+    assert text.exit_code == 1 and "counter.n" in text.stdout and "Different: 1 of" in text.stdout
+    assert invoke("diff", "runs/r:0", "runs/r:1", "--atol", "0.5").exit_code == 1  # integers compared in int64
+    assert invoke("diff", "runs/r:0", "runs/r:1", "--atol", "1").exit_code == 0
 
 
 def test_diff_reports_changed_tensors_and_exits_1(tmp_path):
@@ -76,7 +154,7 @@ def test_diff_reports_changed_tensors_and_exits_1(tmp_path):
     text = invoke("diff", "runs/run_a:0", "runs/run_a:2")
     assert text.exit_code == 1 and "agent.weight" in text.stdout and "Different:" in text.stdout
     loose = invoke("diff", "runs/run_a:0", "runs/run_a:2", "--atol", "1e9", "--json")
-    assert loose.exit_code == 0 and json.loads(loose.stdout)["identical"]
+    assert loose.exit_code == 0 and json.loads(loose.stdout)["identical"] and not json.loads(loose.stdout)["bit_identical"]
 
 
 def test_diff_resumed_run_matches_uninterrupted(tmp_path):
@@ -86,7 +164,7 @@ def test_diff_resumed_run_matches_uninterrupted(tmp_path):
     result = invoke("diff", "runs/straight:5", "runs/resumed:5", "--json")
     d = json.loads(result.stdout)
     assert result.exit_code == 0, [t for t in d["tensors"] if t["status"] != "same"]
-    assert d["identical"]
+    assert d["identical"] and d["bit_identical"]
 
 
 def test_diff_unreadable_side_exits_1(tmp_path):

@@ -15,6 +15,7 @@ from ckptctl import ModelPersistence, setup_drive_backup
 from ckptctl.core.format import BEST_MODEL_FILE, INDEX_FILE, TEMP_PREFIX
 from ckptctl.errors import BackgroundSaveError, CkptctlError, NoValidCheckpointError, RestoreStateError
 from ckptctl.storage.scan import read_best, read_index
+from ckptctl.tensors import compare_states
 
 
 class LearnableLoss(torch.nn.Module):
@@ -71,11 +72,12 @@ def flat_state(rig):
 
 
 def assert_same_state(a, b):
+    """Every tensor, nested ones included (optimizer moments), bit-identical; every other top-level value equal."""
     assert a.keys() == b.keys()
+    differ = [(r.name, r.status) for r in compare_states(a, b) if not r.bit_identical]
+    assert not differ, differ
     for k in a:
-        if isinstance(a[k], torch.Tensor):
-            assert torch.equal(a[k], b[k]), k
-        elif not isinstance(a[k], dict):
+        if not isinstance(a[k], (torch.Tensor, dict)):
             assert a[k] == b[k], k
 
 

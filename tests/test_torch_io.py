@@ -10,7 +10,8 @@ import torch
 
 from ckptctl.errors import CheckpointIntegrityError
 from ckptctl.storage.atomic import hash_file
-from ckptctl.torch_io import Stager, build_payload, component_states, find_nonfinite, safe_load, verify_file, write_checkpoint_file
+from ckptctl.tensors import find_nonfinite
+from ckptctl.torch_io import Stager, build_payload, component_states, safe_load, verify_file, write_checkpoint_file
 
 
 def _model():

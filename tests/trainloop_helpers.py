@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from ckptctl.tensors import compare_states, flat_tensors
+
 #: Small, fast settings: 64 training pairs in batches of 8 (8 batches per epoch).
 FAST_FLAGS = (
     "--max-pairs", "64", "--max-eval-pairs", "48", "--batch-size", "8", "--epochs", "3",
@@ -132,34 +134,13 @@ def newest_checkpoint(run_dir: Path) -> tuple[dict, Path]:
     return entry, run_dir / entry["path"]
 
 
-def flat_tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    if isinstance(obj, torch.Tensor):
-        out[prefix] = obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(flat_tensors(v, f"{prefix}.{k}" if prefix else str(k)))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(flat_tensors(v, f"{prefix}.{i}" if prefix else str(i)))
-    return out
-
-
 def load_payload(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def tensor_differences(a: dict, b: dict) -> list[str]:
-    """Names of tensors that are not bit-identical (dtype, shape and every byte) between two payloads."""
-    ta, tb = flat_tensors(a), flat_tensors(b)
-    diffs = [f"only in one: {name}" for name in sorted(set(ta) ^ set(tb))]
-    for name in sorted(set(ta) & set(tb)):
-        x, y = ta[name], tb[name]
-        if x.dtype != y.dtype or x.shape != y.shape:
-            diffs.append(f"{name}: {x.dtype}{tuple(x.shape)} vs {y.dtype}{tuple(y.shape)}")
-        elif not torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)):
-            diffs.append(f"{name}: values differ")
-    return diffs
+    """Tensors that are not bit-identical (dtype, shape and every byte) between two payloads, as ``name: status``."""
+    return [f"{r.name}: {r.status}" for r in compare_states(a, b) if not r.bit_identical]
 
 
 def assert_same_final_state(run_a: Path, run_b: Path) -> None:
