@@ -15,7 +15,7 @@ import random
 import threading
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -412,5 +412,3 @@ def payload_metadata(payload: Mapping[str, Any]) -> dict[str, Any]:
         "extra": dict(payload.get("extra") or {}),
     }
 
-
-LoadHook = Callable[[Mapping[str, Any]], None]
