@@ -2,8 +2,8 @@
 
 The scripts come from the app's own completion support (typer), so they stay in step
 with the commands: each asks ``ckptctl`` itself for candidates (subcommands, options,
-run names) through the ``_CKPTCTL_COMPLETE`` protocol. ``tests/test_cli_completions.py``
-regenerates them and fails if the committed files differ.
+run names) through the ``_CKPTCTL_COMPLETE`` protocol. A test in ``tests/test_cli_contract.py``
+generates them afresh and fails if the committed files differ.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import random
 import threading
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -222,6 +222,7 @@ def build_payload(
 # --------------------------------------------------------------------------- save / load
 
 
+#: Orders our saves' set/restore of torch's CRC option where that option is process-wide.
 _CRC_LOCK = threading.Lock()
 
 
@@ -229,8 +230,16 @@ def _save_without_zip_crc(payload: Mapping[str, Any], writer: Any) -> None:
     """``torch.save`` with the zip container's CRC-32 turned off for this call.
 
     The CRC halves the write speed, and every file already carries our own checksum,
-    computed in the same pass. The option is process-global in torch, so it is restored
-    right after (under a lock); files saved without it load normally with ``torch.load``.
+    computed in the same pass; files saved without it load normally with ``torch.load``
+    (which does not check the CRC). The option is turned off and put back around the call,
+    in the thread that saves. How far it reaches depends on torch (pyproject.toml allows 2.4 on):
+
+    - torch 2.13 keeps it in ``torch.utils.serialization.config``, whose values are per thread
+      (a ContextVar): only this save skips the CRC, and the lock merely orders our own saves;
+    - the first torch versions with the option (2.6 on) kept it in one module-level variable,
+      shared by every thread: the lock keeps two of our saves from putting back each other's
+      value, and a ``torch.save`` that another thread runs meanwhile also skips its CRC;
+    - torch 2.4 and 2.5 have no such option: the file is written with its CRC (slower, same file).
     """
     set_crc = getattr(torch.serialization, "set_crc32_options", None)
     get_crc = getattr(torch.serialization, "get_crc32_options", None)
@@ -422,5 +431,3 @@ def payload_metadata(payload: Mapping[str, Any]) -> dict[str, Any]:
         "extra": dict(payload.get("extra") or {}),
     }
 
-
-LoadHook = Callable[[Mapping[str, Any]], None]

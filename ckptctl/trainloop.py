@@ -10,7 +10,7 @@ exactly the weights an uninterrupted run would have had.
 Exact-resume design (CPU, same flags and seed):
 
 - Data order is a pure function of ``(seed, epoch)``: ``torch.randperm`` with its own
-  ``Generator`` seeded from :func:`order_seed`; it never touches the global RNG.
+  ``Generator`` seeded from :func:`~ckptctl.train_data.order_seed`; it never touches the global RNG.
 - Dropout uses the global torch RNG, which every checkpoint saves and resume restores
   (Python's ``random`` and NumPy are seeded and saved too).
 - Validation runs in eval mode under ``no_grad`` and draws no random numbers.
@@ -20,6 +20,11 @@ Exact-resume design (CPU, same flags and seed):
   refuses to continue if it differs, unless ``--allow-data-change`` is given.
 - One thread count (``--threads``) and deterministic algorithms.
 
+Layout: this module holds the flags and the run, in phases (open the run and restore it from
+Drive, find the resume position, the epoch loop, finish); the model and its steps are in
+:mod:`ckptctl.train_model`, the data order and position in :mod:`ckptctl.train_data`, the
+console, warnings and signals in :mod:`ckptctl.train_console`.
+
 Exit codes: 0 completed (or nothing left to do), 1 a checkpoint/library error,
 2 bad flags or a refused resume, 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM).
 """
@@ -27,7 +32,6 @@ Exit codes: 0 completed (or nothing left to do), 1 a checkpoint/library error,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import logging
 import math
@@ -35,15 +39,14 @@ import os
 import random
 import signal
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from ckptctl.arcdata import CHANNELS, COLOURS, IGNORE, PairSet, copy_baseline_accuracy, hash_ids, load_arc
+from ckptctl.arcdata import PairSet, copy_baseline_accuracy, load_arc
 from ckptctl.core.units import parse_size
 from ckptctl.errors import BackgroundSaveError, CkptctlError
 from ckptctl.persistence import (
@@ -54,344 +57,24 @@ from ckptctl.persistence import (
     run_has_checkpoints,
     setup_drive_backup,
 )
+from ckptctl.train_console import Console, RunLogHandler, StopRequest, ckptctl_warnings_to
+from ckptctl.train_data import (
+    DATA_POSITION_KEY,
+    batch_indices,
+    batches_per_epoch,
+    data_position,
+    epoch_order,
+    fingerprint_differences,
+)
+from ckptctl.train_model import Components, train_step, validate
 
 log = logging.getLogger("ckptctl.trainloop")
 
-DATA_POSITION_KEY = "data_position"
-#: Fingerprint fields compared on resume (the position itself is where we continue).
-FINGERPRINT_FIELDS = ("seed", "order_seed", "next_batch_ids_sha256", "dataset_size", "dataset_sha256", "batch_size")
 DRIVE_ENV = "CKPTCTL_DRIVE"
 
 
 class TrainloopError(CkptctlError):
     """A refused start or resume (bad flags, run exists, data position mismatch): exit 2."""
-
-
-# --------------------------------------------------------------------------- model
-
-
-class FrozenEncoder(nn.Module):
-    """A fixed random 1x1 projection of the one-hot grid. Never trained (``requires_grad=False``),
-    saved under its own name so unchanged weights can be stored once."""
-
-    def __init__(self, features: int = 16):
-        super().__init__()
-        self.proj = nn.Conv2d(CHANNELS, features, kernel_size=1, bias=False)
-        self.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.proj(x))
-
-
-class Agent(nn.Module):
-    """Predicts the output grid's colours per cell. A learnable "copy gain" adds the input's
-    one-hot to the logits, so an untrained agent starts near the copy-the-input baseline."""
-
-    def __init__(self, features: int = 16, hidden: int = 32, dropout: float = 0.1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(CHANNELS + features, hidden, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1)
-        self.drop = nn.Dropout2d(dropout)
-        self.head = nn.Conv2d(hidden, COLOURS, kernel_size=1)
-        self.copy_gain = nn.Parameter(torch.tensor(1.5))
-
-    def forward(self, x: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = F.relu(self.conv1(torch.cat([x, features], dim=1)))
-        h = self.drop(F.relu(self.conv2(h)))
-        logits = self.head(h) + self.copy_gain * x[:, :COLOURS]
-        return logits, h
-
-
-class Critic(nn.Module):
-    """Second trainable module: predicts each sample's reward from the agent's pooled features."""
-
-    def __init__(self, hidden: int = 32):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(hidden, 16), nn.ReLU(), nn.Linear(16, 1))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h.mean(dim=(2, 3))).squeeze(1)
-
-
-class UncertaintyLoss(nn.Module):
-    """Learnable loss: weighs the cell loss and the critic loss by learned uncertainties
-    (``exp(-s) * L + s`` per term, Kendall et al. 2018)."""
-
-    def __init__(self, terms: int = 2):
-        super().__init__()
-        self.log_vars = nn.Parameter(torch.zeros(terms))
-
-    def forward(self, *losses: torch.Tensor) -> torch.Tensor:
-        total = losses[0].new_zeros(())
-        for i, term in enumerate(losses):
-            total = total + torch.exp(-self.log_vars[i]) * term + self.log_vars[i]
-        return total
-
-
-class Components:
-    """Everything that is saved, by name: ``agent``, ``critic``, ``loss_fn``, ``encoder`` (frozen),
-    ``optimizer``, ``scheduler``."""
-
-    def __init__(self, seed: int, lr: float, total_steps: int, device: torch.device):
-        torch.manual_seed(seed)
-        self.encoder = FrozenEncoder().to(device)
-        self.agent = Agent().to(device)
-        self.critic = Critic().to(device)
-        self.loss_fn = UncertaintyLoss().to(device)
-        params = list(self.agent.parameters()) + list(self.critic.parameters()) + list(self.loss_fn.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=max(1, total_steps), eta_min=lr * 0.05
-        )
-
-    def adapt_schedule(self, lr: float, total_steps: int) -> list[str]:
-        """After a resume, apply a changed ``--lr`` or run length to the restored schedule; say what changed.
-
-        Loading the optimizer and scheduler restores the rate and length the checkpoint was
-        trained with (read from the scheduler itself, not from the flags of the last attempt,
-        which may have been killed before it saved). A new ``--lr`` scales the rate from here
-        on (same cosine shape); a new length (``--epochs``, or a different data layout)
-        stretches the cosine so it still ends at ``total_steps``.
-        """
-        notes = []
-        scheduler, total_steps = self.scheduler, max(1, total_steps)
-        saved_lr = scheduler.base_lrs[0]
-        if not math.isclose(saved_lr, lr, rel_tol=1e-9):
-            ratio = lr / saved_lr
-            for group in self.optimizer.param_groups:
-                group["lr"] *= ratio
-                group["initial_lr"] = group.get("initial_lr", saved_lr) * ratio
-            scheduler.base_lrs = [base * ratio for base in scheduler.base_lrs]
-            scheduler.eta_min *= ratio
-            scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-            notes.append(f"lr was {saved_lr:g}, now {lr:g}: the learning-rate schedule continues, scaled to the new rate")
-        if scheduler.T_max != total_steps:
-            notes.append(f"the schedule was {scheduler.T_max} batches long, now {total_steps}: it is stretched to end there")
-            scheduler.T_max = total_steps
-        return notes
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "agent": self.agent,
-            "critic": self.critic,
-            "loss_fn": self.loss_fn,
-            "encoder": self.encoder,
-            "optimizer": self.optimizer,
-            "scheduler": self.scheduler,
-        }
-
-    def train(self, mode: bool = True) -> None:
-        for module in (self.agent, self.critic, self.loss_fn):
-            module.train(mode)
-        self.encoder.eval()
-
-
-# --------------------------------------------------------------------------- data order
-
-
-def order_seed(seed: int, epoch: int) -> int:
-    """Seed of epoch ``epoch``'s data order: a pure function of ``(seed, epoch)``."""
-    return (int(seed) * 1_000_003 + int(epoch)) % (2**63 - 1)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The sample order of one epoch (its own Generator: the global RNG is untouched)."""
-    gen = torch.Generator().manual_seed(order_seed(seed, epoch))
-    return torch.randperm(n, generator=gen)
-
-
-def batches_per_epoch(n: int, batch_size: int) -> int:
-    """Batches per epoch; the last one may be smaller."""
-    return max(1, math.ceil(n / batch_size))
-
-
-def batch_indices(order: torch.Tensor, batch: int, batch_size: int) -> torch.Tensor:
-    return order[batch * batch_size : (batch + 1) * batch_size]
-
-
-def data_position(train: PairSet, seed: int, batch_size: int, next_epoch: int, next_batch: int) -> dict[str, Any]:
-    """The fingerprint of the position ``(next_epoch, next_batch)``: where training continues."""
-    order = epoch_order(len(train), seed, next_epoch)
-    ids = [train.ids[i] for i in batch_indices(order, next_batch, batch_size).tolist()]
-    return {
-        "next_epoch": int(next_epoch),
-        "next_batch": int(next_batch),
-        "seed": int(seed),
-        "order_seed": order_seed(seed, next_epoch),
-        "next_batch_ids_sha256": hash_ids(ids),
-        "dataset_size": len(train),
-        "dataset_sha256": train.sha256,
-        "batch_size": int(batch_size),
-    }
-
-
-def fingerprint_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Human-readable differences between a saved and a recomputed data position."""
-    diffs = []
-    for key in FINGERPRINT_FIELDS:
-        if saved.get(key) != now.get(key):
-            a, b = saved.get(key), now.get(key)
-            if isinstance(a, str) and isinstance(b, str) and len(a) > 16:
-                a, b = a[:12] + "…", b[:12] + "…"
-            diffs.append(f"{key}: checkpoint {a}, now {b}")
-    return diffs
-
-
-# --------------------------------------------------------------------------- training steps
-
-
-def cell_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample (correct cells, valid cells) as float tensors."""
-    valid = targets != IGNORE
-    correct = (logits.argmax(dim=1) == targets) & valid
-    return correct.flatten(1).sum(1).to(torch.float32), valid.flatten(1).sum(1).to(torch.float32)
-
-
-def copy_correct(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return ((inputs == targets) & (targets != IGNORE)).flatten(1).sum(1).to(torch.float32)
-
-
-def train_step(c: Components, train: PairSet, index: torch.Tensor, device: torch.device) -> dict[str, float]:
-    """One optimisation step on the samples at ``index``; returns loss and reward."""
-    x = train.one_hot(index).to(device)
-    targets = train.targets[index].to(device)
-    with torch.no_grad():
-        features = c.encoder(x)
-    logits, hidden = c.agent(x, features)
-    cell_loss = F.cross_entropy(logits, targets, ignore_index=IGNORE)
-    with torch.no_grad():
-        correct, valid = cell_accuracy(logits, targets)
-        baseline = copy_correct(train.inputs[index].to(device), targets)
-        per_sample_reward = (correct - baseline) / valid.clamp(min=1)
-        reward = (correct.sum() - baseline.sum()) / valid.sum().clamp(min=1)
-    value = c.critic(hidden.detach())
-    critic_loss = F.mse_loss(value, per_sample_reward)
-    loss = c.loss_fn(cell_loss, critic_loss)
-    c.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    c.optimizer.step()
-    c.scheduler.step()
-    return {"loss": float(loss.item()), "reward": float(reward.item())}
-
-
-@torch.no_grad()
-def validate(c: Components, val: PairSet, baseline: float, device: torch.device, chunk: int = 128) -> dict[str, float]:
-    """Cell accuracy on the held-out pairs (eval mode, no randomness) and its gain over copying."""
-    if len(val) == 0:
-        return {"accuracy": math.nan, "accuracy_delta": math.nan}
-    c.train(False)
-    correct = valid = 0.0
-    for start in range(0, len(val), chunk):
-        index = torch.arange(start, min(start + chunk, len(val)))
-        x = val.one_hot(index).to(device)
-        logits, _ = c.agent(x, c.encoder(x))
-        a, b = cell_accuracy(logits, val.targets[index].to(device))
-        correct += float(a.sum())
-        valid += float(b.sum())
-    c.train(True)
-    accuracy = correct / max(1.0, valid)
-    return {"accuracy": accuracy, "accuracy_delta": accuracy - baseline}
-
-
-# --------------------------------------------------------------------------- console
-
-
-class Console:
-    """Log lines to training.log and stderr; a rich progress bar only when stderr is a terminal."""
-
-    def __init__(self, total: int, done: int, show_progress: bool):
-        self._progress = None
-        self._task = None
-        if show_progress and sys.stderr.isatty():
-            rng_state = random.getstate()  # importing rich draws from Python's global RNG (rich.style)
-            try:
-                from rich.console import Console as RichConsole
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-                self._progress = Progress(
-                    TextColumn("training"),
-                    BarColumn(),
-                    MofNCompleteColumn(),
-                    TimeRemainingColumn(),
-                    console=RichConsole(stderr=True),
-                    transient=True,
-                )
-                self._task = self._progress.add_task("train", total=total, completed=done)
-                self._progress.start()
-            except Exception:  # a console quirk must never stop training
-                self._progress = None
-            finally:
-                random.setstate(rng_state)  # the saved RNG state must not depend on the console
-
-    def line(self, text: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(text, markup=False, highlight=False)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def advance(self) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task)
-
-    def stop(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
-
-class _RunLogHandler(logging.Handler):
-    """Copies ckptctl warnings (e.g. a failing Drive mirror) into training.log."""
-
-    def __init__(self, append: Callable[[str], None]):
-        super().__init__(logging.WARNING)
-        self._append = append
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self._append(f"WARNING {record.getMessage()}")
-        except Exception:
-            pass
-
-
-@contextlib.contextmanager
-def _ckptctl_warnings_to(say: Callable[[str], None]) -> Iterator[None]:
-    """Show the library's warnings inside this block through ``say`` (and only there)."""
-    logger = logging.getLogger("ckptctl")
-    handler = _RunLogHandler(lambda line: say(line.replace("WARNING ", "warning: ", 1)))
-    logger.addHandler(handler)
-    propagate, logger.propagate = logger.propagate, False
-    try:
-        yield
-    finally:
-        logger.propagate = propagate
-        logger.removeHandler(handler)
-
-
-class StopRequest:
-    """SIGTERM/SIGINT: the first asks to finish the batch, save and exit; the second exits at once."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.signal(signum, self._handle)
-
-    def uninstall(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.signum is None:
-            self.signum = signum
-            # os.write, not print: the main thread may be inside a print when this runs
-            os.write(2, f"{name}: finishing the current batch, saving, then exiting (send again to exit at once)\n".encode())
-        else:
-            os.write(2, f"{name} again: exiting now without waiting for the save\n".encode())
-            os._exit(128 + signum)
 
 
 # --------------------------------------------------------------------------- flags
@@ -408,6 +91,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``python -m ckptctl.trainloop``, each with its help and default."""
     parser = argparse.ArgumentParser(
         prog="python -m ckptctl.trainloop",
         description=(
@@ -465,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the flags (counts at least 1, rates and sizes positive); exits 2 on a bad one."""
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("epochs", "save_every", "max_checkpoints", "batch_size", "log_every", "threads"):
@@ -538,6 +223,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+
 def _unique_run_name(output_dir: Path, drive_backup: str | None) -> str:
     from ckptctl.core.format import default_run_name
 
@@ -579,12 +265,69 @@ def _choose_run(args: argparse.Namespace, output_dir: Path, say: Callable[[str],
     if args.drive_backup:
         # A fresh machine (or one whose restore was cut short): bring the run back from Drive.
         # The library's own rule; its messages reach stderr through the run log handler.
-        with _ckptctl_warnings_to(say):
+        with ckptctl_warnings_to(say):
             restore_if_mirror_ahead(output_dir / name, Path(args.drive_backup) / name)
     if not run_has_checkpoints(output_dir / name):
         say(f"--resume: run {name} has no checkpoint yet; starting it fresh")
         return name, False
     return name, True
+
+
+# --------------------------------------------------------------------------- the run, in phases
+
+#: How long each way of ending waits for the Drive mirror to catch up before closing.
+_MIRROR_WAIT_COMPLETED = 60.0
+_MIRROR_WAIT_INTERRUPTED = 20.0
+_MIRROR_WAIT_FAILED = 10.0
+
+
+def _say(text: str) -> None:
+    """One line to stderr, at once."""
+    print(text, file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Session:
+    """An open run and what its phases share: flags, data, components, persistence, and how far it got."""
+
+    args: argparse.Namespace
+    device: torch.device
+    output_dir: Path
+    run_name: str
+    resuming: bool
+    train: PairSet
+    val: PairSet
+    baseline: float
+    per_epoch: int
+    total_steps: int
+    components: Components
+    to_save: dict[str, Any]  # what every checkpoint saves, by name (components.as_dict())
+    persistence: ModelPersistence
+    global_step: int = 0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    console: Console | None = None
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class _Position:
+    """Where training continues: the next epoch and batch, and the batches trained before them."""
+
+    epoch: int
+    batch: int
+    global_step: int
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One trained batch: its place and metrics, the data position after it, and the checkpoint it saved (if any)."""
+
+    epoch: int
+    batch: int
+    metrics: dict[str, float]
+    extra: dict[str, Any]
+    progress: dict[str, int]
+    saved_id: int | None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -598,19 +341,43 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, stop: StopRequest) -> int:
+    """Open the run, find where it continues, train the epochs left, finish; return the exit code."""
+    s = _open_run(args)
+    handler = RunLogHandler(s.persistence.append_log)
+    logging.getLogger("ckptctl").addHandler(handler)
+    _say_drive_budget(s)
+    try:
+        start = _resume_position(s) if s.resuming else _fresh_start(s)
+        s.global_step = start.global_step
+        _record_start(s, start)
+        if start.epoch >= args.epochs:
+            s.persistence.update_training_state(status="completed")
+            _say(f"run {s.run_name} is already complete ({args.epochs} epochs); nothing to do")
+            return 0
+        interrupted_at = _train_epochs(s, start, stop)
+        if interrupted_at is not None:
+            return _finish_interrupted(s, interrupted_at, stop.signum)
+        return _finish_completed(s)
+    except BaseException as exc:
+        _close_after_error(s, exc)
+        raise
+    finally:
+        logging.getLogger("ckptctl").removeHandler(handler)
+
+
+# --- phase 1: open the run (device, Drive, which run, restore from Drive, data, components, persistence)
+
+
+def _open_run(args: argparse.Namespace) -> _Session:
+    """Set up the device, choose the run (restoring it from Drive when resuming on a fresh machine),
+    load the data, build the components and open the run's persistence."""
     device = _pick_device(args.device)
     _set_determinism(args.threads, device)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-
-    def say(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
     if args.drive_backup:
-        setup_drive_backup(args.drive_backup)  # fail fast when Drive is not mounted at the start
-        if Path(args.drive_backup).resolve() == output_dir.resolve():
-            raise TrainloopError("--drive-backup must be another folder than --output-dir (the mirror would overwrite the run)")
-    run_name, resuming = _choose_run(args, output_dir, say)
+        _check_drive_backup(args.drive_backup, output_dir)
+    run_name, resuming = _choose_run(args, output_dir, _say)
 
     train, val = load_arc(args.max_pairs, args.max_eval_pairs)
     if len(train) == 0:
@@ -618,14 +385,35 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
     baseline = copy_baseline_accuracy(val) if len(val) else math.nan
     per_epoch = batches_per_epoch(len(train), args.batch_size)
     total_steps = args.epochs * per_epoch
+    components = _build_components(args, total_steps, device)
+    return _Session(
+        args=args, device=device, output_dir=output_dir, run_name=run_name, resuming=resuming,
+        train=train, val=val, baseline=baseline, per_epoch=per_epoch, total_steps=total_steps,
+        components=components, to_save=components.as_dict(),
+        persistence=_open_persistence(args, output_dir / run_name),
+    )
 
+
+def _check_drive_backup(drive_backup: str, output_dir: Path) -> None:
+    """Fail fast when Drive is not mounted at the start, or is the run folder itself."""
+    setup_drive_backup(drive_backup)
+    if Path(drive_backup).resolve() == output_dir.resolve():
+        raise TrainloopError("--drive-backup must be another folder than --output-dir (the mirror would overwrite the run)")
+
+
+def _build_components(args: argparse.Namespace, total_steps: int, device: torch.device) -> Components:
+    """The model, optimizer and schedule initialised from ``--seed``; the RNG streams then restart from it."""
     _seed_everything(args.seed)
-    c = Components(args.seed, args.lr, total_steps, device)
-    c.train(True)
+    components = Components(args.seed, args.lr, total_steps, device)
+    components.train(True)
     _seed_everything(args.seed)  # the RNG streams start from the seed, after init
+    return components
 
-    persistence = ModelPersistence(
-        output_dir / run_name,
+
+def _open_persistence(args: argparse.Namespace, run_dir: Path) -> ModelPersistence:
+    """The run's checkpoints, best model and Drive mirror, as the flags ask."""
+    return ModelPersistence(
+        run_dir,
         max_checkpoints=args.max_checkpoints,
         save_every_n_batches=args.save_every,
         best_metric="accuracy_delta",
@@ -635,147 +423,213 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
         mirror_backoff=(min(0.5, args.drive_retry_max), args.drive_retry_max),
         drive_max_size=args.drive_max_size,
     )
-    handler = _RunLogHandler(persistence.append_log)
-    logging.getLogger("ckptctl").addHandler(handler)
-    if persistence.drive_budget is not None:
-        how = "--drive-max-size" if args.drive_max_size else "free on Drive at start plus this run's mirror, less a margin"
-        say(f"Drive mirror {Path(args.drive_backup) / run_name}: budget {persistence.drive_budget / 1e9:.2f} GB ({how})")
-    console: Console | None = None
-    closed = False
-    try:
-        start_epoch, start_batch, global_step = 0, 0, 0
-        components = c.as_dict()
-        if resuming:
-            info = persistence.resume(device=device, **components)
-            if info is None:  # pragma: no cover - _choose_run checked there are checkpoints
-                raise TrainloopError(f"run {run_name}: nothing to resume")
-            for skipped in info["skipped"]:
-                say(f"skipped checkpoint {skipped['checkpoint_id']}: {skipped['reason']}")
-            saved = (info.get("extra") or {}).get(DATA_POSITION_KEY)
-            if not isinstance(saved, dict):
-                if not args.allow_data_change:
-                    raise TrainloopError(
-                        f"checkpoint {info['checkpoint_id']} has no data position (not written by this trainloop); "
-                        "pass --allow-data-change to continue after its epoch and batch anyway"
-                    )
-                saved = {"next_epoch": int(info["epoch"]), "next_batch": int(info["batch"]) + 1}
-            start_epoch, start_batch = int(saved["next_epoch"]), int(saved["next_batch"])
-            now = data_position(train, args.seed, args.batch_size, start_epoch, start_batch)
-            diffs = fingerprint_differences(saved, now)
-            if diffs and not args.allow_data_change:
-                raise TrainloopError(
-                    f"cannot resume {run_name} exactly: the data position differs from checkpoint "
-                    f"{info['checkpoint_id']} ({'; '.join(diffs)}); pass --allow-data-change to resume anyway"
-                )
-            if diffs:
-                say(f"warning: resuming with a different data layout ({'; '.join(diffs)})")
-                if start_batch >= per_epoch:
-                    start_epoch, start_batch = start_epoch + 1, 0
-            global_step = int(info["global_step"])
-            before = persistence.training_state.get("config") or {}
-            for key, now_value in (("threads", args.threads), ("device", str(device)), ("torch", torch.__version__)):
-                if key in before and before[key] != now_value:
-                    say(f"warning: {key} was {before[key]}, now {now_value}: the resumed run may not be bit-identical")
-            if start_epoch < args.epochs:
-                remaining = per_epoch - start_batch + (args.epochs - start_epoch - 1) * per_epoch
-                for note in c.adapt_schedule(args.lr, global_step + remaining):
-                    say(f"warning: {note} (the resumed run is not bit-identical to an uninterrupted one)")
-            line = f"Resumed from checkpoint {info['checkpoint_id']} at Epoch {start_epoch}, Batch {start_batch}"
-            persistence.append_log(line)
-            say(line)
-            if "accuracy_delta" in info["metrics"]:  # a crash may have come between the save and the best copy
-                persistence.update_best(info["epoch"], info["batch"], info["metrics"], global_step=global_step, **components)
-        else:
-            persistence.append_log(f"Started run {run_name}: {total_steps} batches ({args.epochs} epochs x {per_epoch})")
 
-        persistence.update_training_state(
-            status="running",
-            run_name=run_name,
-            config=_config(args, train, val, device),
-            progress={"epoch": start_epoch, "batch": start_batch, "global_step": global_step, "total_steps": total_steps},
-            pid=os.getpid(),
-            **({} if resuming else {"started_at": _dt.datetime.now(_dt.timezone.utc).isoformat()}),
+
+def _say_drive_budget(s: _Session) -> None:
+    """Name the Drive mirror's size budget and where it came from (when there is a mirror)."""
+    budget = s.persistence.drive_budget
+    if budget is None:
+        return
+    how = "--drive-max-size" if s.args.drive_max_size else "free on Drive at start plus this run's mirror, less a margin"
+    _say(f"Drive mirror {Path(s.args.drive_backup) / s.run_name}: budget {budget / 1e9:.2f} GB ({how})")
+
+
+# --- phase 2: the resume position
+
+
+def _fresh_start(s: _Session) -> _Position:
+    """A new run starts at the first batch; its log says how long it will be."""
+    s.persistence.append_log(f"Started run {s.run_name}: {s.total_steps} batches ({s.args.epochs} epochs x {s.per_epoch})")
+    return _Position(0, 0, 0)
+
+
+def _resume_position(s: _Session) -> _Position:
+    """Load the newest verified checkpoint into the components and return where training continues.
+
+    Refuses (exit 2) a resume whose data position differs from the flags' unless ``--allow-data-change``.
+    """
+    p = s.persistence
+    info = p.resume(device=s.device, **s.to_save)
+    if info is None:  # pragma: no cover - _choose_run checked there are checkpoints
+        raise TrainloopError(f"run {s.run_name}: nothing to resume")
+    for skipped in info["skipped"]:
+        _say(f"skipped checkpoint {skipped['checkpoint_id']}: {skipped['reason']}")
+    epoch, batch = _checked_data_position(s, info)
+    global_step = int(info["global_step"])
+    _warn_about_changed_setup(s)
+    _adapt_schedule(s, _Position(epoch, batch, global_step))
+    line = f"Resumed from checkpoint {info['checkpoint_id']} at Epoch {epoch}, Batch {batch}"
+    p.append_log(line)
+    _say(line)
+    if "accuracy_delta" in info["metrics"]:  # a crash may have come between the save and the best copy
+        p.update_best(info["epoch"], info["batch"], info["metrics"], global_step=global_step, **s.to_save)
+    return _Position(epoch, batch, global_step)
+
+
+def _checked_data_position(s: _Session, info: dict[str, Any]) -> tuple[int, int]:
+    """The ``(epoch, batch)`` the checkpoint says comes next, checked against the position the flags give."""
+    args = s.args
+    saved = (info.get("extra") or {}).get(DATA_POSITION_KEY)
+    if not isinstance(saved, dict):
+        if not args.allow_data_change:
+            raise TrainloopError(
+                f"checkpoint {info['checkpoint_id']} has no data position (not written by this trainloop); "
+                "pass --allow-data-change to continue after its epoch and batch anyway"
+            )
+        saved = {"next_epoch": int(info["epoch"]), "next_batch": int(info["batch"]) + 1}
+    epoch, batch = int(saved["next_epoch"]), int(saved["next_batch"])
+    diffs = fingerprint_differences(saved, data_position(s.train, args.seed, args.batch_size, epoch, batch))
+    if diffs and not args.allow_data_change:
+        raise TrainloopError(
+            f"cannot resume {s.run_name} exactly: the data position differs from checkpoint "
+            f"{info['checkpoint_id']} ({'; '.join(diffs)}); pass --allow-data-change to resume anyway"
         )
-        if start_epoch >= args.epochs:
-            persistence.update_training_state(status="completed")
-            say(f"run {run_name} is already complete ({args.epochs} epochs); nothing to do")
-            return 0
+    if diffs:
+        _say(f"warning: resuming with a different data layout ({'; '.join(diffs)})")
+        if batch >= s.per_epoch:
+            epoch, batch = epoch + 1, 0
+    return epoch, batch
 
-        console = Console(total_steps, min(global_step, total_steps), not args.no_progress)
-        last_metrics: dict[str, float] = {}
-        for epoch in range(start_epoch, args.epochs):
-            order = epoch_order(len(train), args.seed, epoch)
-            first = start_batch if epoch == start_epoch else 0
-            for batch in range(first, per_epoch):
-                metrics = train_step(c, train, batch_indices(order, batch, args.batch_size), device)
-                global_step += 1
-                console.advance()
-                last_batch = batch == per_epoch - 1
-                if (batch + 1) % args.log_every == 0 or last_batch:
-                    line = f"Epoch {epoch}, Batch {batch}: Loss={metrics['loss']:.3f}, Reward={metrics['reward']:+.3f}"
-                    persistence.append_log(line)
-                    console.line(line)
-                nxt = (epoch + 1, 0) if last_batch else (epoch, batch + 1)
-                extra = {DATA_POSITION_KEY: data_position(train, args.seed, args.batch_size, *nxt)}
-                saved_id = None
-                if last_batch:
-                    metrics.update(validate(c, val, baseline, device))
-                    line = (f"Epoch {epoch} validation: Accuracy={metrics['accuracy']:.4f}, "
-                            f"Accuracy_delta={metrics['accuracy_delta']:+.4f}")
-                    persistence.append_log(line)
-                    console.line(line)
-                    saved_id = persistence.save_checkpoint(epoch, batch, metrics, global_step=global_step, extra=extra, **components)
-                    persistence.update_best(epoch, batch, metrics, global_step=global_step, **components)
-                else:
-                    saved_id = persistence.maybe_save(epoch, batch, metrics, global_step=global_step, extra=extra, **components)
-                last_metrics = metrics
-                progress = {"epoch": nxt[0], "batch": nxt[1], "global_step": global_step, "total_steps": total_steps}
-                if saved_id is not None:
-                    persistence.update_training_state(progress=progress, last_checkpoint=saved_id, metrics=last_metrics)
-                if stop.signum is not None:
-                    if saved_id is None:
-                        saved_id = persistence.save_checkpoint(epoch, batch, metrics, global_step=global_step, extra=extra, **components)
-                    persistence.flush()
-                    name = signal.Signals(stop.signum).name
-                    line = f"Interrupted by {name} after Epoch {epoch}, Batch {batch}; saved checkpoint {saved_id}"
-                    persistence.append_log(line)
-                    persistence.update_training_state(status="interrupted", progress=progress, last_checkpoint=saved_id,
-                                                      metrics=last_metrics, interrupted_by=name)
-                    console.stop()
-                    say(line)
-                    closed = True
-                    persistence.close(mirror_timeout=20.0)
-                    return 128 + stop.signum
-        console.stop()
-        persistence.flush()
-        best = persistence.best
-        line = f"Completed {args.epochs} epochs ({global_step} batches)"
-        if best is not None and best.get("value") is not None:
-            line += f"; best accuracy_delta={best['value']:+.4f} at Epoch {best['epoch']}"
-        persistence.append_log(line)
-        say(line)
-        persistence.update_training_state(status="completed", metrics=last_metrics,
-                                          finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat())
-        closed = True
-        persistence.close(mirror_timeout=60.0)
-        say(f"run directory: {output_dir / run_name}")
-        return 0
-    except BaseException as exc:
-        if console is not None:
-            console.stop()
-        if not closed:
-            try:
-                if not isinstance(exc, TrainloopError):
-                    persistence.update_training_state(status="failed", error=f"{exc.__class__.__name__}: {exc}")
-            except Exception:
-                pass
-            try:
-                persistence.close(mirror_timeout=10.0)
-            except Exception as close_exc:
-                say(f"warning: while closing after an error: {close_exc}")
-        raise
-    finally:
-        logging.getLogger("ckptctl").removeHandler(handler)
+
+def _warn_about_changed_setup(s: _Session) -> None:
+    """Warn when the thread count, device or torch differ from the run's first attempt."""
+    before = s.persistence.training_state.get("config") or {}
+    for key, now_value in (("threads", s.args.threads), ("device", str(s.device)), ("torch", torch.__version__)):
+        if key in before and before[key] != now_value:
+            _say(f"warning: {key} was {before[key]}, now {now_value}: the resumed run may not be bit-identical")
+
+
+def _adapt_schedule(s: _Session, start: _Position) -> None:
+    """Apply a changed ``--lr`` or run length to the restored schedule, and say so."""
+    args = s.args
+    if start.epoch >= args.epochs:
+        return
+    remaining = s.per_epoch - start.batch + (args.epochs - start.epoch - 1) * s.per_epoch
+    for note in s.components.adapt_schedule(args.lr, start.global_step + remaining):
+        _say(f"warning: {note} (the resumed run is not bit-identical to an uninterrupted one)")
+
+
+def _record_start(s: _Session, start: _Position) -> None:
+    """Mark the run as running in its training state, with its flags and starting position."""
+    s.persistence.update_training_state(
+        status="running",
+        run_name=s.run_name,
+        config=_config(s.args, s.train, s.val, s.device),
+        progress={"epoch": start.epoch, "batch": start.batch, "global_step": start.global_step,
+                  "total_steps": s.total_steps},
+        pid=os.getpid(),
+        **({} if s.resuming else {"started_at": _dt.datetime.now(_dt.timezone.utc).isoformat()}),
+    )
+
+
+# --- phase 3: the epoch loop
+
+
+def _train_epochs(s: _Session, start: _Position, stop: StopRequest) -> _Step | None:
+    """Train from ``start`` to the end of the last epoch.
+
+    Returns the batch after which a signal asked to stop, or None when every epoch is done.
+    """
+    s.console = Console(s.total_steps, min(s.global_step, s.total_steps), not s.args.no_progress)
+    for epoch in range(start.epoch, s.args.epochs):
+        order = epoch_order(len(s.train), s.args.seed, epoch)
+        first = start.batch if epoch == start.epoch else 0
+        for batch in range(first, s.per_epoch):
+            step = _train_batch(s, order, epoch, batch)
+            if stop.signum is not None:
+                return step
+    return None
+
+
+def _train_batch(s: _Session, order: torch.Tensor, epoch: int, batch: int) -> _Step:
+    """Train one batch and log it; at the epoch's end validate and save, otherwise save when due."""
+    args, p = s.args, s.persistence
+    metrics = train_step(s.components, s.train, batch_indices(order, batch, args.batch_size), s.device)
+    s.global_step += 1
+    s.console.advance()
+    last_batch = batch == s.per_epoch - 1
+    if (batch + 1) % args.log_every == 0 or last_batch:
+        _log(s, f"Epoch {epoch}, Batch {batch}: Loss={metrics['loss']:.3f}, Reward={metrics['reward']:+.3f}")
+    nxt = (epoch + 1, 0) if last_batch else (epoch, batch + 1)
+    extra = {DATA_POSITION_KEY: data_position(s.train, args.seed, args.batch_size, *nxt)}
+    if last_batch:
+        metrics.update(validate(s.components, s.val, s.baseline, s.device))
+        _log(s, f"Epoch {epoch} validation: Accuracy={metrics['accuracy']:.4f}, "
+                f"Accuracy_delta={metrics['accuracy_delta']:+.4f}")
+        saved_id = p.save_checkpoint(epoch, batch, metrics, global_step=s.global_step, extra=extra, **s.to_save)
+        p.update_best(epoch, batch, metrics, global_step=s.global_step, **s.to_save)
+    else:
+        saved_id = p.maybe_save(epoch, batch, metrics, global_step=s.global_step, extra=extra, **s.to_save)
+    s.last_metrics = metrics
+    progress = {"epoch": nxt[0], "batch": nxt[1], "global_step": s.global_step, "total_steps": s.total_steps}
+    if saved_id is not None:
+        p.update_training_state(progress=progress, last_checkpoint=saved_id, metrics=metrics)
+    return _Step(epoch, batch, metrics, extra, progress, saved_id)
+
+
+def _log(s: _Session, line: str) -> None:
+    """A training line: into training.log and onto the console."""
+    s.persistence.append_log(line)
+    s.console.line(line)
+
+
+# --- phase 4: finish (flush, wait for the mirror, final messages)
+
+
+def _finish_completed(s: _Session) -> int:
+    """Every epoch is done: flush the saves, record completion, wait for the mirror, say where the run is."""
+    p = s.persistence
+    s.console.stop()
+    p.flush()
+    best = p.best
+    line = f"Completed {s.args.epochs} epochs ({s.global_step} batches)"
+    if best is not None and best.get("value") is not None:
+        line += f"; best accuracy_delta={best['value']:+.4f} at Epoch {best['epoch']}"
+    p.append_log(line)
+    _say(line)
+    p.update_training_state(status="completed", metrics=s.last_metrics,
+                            finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat())
+    s.closed = True
+    p.close(mirror_timeout=_MIRROR_WAIT_COMPLETED)
+    _say(f"run directory: {s.output_dir / s.run_name}")
+    return 0
+
+
+def _finish_interrupted(s: _Session, step: _Step, signum: int) -> int:
+    """A signal asked to stop: save the batch just trained (unless it was saved), record it, exit 128+N."""
+    p = s.persistence
+    saved_id = step.saved_id
+    if saved_id is None:
+        saved_id = p.save_checkpoint(step.epoch, step.batch, step.metrics, global_step=s.global_step,
+                                     extra=step.extra, **s.to_save)
+    p.flush()
+    name = signal.Signals(signum).name
+    line = f"Interrupted by {name} after Epoch {step.epoch}, Batch {step.batch}; saved checkpoint {saved_id}"
+    p.append_log(line)
+    p.update_training_state(status="interrupted", progress=step.progress, last_checkpoint=saved_id,
+                            metrics=s.last_metrics, interrupted_by=name)
+    s.console.stop()
+    _say(line)
+    s.closed = True
+    p.close(mirror_timeout=_MIRROR_WAIT_INTERRUPTED)
+    return 128 + signum
+
+
+def _close_after_error(s: _Session, exc: BaseException) -> None:
+    """On any error: stop the bar, record the failure (not for a refused resume) and close the run."""
+    if s.console is not None:
+        s.console.stop()
+    if s.closed:
+        return
+    try:
+        if not isinstance(exc, TrainloopError):
+            s.persistence.update_training_state(status="failed", error=f"{exc.__class__.__name__}: {exc}")
+    except Exception:
+        pass
+    try:
+        s.persistence.close(mirror_timeout=_MIRROR_WAIT_FAILED)
+    except Exception as close_exc:
+        _say(f"warning: while closing after an error: {close_exc}")
 
 
 def _folder_fault_line(exc: OSError) -> str:
@@ -820,3 +674,4 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(exit_code)
+

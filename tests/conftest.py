@@ -46,12 +46,6 @@ class TinyTrainer:
 
 
 @pytest.fixture
-def tiny_trainer() -> Callable[..., TinyTrainer]:
-    """Factory for :class:`TinyTrainer`."""
-    return TinyTrainer
-
-
-@pytest.fixture
 def make_run(tmp_path) -> Callable[..., Path]:
     """Write a real run with ``n`` checkpoints (one per batch) and a best model; return its directory."""
 

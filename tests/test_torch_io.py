@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
+import zipfile
 
 import pytest
 import torch
@@ -59,6 +61,26 @@ def test_fast_write_loads_like_plain_torch_save_and_restores_the_crc_option(tmp_
         assert torch.equal(fast["agent"][name], plain["agent"][name])
     assert fast["optimizer"]["param_groups"] == plain["optimizer"]["param_groups"]
     assert fast["metrics"] == plain["metrics"]
+
+
+
+def _zip_crcs(path) -> dict[str, int]:
+    with zipfile.ZipFile(path) as z:
+        return {info.filename.split("/", 1)[1]: info.CRC for info in z.infolist()}
+
+
+@pytest.mark.skipif(not hasattr(torch.serialization, "set_crc32_options"), reason="torch < 2.6 has no CRC option")
+def test_the_fast_write_skips_the_zip_crc_in_the_thread_that_saves(tmp_path):
+    """torch 2.13 keeps the CRC option per thread: the background worker's own save must turn it off."""
+    payload = {"w": torch.arange(1000.0), "metrics": {"loss": 1.0}}
+    worker = threading.Thread(target=write_checkpoint_file, args=(tmp_path / "fast.pt", payload))
+    worker.start()
+    worker.join()
+    torch.save(payload, tmp_path / "plain.pt")
+    fast, plain = _zip_crcs(tmp_path / "fast.pt"), _zip_crcs(tmp_path / "plain.pt")
+    assert fast.keys() == plain.keys()
+    assert set(fast.values()) == {0}  # no CRC computed
+    assert 0 not in plain.values()  # a plain torch.save still computes it
 
 
 class _Evil:

@@ -31,11 +31,6 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self._fd: int | None = None
 
-    @property
-    def held(self) -> bool:
-        """True while this object holds the lock."""
-        return self._fd is not None
-
     def acquire(self) -> "RunLock":
         """Take the lock or raise :class:`RunLockedError` naming the holder."""
         if self._fd is not None:

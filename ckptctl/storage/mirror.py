@@ -878,7 +878,6 @@ class BackgroundMirror:
         self._stop = False
         self.last_error: str | None = None
         self._last_key: tuple | None = None
-        self.last_report: SyncReport | None = None
         self._thread = threading.Thread(target=self._loop, name="ckptctl-mirror", daemon=True)
         self._thread.start()
 
@@ -949,7 +948,6 @@ class BackgroundMirror:
             self.last_error = None
             self._last_key = None
             backoff = self._initial_backoff
-            self.last_report = report
             self._callback(self._on_synced, report)
             with self._wake:
                 self._busy = False
