@@ -51,6 +51,7 @@ def _kill_sweep(fork_context, tmp_path, make_case, args_for, check) -> int:
             if child.exitcode != -signal.SIGKILL:
                 break  # k passed the number of such calls: every boundary was covered
             kills += 1
+    print(f"{args_for(tmp_path)[0]}: {kills} kills")
     return kills
 
 
