@@ -18,6 +18,7 @@ import torch
 
 from ckptctl.core.format import BEST_METADATA_FILE, BEST_MODEL_FILE, INDEX_FILE, TRAINING_STATE_FILE
 from ckptctl.core.manifest import BestInfo
+from ckptctl.core.resume import choose_resume_checkpoint
 from ckptctl.errors import CheckpointIntegrityError, CorruptIndexError, NotFoundError, UnsafePathError
 from ckptctl.storage import legacy
 from ckptctl.storage.atomic import atomic_copy, open_regular, resolve_inside
@@ -408,18 +409,20 @@ def resume_info(run_dir: Path) -> dict[str, Any]:
     for checkpoint_id, path in checkpoint_files_on_disk(run_dir).items():
         if checkpoint_id not in deleting:
             candidates.setdefault(checkpoint_id, (path, None, str(path), None))
-    skipped: list[dict[str, Any]] = []
-    chosen = None
-    for checkpoint_id in sorted(candidates, reverse=True):
-        path, checksum, shown, entry = candidates[checkpoint_id]
+    def check(checkpoint_id: int) -> dict[str, Any]:
+        path, checksum, _, entry = candidates[checkpoint_id]
         if path is None:
-            skipped.append({"id": checkpoint_id, "path": shown, "status": "corrupt", "detail": f"not read: {entry}"})
-            continue
-        try:
-            payload = verify_file(path, checksum)
-        except CheckpointIntegrityError as exc:
-            skipped.append({"id": checkpoint_id, "path": shown, "status": exc.status, "detail": str(exc)})
-            continue
+            raise CheckpointIntegrityError(f"not read: {entry}")
+        return verify_file(path, checksum)
+
+    choice = choose_resume_checkpoint(candidates, check)
+    skipped = [
+        {"id": i, "path": candidates[i][2], "status": getattr(exc, "status", "corrupt"), "detail": str(exc)} for i, exc in choice.skipped
+    ]
+    chosen = None
+    if choice.chosen_id is not None:
+        checkpoint_id, payload = choice.chosen_id, choice.result
+        _, checksum, shown, _ = candidates[checkpoint_id]
         chosen = {
             "id": checkpoint_id,
             "path": shown,
@@ -431,10 +434,8 @@ def resume_info(run_dir: Path) -> dict[str, Any]:
             "checksum_verified": checksum is not None,
             "indexed": checksum is not None,
         }
-        del payload
         if chosen["global_step"] is None and guide:  # the step resume's index will give it
             chosen["global_step"] = legacy.guide_global_steps(guide, read_training_state(run_dir)).get(checkpoint_id)
-        break
     if chosen is None:
         reason = "no checkpoint verifies: resume would fail" if skipped else "no checkpoints: resume would start fresh"
     else:

@@ -8,7 +8,6 @@ retention and the Drive copy happen on a background worker, one save at a time.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import errno
 import logging
 import math
@@ -33,6 +32,7 @@ from ckptctl.core.format import (
     utc_now_iso,
 )
 from ckptctl.core.manifest import BestInfo, BestRecord, CheckpointEntry, Index, check_extra, clean_metrics, salvage_extra
+from ckptctl.core.resume import choose_resume_checkpoint
 from ckptctl.core.retention import ids_to_delete, protected_ids
 from ckptctl.errors import (
     BackgroundSaveError,
@@ -81,7 +81,7 @@ from ckptctl.storage.runfiles import (
 from ckptctl.storage.scan import (
     checkpoint_files_on_disk,
     checkpoint_names_present,
-    find_runs,
+    newest_run,
     read_best_record,
     read_index,
     read_training_state,
@@ -924,24 +924,24 @@ class ModelPersistence:
         """
         self._check_open()
         self.flush()
-        skipped = []
-        for entry in reversed(self._index.checkpoints):
-            try:
-                verify_checksum(resolve_inside(self.run_dir, entry.path), entry.checksum)
-            except (CheckpointIntegrityError, UnsafePathError) as exc:
-                skipped.append({"checkpoint_id": entry.id, "reason": str(exc)})
-                continue
-            return {
-                "checkpoint_id": entry.id,
-                "epoch": entry.epoch,
-                "batch": entry.batch,
-                "global_step": entry.global_step,
-                "metrics": dict(entry.metrics),
-                "skipped": skipped,
-            }
-        if skipped:
-            raise NoValidCheckpointError(self._none_verified_message(skipped))
-        return None
+        entries = self._index.by_id()
+        choice = choose_resume_checkpoint(
+            entries, lambda i: verify_checksum(resolve_inside(self.run_dir, entries[i].path), entries[i].checksum)
+        )
+        skipped = [{"checkpoint_id": i, "reason": str(exc)} for i, exc in choice.skipped]
+        if choice.chosen_id is None:
+            if skipped:
+                raise NoValidCheckpointError(self._none_verified_message(skipped))
+            return None
+        entry = entries[choice.chosen_id]
+        return {
+            "checkpoint_id": entry.id,
+            "epoch": entry.epoch,
+            "batch": entry.batch,
+            "global_step": entry.global_step,
+            "metrics": dict(entry.metrics),
+            "skipped": skipped,
+        }
 
     def _none_verified_message(self, skipped: list[dict[str, Any]]) -> str:
         reasons = "; ".join(s["reason"] for s in skipped[:3])
@@ -974,24 +974,22 @@ class ModelPersistence:
         self._check_open()
         check_device(device)
         self.flush()
-        skipped: list[dict[str, Any]] = []
-        for entry in reversed(self._index.checkpoints):
-            try:
-                payload = self._verified_payload(entry, device)
-            except CheckpointIntegrityError as exc:
-                log.warning("%s: skipping checkpoint %d for resume: %s", self.run_dir, entry.id, exc)
-                skipped.append({"checkpoint_id": entry.id, "reason": str(exc), "status": exc.status})
-                continue
-            meta = self._apply(payload, components, True)
-            meta["checkpoint_id"] = entry.id
-            meta["skipped"] = skipped
-            self.last_resume_skipped = skipped
-            self._last_save = None
-            return meta
+        entries = self._index.by_id()
+        choice = choose_resume_checkpoint(entries, lambda i: self._verified_payload(entries[i], device))
+        skipped = []
+        for checkpoint_id, exc in choice.skipped:
+            log.warning("%s: skipping checkpoint %d for resume: %s", self.run_dir, checkpoint_id, exc)
+            skipped.append({"checkpoint_id": checkpoint_id, "reason": str(exc), "status": getattr(exc, "status", "corrupt")})
         self.last_resume_skipped = skipped
-        if skipped:
-            raise NoValidCheckpointError(self._none_verified_message(skipped))
-        return None
+        if choice.chosen_id is None:
+            if skipped:
+                raise NoValidCheckpointError(self._none_verified_message(skipped))
+            return None
+        meta = self._apply(choice.result, components, True)
+        meta["checkpoint_id"] = choice.chosen_id
+        meta["skipped"] = skipped
+        self._last_save = None
+        return meta
 
     def load_best_model(self, device: Any = "cpu", **components: Any) -> dict[str, Any]:
         """Load ``best_model.pt`` into ``components`` (no RNG restore); return its metadata."""
@@ -1064,44 +1062,9 @@ def newest_checkpoint_id(run_dir: str | os.PathLike) -> int | None:
     return max(ids, default=None)
 
 
-def _run_activity(run_dir: Path) -> datetime.datetime:
-    """Time of the run's latest recorded activity, from its own metadata (the minimum if none)."""
-    times = []
-    state = read_training_state(run_dir) or {}
-    if isinstance(state.get("updated_at"), str):
-        times.append(state["updated_at"])
-    try:
-        latest = read_index(run_dir).latest
-        if latest is not None:
-            times.append(latest.timestamp)
-    except (FileNotFoundError, CorruptIndexError):
-        pass
-    newest = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
-    for value in times:
-        try:
-            stamp = datetime.datetime.fromisoformat(value)
-        except ValueError:
-            continue
-        if stamp.tzinfo is None:
-            stamp = stamp.replace(tzinfo=datetime.timezone.utc)
-        newest = max(newest, stamp)
-    return newest
-
-
 def latest_run(path: str | os.PathLike) -> Path | None:
-    """The run in the folder ``path`` with the most recent activity by its own metadata.
-
-    Activity is the later of ``training_state.json``'s ``updated_at`` and the newest
-    checkpoint's timestamp in the index, never file modification times (a copy or a
-    restore changes those). Ties go to the greater name. None when ``path`` holds no run.
-    """
-    try:
-        runs = find_runs(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    if not runs:
-        return None
-    return max(runs, key=lambda run: (_run_activity(run), run.name))
+    """The run in the folder ``path`` with the most recent activity by its own metadata (see :func:`ckptctl.storage.scan.newest_run`)."""
+    return newest_run(path)
 
 
 def restore_if_mirror_ahead(

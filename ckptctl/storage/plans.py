@@ -16,8 +16,9 @@ from typing import Callable
 
 from ckptctl.core.format import INDEX_FILE, checkpoint_relpath
 from ckptctl.core.manifest import CheckpointEntry, Index
+from ckptctl.core.resume import choose_resume_checkpoint
 from ckptctl.core.retention import RetentionItem, ids_to_delete, protected_ids
-from ckptctl.errors import CheckpointIntegrityError, CkptctlError, CorruptIndexError, UnsafePathError
+from ckptctl.errors import CkptctlError, CorruptIndexError, UnsafePathError
 from ckptctl.storage import legacy
 from ckptctl.storage.atomic import atomic_write_bytes, atomic_write_json, resolve_inside, verify_checksum
 from ckptctl.storage.runfiles import checkpoint_file_for_deletion, delete_checkpoint_files, finish_pending_removal, settled_best
@@ -67,13 +68,8 @@ def _size_on_disk(run_dir: Path, entry: CheckpointEntry) -> int:
 
 def _newest_verified(run_dir: Path, entries: list[CheckpointEntry]) -> int | None:
     """Id of the newest checkpoint whose file matches its index checksum (what resume would use)."""
-    for entry in sorted(entries, key=lambda e: e.id, reverse=True):
-        try:
-            verify_checksum(resolve_inside(run_dir, entry.path), entry.checksum)
-        except (CheckpointIntegrityError, UnsafePathError):
-            continue
-        return entry.id
-    return None
+    by_id = {e.id: e for e in entries}
+    return choose_resume_checkpoint(by_id, lambda i: verify_checksum(resolve_inside(run_dir, by_id[i].path), by_id[i].checksum)).chosen_id
 
 
 def plan_prune(

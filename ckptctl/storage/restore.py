@@ -10,7 +10,6 @@ overwritten unless ``force``. No torch.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,7 +37,7 @@ from ckptctl.storage import legacy
 from ckptctl.storage.lock import RunLock
 from ckptctl.storage.mirror import SyncReport, apply_sync_report, resolve_budget, sync_run, write_mirror_status
 from ckptctl.storage.runfiles import commit_index, replace_best, set_aside, settled_best
-from ckptctl.storage.scan import checkpoint_files_on_disk, find_runs, read_best_record, read_index
+from ckptctl.storage.scan import checkpoint_files_on_disk, find_runs, newest_of, read_best_record, read_index
 
 #: Where Colab mounts Drive, and the folder the trainloop mirrors to by default.
 COLAB_DRIVE_DEFAULT = "/content/drive/MyDrive/ARC-EFE-Backups"
@@ -49,25 +48,8 @@ def default_drive() -> Path:
     return Path(os.environ.get("CKPTCTL_DRIVE") or COLAB_DRIVE_DEFAULT)
 
 
-def _newest_time(run_dir: Path) -> str:
-    """ISO time of the run's newest checkpoint (index timestamp, else file mtime); '' if none."""
-    try:
-        latest = read_index(run_dir).latest
-        if latest is not None:
-            return latest.timestamp
-    except (FileNotFoundError, CorruptIndexError):
-        pass
-    times = []
-    for path in checkpoint_files_on_disk(run_dir).values():
-        try:
-            times.append(_dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc).isoformat())
-        except OSError:
-            continue
-    return max(times, default="")
-
-
 def choose_mirror_run(drive: str | os.PathLike, run: str | None = None) -> Path:
-    """The mirror run to restore: the one named ``run``, else the one with the newest checkpoint."""
+    """The mirror run to restore: the one named ``run``, else the newest (:func:`ckptctl.storage.scan.newest_of`, never file times)."""
     drive = Path(drive)
     try:
         runs = find_runs(drive)
@@ -81,7 +63,7 @@ def choose_mirror_run(drive: str | os.PathLike, run: str | None = None) -> Path:
         raise NotFoundError(f"{drive}: no run named {run!r} (runs there: {names})")
     if not runs:
         raise NotFoundError(f"{drive}: no runs to restore")
-    return max(runs, key=lambda r: (_newest_time(r), r.name))
+    return newest_of(runs)
 
 
 @dataclass

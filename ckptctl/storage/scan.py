@@ -6,6 +6,7 @@ Scanning never raises because of one bad file: problems are collected in
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
 from dataclasses import dataclass, field
@@ -216,3 +217,47 @@ def scan_run(run_dir: str | os.PathLike) -> RunScan:
             except OSError:
                 continue
     return scan
+
+
+def _run_activity(run_dir: Path) -> _dt.datetime:
+    """Time of the run's latest recorded activity, from its own metadata (the minimum if none)."""
+    times = []
+    state = read_training_state(run_dir) or {}
+    if isinstance(state.get("updated_at"), str):
+        times.append(state["updated_at"])
+    try:
+        latest = read_index(run_dir).latest
+        if latest is not None:
+            times.append(latest.timestamp)
+    except (FileNotFoundError, CorruptIndexError):
+        guide = legacy.read_guide_index(run_dir)  # the guide's own index dates its checkpoints too
+        times += [entry.timestamp for entry in (guide or {}).values() if entry.timestamp]
+    newest = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+    for value in times:
+        try:
+            stamp = _dt.datetime.fromisoformat(value)
+        except ValueError:
+            continue
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=_dt.timezone.utc)
+        newest = max(newest, stamp)
+    return newest
+
+
+def newest_run(path: str | os.PathLike) -> Path | None:
+    """The run in the folder ``path`` with the most recent activity by its own metadata: the one policy.
+
+    Activity is the later of ``training_state.json``'s ``updated_at`` and the newest
+    checkpoint's timestamp in the index (ours or the guide's), never file modification
+    times (a copy or a restore changes those). Ties go to the greater name. None when
+    ``path`` holds no run. Used by ``trainloop --resume`` and ``restore --from-drive``.
+    """
+    try:
+        return newest_of(find_runs(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def newest_of(runs: list[Path]) -> Path | None:
+    """The newest of ``runs`` by the policy of :func:`newest_run`; None for none."""
+    return max(runs, key=lambda run: (_run_activity(run), run.name), default=None)
