@@ -146,6 +146,11 @@ def _read_metrics(raw: Any, what: str) -> dict[str, float]:
     return out
 
 
+def mirrored_record(checksum: str, size_bytes: int, at: str, mirror: str) -> dict[str, Any]:
+    """An entry's ``mirrored`` field: the copy verified on the Drive mirror folder ``mirror`` (checksum, size, when)."""
+    return {"checksum": checksum, "size_bytes": size_bytes, "at": at, "mirror": mirror}
+
+
 @dataclass(frozen=True)
 class CheckpointEntry:
     """One checkpoint as recorded in the index."""

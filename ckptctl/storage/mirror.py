@@ -43,7 +43,7 @@ from ckptctl.core.format import (
     checkpoint_relpath,
     utc_now_iso,
 )
-from ckptctl.core.manifest import CheckpointEntry, Index
+from ckptctl.core.manifest import CheckpointEntry, Index, mirrored_record
 from ckptctl.core.units import parse_size
 from ckptctl.errors import CheckpointIntegrityError, CkptctlError, CorruptIndexError, UnsafePathError
 from ckptctl.storage.atomic import (
@@ -698,9 +698,7 @@ class _Sync:
                 report.mirrored[checkpoint_id] = dict(entry.mirrored)
             else:
                 at = self.verified_at.get(checkpoint_id, now)
-                report.mirrored[checkpoint_id] = {
-                    "checksum": entry.checksum, "size_bytes": have.size_bytes, "at": at, "mirror": str(self.mirror_run)
-                }
+                report.mirrored[checkpoint_id] = mirrored_record(entry.checksum, have.size_bytes, at, str(self.mirror_run))
         newest = self.newest_verified()
         report.newest_verified_id = newest
         if newest is not None:

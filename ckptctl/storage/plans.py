@@ -15,13 +15,20 @@ from pathlib import Path
 from typing import Callable
 
 from ckptctl.core.format import INDEX_FILE, checkpoint_relpath
-from ckptctl.core.manifest import CheckpointEntry, Index
+from ckptctl.core.manifest import CheckpointEntry
 from ckptctl.core.resume import choose_resume_checkpoint
 from ckptctl.core.retention import RetentionItem, ids_to_delete, protected_ids
 from ckptctl.errors import CkptctlError, CorruptIndexError, UnsafePathError
 from ckptctl.storage import legacy
-from ckptctl.storage.atomic import atomic_write_bytes, atomic_write_json, resolve_inside, verify_checksum
-from ckptctl.storage.runfiles import checkpoint_file_for_deletion, delete_checkpoint_files, finish_pending_removal, settled_best
+from ckptctl.storage.atomic import atomic_write_bytes, resolve_inside, verify_checksum
+from ckptctl.storage.runfiles import (
+    checkpoint_file_for_deletion,
+    commit_removal,
+    delete_checkpoint_files,
+    finish_pending_removal,
+    finish_removal,
+    settled_best,
+)
 from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index, read_json_file
 
 
@@ -232,10 +239,11 @@ def execute_prune(plan: PrunePlan) -> list[str]:
     """Carry out ``plan``; the caller must hold the run lock. Returns the run-relative paths deleted.
 
     The index is rewritten first (durably, without the deleted entries and with their ids
-    as tombstones in ``deleting``; every other entry, even one this version cannot read, is
-    kept as it was; deleted ids that were on the Drive mirror are added to its ``retired``
-    list), then the files are deleted, then the tombstones are cleared. A kill in between
-    leaves tombstones that the next prune or library open finishes
+    as tombstones in ``deleting``; deleted ids that were on the Drive mirror are added to
+    its ``retired`` list), then the files are deleted, then the tombstones are cleared:
+    the same rewrite (:mod:`ckptctl.storage.runfiles`) as the trainer's retention, which
+    keeps every other entry, and every entry this version cannot read, as it was. A kill
+    in between leaves tombstones that the next prune or library open finishes
     (:func:`ckptctl.storage.runfiles.finish_pending_removal`); their files are never adopted.
     Raises :class:`CkptctlError` if the run changed since the plan was made.
     """
@@ -248,22 +256,11 @@ def execute_prune(plan: PrunePlan) -> list[str]:
     if tuple((e.id, e.checksum) for e in current.checkpoints) != plan.fingerprint:
         raise CkptctlError(f"{run_dir}: the run changed since the plan was made; nothing deleted, run prune again")
     doomed = {e.id for e in plan.delete}
-    raw = read_json_file(run_dir / INDEX_FILE)
-    raw["checkpoints"] = [e for e in raw["checkpoints"] if not (isinstance(e, dict) and e.get("id") in doomed)]
+    remaining = current.with_entries([e for e in current.checkpoints if e.id not in doomed])
     mirrored = [e.id for e in plan.delete if e.mirrored]
     if mirrored:  # the Drive mirror may delete its copies of these now (see Index.retired)
-        raw["retired"] = list(current.retire(mirrored).retired)
-    remaining = Index.from_dict(raw, default_run_name=run_dir.name)
-    if {e.id for e in remaining.checkpoints} & doomed:
-        raise CkptctlError(f"{run_dir}: could not drop the planned entries from the index; nothing deleted")
-    marked = remaining.mark_deleting(doomed)
-    raw["deleting"], raw["next_id"] = list(marked.deleting), marked.next_id
-    atomic_write_json(run_dir / INDEX_FILE, raw)
+        remaining = remaining.retire(mirrored)
+    marked = commit_removal(run_dir, remaining, plan.delete)
     deleted = delete_checkpoint_files(run_dir, plan.delete)
-    left = [i for i in marked.deleting if i not in doomed]
-    if left:
-        raw["deleting"] = left
-    else:
-        raw.pop("deleting")
-    atomic_write_json(run_dir / INDEX_FILE, raw)
+    finish_removal(run_dir, marked, doomed)
     return deleted

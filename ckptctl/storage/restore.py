@@ -23,7 +23,7 @@ from ckptctl.core.format import (
     TRAINING_STATE_FILE,
     utc_now_iso,
 )
-from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index
+from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index, mirrored_record
 from ckptctl.errors import CheckpointIntegrityError, CkptctlError, CorruptIndexError, NotFoundError, UnsafePathError
 from ckptctl.storage.atomic import (
     ProgressCallback,
@@ -308,7 +308,7 @@ def restore_run(
             if c.entry is not None:
                 local[c.entry.id] = replace(
                     c.entry,
-                    mirrored={"checksum": checksum, "size_bytes": size, "at": utc_now_iso(), "mirror": str(mirror_run)},
+                    mirrored=mirrored_record(checksum, size, utc_now_iso(), str(mirror_run)),
                 )
                 local_index = local_index.with_entries(list(local.values()))
                 commit_index(dest_run, local_index)  # after each file: an interrupted restore resumes here
