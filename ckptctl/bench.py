@@ -10,7 +10,6 @@ timing: the numbers are reported, and the CLI renders them.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -23,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ckptctl.core.format import CHECKPOINT_DIR, INDEX_FILE, checkpoint_relpath, utc_now_iso
+from ckptctl.core.format import CHECKPOINT_DIR, checkpoint_relpath, utc_now_iso
+from ckptctl.core.manifest import CheckpointEntry, Index
+from ckptctl.storage.runfiles import commit_index
 
 StepCallback = Optional[Callable[[str], None]]
 
@@ -319,11 +320,12 @@ def _write_listing_fixture(root: Path, runs: int, per_run: int, checkpoint_bytes
             rel = checkpoint_relpath(i)
             with open(run / rel, "wb") as f:
                 f.truncate(checkpoint_bytes)
-            entries.append({"id": i, "path": rel, "epoch": 0, "batch": i * 50 + 49, "global_step": i * 50 + 50,
-                            "metrics": {"loss": 1.0 / (i + 1), "accuracy_delta": 0.01 * i}, "timestamp": utc_now_iso(),
-                            "size_bytes": checkpoint_bytes, "checksum": "xxh3_128:" + "0" * 32})
-        index = {"format_version": 1, "run_name": run.name, "next_id": per_run, "checkpoints": entries}
-        (run / INDEX_FILE).write_text(json.dumps(index))
+            entries.append(CheckpointEntry(
+                id=i, path=rel, epoch=0, batch=i * 50 + 49, global_step=i * 50 + 50,
+                metrics={"loss": 1.0 / (i + 1), "accuracy_delta": 0.01 * i}, timestamp=utc_now_iso(),
+                size_bytes=checkpoint_bytes, checksum="xxh3_128:" + "0" * 32,
+            ))
+        commit_index(run, Index(run_name=run.name, next_id=0).with_entries(entries))
 
 
 def _cli_time(args: list[str], repeats: int) -> float:

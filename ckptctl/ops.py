@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-import torch
 
 from ckptctl.core.format import BEST_METADATA_FILE, BEST_MODEL_FILE, INDEX_FILE, TRAINING_STATE_FILE
 from ckptctl.core.manifest import BestInfo
@@ -26,7 +25,7 @@ from ckptctl.storage.lock import RunLock
 from ckptctl.storage.runfiles import commit_index, replace_best
 from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_best_record, read_index, read_json_file, read_training_state
 from ckptctl.storage.select import CheckpointRef
-from ckptctl.tensors import compare_states, summarize
+from ckptctl.tensors import compare_states, jsonable, summarize
 from ckptctl.torch_io import verify_file
 
 ProgressCallback = Optional[Callable[[int, int], None]]
@@ -312,7 +311,7 @@ def describe_checkpoint(ref: CheckpointRef) -> dict[str, Any]:
         "tensors": sum(c["tensors"] for c in components.values()),
         "parameters": sum(c["parameters"] or 0 for c in components.values()),
         "rng": sorted(rng) if isinstance(rng, Mapping) else [],
-        "extra": _jsonable(payload.get("extra") or {}),
+        "extra": jsonable(payload.get("extra") or {}),
         "resume": resume,
     }
 
@@ -324,19 +323,6 @@ def _finite(value: Any) -> float | None:
         return None
     return value if math.isfinite(value) else None
 
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return f"<tensor {tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}>"
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    return repr(obj)
 
 
 # --------------------------------------------------------------------------- diff

@@ -238,3 +238,18 @@ def compare_states(a: Any, b: Any, atol: float = 0.0) -> list[TensorDiff]:
             c = compare_tensors(ta[name], tb[name], atol)
             rows.append(TensorDiff(name, c.status, tuple(ta[name].shape), tuple(tb[name].shape), c.max_abs_diff, c.bit_identical))
     return rows
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as JSON data for display: a tensor becomes ``<tensor (shape) dtype>``, non-finite floats None, other objects their repr."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return f"<tensor {tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}>"
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return repr(obj)
