@@ -20,7 +20,7 @@ from ckptctl.storage import legacy
 from ckptctl.storage.atomic import resolve_inside
 from ckptctl.storage.lock import is_locked
 from ckptctl.storage.mirror import read_mirror_status
-from ckptctl.storage.scan import RunScan, checkpoint_files_on_disk, find_runs, scan_run
+from ckptctl.storage.scan import RunScan, find_runs, scan_run
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,10 @@ def listing_from_scan(scan: RunScan) -> RunListing:
     problems = list(scan.problems)
     if scan.index is not None:
         for e in scan.index.checkpoints:
-            size = _file_size(scan.path, e.path)
+            # the scan already saw a regular file by that name; anything else takes the careful path
+            size = scan.sizes.get(e.id) if e.path == checkpoint_relpath(e.id) else None
+            if size is None:
+                size = _file_size(scan.path, e.path)
             if size is None:
                 problems.append(f"checkpoint {e.id}: file {e.path} is missing or outside the run")
             rows.append(
@@ -148,7 +151,7 @@ def listing_from_scan(scan: RunScan) -> RunListing:
                     present=size is not None,
                 )
             )
-    on_disk = checkpoint_files_on_disk(scan.path)
+    on_disk = scan.on_disk
     described = scan.legacy_entries  # an index other code wrote: its positions and metrics, for display
     steps = legacy.guide_global_steps(described, scan.training_state) if described else {}
     for checkpoint_id, size in sorted(scan.unindexed.items()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,25 +101,32 @@ def checkpoint_files_on_disk(run_dir: str | os.PathLike) -> dict[int, Path]:
     Temporaries, symlinks (and a symlinked ``checkpoints/``) and anything not named like a
     checkpoint are ignored.
     """
+    return _checkpoint_files_and_sizes(run_dir)[0]
+
+
+def _checkpoint_files_and_sizes(run_dir: str | os.PathLike) -> tuple[dict[int, Path], dict[int, int]]:
+    """:func:`checkpoint_files_on_disk` and each file's size, from one ``scandir`` (its cached lstat)."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     found: dict[int, Path] = {}
+    sizes: dict[int, int] = {}
     if folder.is_symlink():
-        return found  # a checkpoints/ link may lead anywhere: nothing under it is listed
+        return found, sizes  # a checkpoints/ link may lead anywhere: nothing under it is listed
     try:
         entries = list(os.scandir(folder))
     except OSError:
-        return found
+        return found, sizes
     for entry in entries:
         checkpoint_id = parse_checkpoint_filename(entry.name)
         if checkpoint_id is None:
             continue
         try:
-            if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
-                continue
+            st = entry.stat(follow_symlinks=False)
         except OSError:
             continue
-        found[checkpoint_id] = Path(entry.path)
-    return found
+        if stat.S_ISREG(st.st_mode):
+            found[checkpoint_id] = Path(entry.path)
+            sizes[checkpoint_id] = st.st_size
+    return found, sizes
 
 
 def checkpoint_names_present(run_dir: str | os.PathLike) -> set[int]:
@@ -177,6 +185,9 @@ class RunScan:
     best: BestInfo | None = None
     training_state: dict[str, Any] | None = None
     unindexed: dict[int, int] = field(default_factory=dict)  # id -> size of files not in the index
+    #: Every committed checkpoint file (:func:`checkpoint_files_on_disk`) and its size, from one directory scan.
+    on_disk: dict[int, Path] = field(default_factory=dict)
+    sizes: dict[int, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     #: Metadata other code wrote (the Colab guide's): not a usable ckptctl index or best
     #: record, but not corrupt either; its per-id entries describe the unindexed files.
@@ -210,12 +221,10 @@ def scan_run(run_dir: str | os.PathLike) -> RunScan:
     scan.training_state = read_training_state(run_dir)
     indexed = set(scan.index.by_id()) if scan.index else set()
     deleting = set(scan.index.deleting) if scan.index else set()  # an interrupted removal's leftovers: already gone
-    for checkpoint_id, file_path in checkpoint_files_on_disk(run_dir).items():
+    scan.on_disk, scan.sizes = _checkpoint_files_and_sizes(run_dir)
+    for checkpoint_id, size in scan.sizes.items():
         if checkpoint_id not in indexed and checkpoint_id not in deleting:
-            try:
-                scan.unindexed[checkpoint_id] = file_path.stat().st_size
-            except OSError:
-                continue
+            scan.unindexed[checkpoint_id] = size
     return scan
 
 
