@@ -23,6 +23,7 @@ from ckptctl.errors import CkptctlError, DeviceUnavailableError, RunLockedError
 from ckptctl.storage.lock import RunLock, is_locked
 from ckptctl.storage.scan import read_best, read_index
 
+from .damage import flip_byte
 from .test_persistence import Rig, assert_same_state, flat_state, seed_all
 from .mount_helpers import mount_loop_ext4
 from .trainloop_helpers import wait_until
@@ -176,17 +177,16 @@ def test_update_best_right_after_a_save_records_the_metric_it_was_given_across_a
 # ---------------------------------------------------------------------- fresh VM
 
 
-def _mirrored_run(tmp_path, batches=4):
-    run, drive = tmp_path / "runs" / "r", setup_drive_backup(tmp_path / "drive")
+def _mirrored_run(make_run, tmp_path, batches=4):
+    """A run of a :class:`Rig` (returned, in its final state) mirrored to ``tmp_path/drive`` as it trained."""
+    drive = setup_drive_backup(tmp_path / "drive")
     seed_all(3)
     rig = Rig()
-    with ModelPersistence(run, save_every_n_batches=1, max_checkpoints=5, drive_backup=drive) as p:
-        _train(p, rig, range(batches))
-    return run, drive, rig
+    return make_run("r", n=batches, keep=5, drive=drive, trainer=rig), drive, rig
 
 
-def test_a_fresh_vm_restores_from_drive_on_open_and_resumes_from_the_newest(tmp_path):
-    run, drive, rig = _mirrored_run(tmp_path)
+def test_a_fresh_vm_restores_from_drive_on_open_and_resumes_from_the_newest(tmp_path, make_run):
+    run, drive, rig = _mirrored_run(make_run, tmp_path)
     reference = flat_state(rig)
     mirror_best = (drive / "r" / BEST_MODEL_FILE).read_bytes()
     shutil.rmtree(run)  # the VM was recycled
@@ -203,13 +203,11 @@ def test_a_fresh_vm_restores_from_drive_on_open_and_resumes_from_the_newest(tmp_
     assert (drive / "r" / BEST_MODEL_FILE).read_bytes() == mirror_best
 
 
-def test_nothing_starts_over_a_mirror_whose_checkpoints_do_not_restore(tmp_path):
-    run, drive, _ = _mirrored_run(tmp_path, batches=2)
+def test_nothing_starts_over_a_mirror_whose_checkpoints_do_not_restore(tmp_path, make_run):
+    run, drive, _ = _mirrored_run(make_run, tmp_path, batches=2)
     shutil.rmtree(run)
     for path in (drive / "r" / "checkpoints").iterdir():
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
+        flip_byte(path)
     before = {p.name: p.read_bytes() for p in (drive / "r" / "checkpoints").iterdir()}
     index_before = (drive / "r" / "checkpoint_metadata.json").read_bytes()
     with pytest.raises(CkptctlError, match="not starting over"):
@@ -219,8 +217,8 @@ def test_nothing_starts_over_a_mirror_whose_checkpoints_do_not_restore(tmp_path)
     ModelPersistence(run).close()  # the refused open left the run usable (lock released)
 
 
-def test_an_older_local_copy_catches_up_from_a_mirror_that_is_ahead(tmp_path):
-    run, drive, _ = _mirrored_run(tmp_path, batches=3)
+def test_an_older_local_copy_catches_up_from_a_mirror_that_is_ahead(tmp_path, make_run):
+    run, drive, _ = _mirrored_run(make_run, tmp_path, batches=3)
     stale = tmp_path / "stale"
     shutil.copytree(run, stale)
     with ModelPersistence(run, save_every_n_batches=1, max_checkpoints=5, drive_backup=drive) as p:
@@ -292,8 +290,8 @@ def test_a_mirror_that_falls_behind_is_recorded_and_warned_about_naming_the_caus
         ModelPersistence(tmp_path / "runs" / "x", drive_backup=drive, drive_max_size="lots")
 
 
-def test_a_run_restored_from_drive_does_not_look_behind_on_its_first_save(tmp_path, caplog):
-    run, drive, rig = _mirrored_run(tmp_path, batches=5)
+def test_a_run_restored_from_drive_does_not_look_behind_on_its_first_save(tmp_path, make_run, caplog):
+    run, drive, rig = _mirrored_run(make_run, tmp_path, batches=5)
     shutil.rmtree(run)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ckptctl"):
