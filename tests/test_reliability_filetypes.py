@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import REPO, ckpt, ckptctl_cmd, write_run
+from tests.cli_helpers import REPO, ckptctl_cmd
+from tests.runs import ckpt, write_run
 
 CASE_TIMEOUT_S = 30.0
 
@@ -292,14 +293,10 @@ def driver_main(spec_path: str) -> None:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A real small run (checkpoints 0-2, best = 2, a log and a training state) and its Drive mirror."""
-    from ckptctl import ModelPersistence
     from ckptctl.storage.restore import backup_run
 
     root = tmp_path_factory.mktemp("filetypes_base")
-    run = write_run(root / "runs", "run_a", n=3)
-    with ModelPersistence(run, background=False) as p:
-        p.update_training_state(status="running")
-        p.append_log("started")
+    run = write_run(root / "runs", "run_a", n=3, state={"status": "running"}, log="started")
     (root / "drive").mkdir()
     backup_run(run, root / "drive")
     assert (root / "drive" / "run_a" / "best_model.pt").is_file()
@@ -416,7 +413,9 @@ def test_the_real_ckptctl_refuses_a_fifo_checkpoint_in_one_line(base, tmp_path):
     assert promote.returncode == 1 and "Traceback" not in promote.stderr
     assert promote.stderr.strip().splitlines()[-1] == f"Error: {ckpt(run, 1)}: not a regular file (FIFO)"
     prune = _real_cli("prune", str(run), "--keep", "1", "--yes")
-    assert prune.returncode in (0, 1) and "Traceback" not in prune.stderr, prune.stderr
+    assert prune.returncode == 0 and "Traceback" not in prune.stderr, prune.stderr
+    assert "checkpoint 1: checkpoints/checkpoint_00001.pt: not a regular file; refusing to delete" in prune.stdout
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint_00001.pt", "checkpoint_00002.pt"]
     assert ckpt(run, 2).read_bytes() == newest
 
 
