@@ -24,7 +24,8 @@ class RunFactory:
 
     Every option of ``write_run`` applies (``keep``, ``best_at``, ``best``, ``drive``, ``state``,
     ``truncate=``/``corrupt=``/``drop=`` files, ...). ``lock=True`` returns the run while its lock
-    is held, as a live trainer holds it; :meth:`unlock` releases it early, the test's end at the latest.
+    is held, as a live trainer holds it (:meth:`lock` takes it later); :meth:`unlock` releases it
+    early, the test's end at the latest.
     """
 
     def __init__(self, tmp_path: Path):
@@ -36,13 +37,17 @@ class RunFactory:
 
         run = write_run(parent or self._tmp_path / "runs", name, n, **options)
         if lock:
-            from ckptctl.storage.lock import RunLock
-
-            self._locks[run] = RunLock(run).acquire()
+            self.lock(run)
         return run
 
+    def lock(self, run: Path) -> None:
+        """Take ``run``'s lock (the one a live trainer holds) until :meth:`unlock` or the test's end."""
+        from ckptctl.storage.lock import RunLock
+
+        self._locks[run] = RunLock(run).acquire()
+
     def unlock(self, run: Path) -> None:
-        """Release the lock ``lock=True`` took on ``run``."""
+        """Release the lock taken by ``lock=True`` or :meth:`lock`."""
         self._locks.pop(run).release()
 
     def close(self) -> None:

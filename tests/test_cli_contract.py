@@ -72,9 +72,8 @@ def test_installed_console_script_end_to_end(tmp_path):
     assert refused.returncode == 1 and "--yes" in refused.stderr
 
 
-def test_errors_are_one_line_without_traceback(tmp_path):
-    run = write_run(tmp_path / "runs", "run_a", n=1)
-    flip_byte(ckpt(run, 0))
+def test_errors_are_one_line_without_traceback(tmp_path, make_run):
+    make_run(n=1, corrupt=[0])
     for args, code in ((["ls", "missing"], 2), (["show", "runs/run_a"], 1), (["verify", "missing"], 2)):
         proc = run_cli(*args, cwd=tmp_path)
         assert proc.returncode == code, (args, proc.stderr)
@@ -82,9 +81,8 @@ def test_errors_are_one_line_without_traceback(tmp_path):
         assert "Traceback" not in proc.stderr
 
 
-def test_debug_variable_shows_the_traceback(tmp_path):
-    run = write_run(tmp_path / "runs", "run_a", n=1)
-    flip_byte(ckpt(run, 0))
+def test_debug_variable_shows_the_traceback(tmp_path, make_run):
+    make_run(n=1, corrupt=[0])
     proc = run_cli("show", "runs/run_a", cwd=tmp_path, env={"CKPTCTL_DEBUG": "1"})
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "CheckpointIntegrityError" in proc.stderr
