@@ -8,6 +8,14 @@ from typing import Iterator
 import pytest
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Load the CI rule (tests/ci_rules.py): under CKPTCTL_CI=1 a skipped root-only test fails the run."""
+    from tests import ci_rules
+
+    if not config.pluginmanager.is_registered(ci_rules):
+        config.pluginmanager.register(ci_rules, "ckptctl-ci-rules")
+
+
 @pytest.fixture(autouse=True)
 def _inside_tmp_path(tmp_path, monkeypatch):
     """Keep every test inside tmp_path: cwd, HOME, and the default Drive path."""

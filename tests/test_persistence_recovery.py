@@ -233,6 +233,7 @@ def test_an_older_local_copy_catches_up_from_a_mirror_that_is_ahead(tmp_path, ma
 # ---------------------------------------------------------------------- a mirror thread outliving close()
 
 
+@pytest.mark.root_only
 def test_a_mirror_thread_that_outlives_close_never_writes_the_closed_writers_index(tmp_path):
     """Drive hangs (a frozen filesystem), close() gives up waiting, a new writer saves more;
     when Drive thaws, the old thread's report must not put the old index back."""

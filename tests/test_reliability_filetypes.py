@@ -382,7 +382,7 @@ def test_a_fifo_anywhere_in_a_run_never_hangs_a_command_or_the_library(base, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.root_only) if "chardev" in k else k for k in KINDS])  # mknod
 def test_every_file_type_at_every_place_with_every_command(base, tmp_path, kind):
     if "chardev" in kind and not MKNOD:
         pytest.skip("mknod is not allowed here")
