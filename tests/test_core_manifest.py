@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 
@@ -81,8 +82,9 @@ def test_best_info_round_trip_and_rejects_escaping_path():
 def test_checksum_parsing_and_metric_cleaning():
     assert parse_checksum(SUM) == ("sha256", "ab" * 32)
     assert parse_checksum("xxh3_128:00ff") == ("xxh3_128", "00ff")
-    for bad in ("sha256", "sha256:", "sha256:XYZ", "crc:00"):
-        with pytest.raises(ValueError):
+    for bad, error in (("sha256", "malformed checksum 'sha256'"), ("sha256:", "malformed checksum digest ''"),
+                       ("sha256:XYZ", "malformed checksum digest 'XYZ'"), ("crc:00", "unknown checksum algorithm 'crc'")):
+        with pytest.raises(ValueError, match=f"^{re.escape(error)}$"):
             parse_checksum(bad)
     import torch
 

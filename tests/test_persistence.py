@@ -184,7 +184,7 @@ def test_best_copied_from_checkpoint_is_byte_identical_and_loads(tmp_path):
     with ModelPersistence(run, save_every_n_batches=1) as p:
         rig.step()
         cid = p.maybe_save(0, 0, {"accuracy_delta": 0.1}, **rig.components())
-        assert p.update_best(0, 0, {"accuracy_delta": 0.1}, **rig.components())
+        assert p.update_best(0, 0, {"accuracy_delta": 0.1}, **rig.components()) is True
         p.flush()
         assert (run / BEST_MODEL_FILE).read_bytes() == (run / "checkpoints" / "checkpoint_00000.pt").read_bytes()
         assert p.best["source_id"] == cid

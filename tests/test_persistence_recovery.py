@@ -164,13 +164,13 @@ def test_update_best_right_after_a_save_records_the_metric_it_was_given_across_a
     with ModelPersistence(run, save_every_n_batches=1, best_metric="accuracy_delta") as p:
         rig.step()
         p.maybe_save(0, 0, {"loss": 0.5}, **rig.components())
-        assert p.update_best(0, 0, {"accuracy_delta": 0.9}, **rig.components())
+        assert p.update_best(0, 0, {"accuracy_delta": 0.9}, **rig.components()) is True
     best = read_best(run)
     assert best.value == 0.9 and best.source_id == 0 and best.metrics["accuracy_delta"] == 0.9
     with ModelPersistence(run, save_every_n_batches=1, best_metric="accuracy_delta") as p:
         rig.step()
         p.maybe_save(0, 1, {"loss": 0.4}, **rig.components())
-        assert not p.update_best(0, 1, {"accuracy_delta": 0.5}, **rig.components())  # worse: not the best
+        assert p.update_best(0, 1, {"accuracy_delta": 0.5}, **rig.components()) is False  # worse: not the best
     assert read_best(run).value == 0.9 and read_best(run).source_id == 0
 
 
@@ -197,7 +197,7 @@ def test_a_fresh_vm_restores_from_drive_on_open_and_resumes_from_the_newest(tmp_
         assert info["checkpoint_id"] == 3
         assert_same_state(flat_state(other), reference)
         assert p.save_checkpoint(0, 4, {"loss": 0.1}, **other.components()) == 4  # ids continue
-        assert not p.update_best(0, 4, {"accuracy_delta": -1.0}, **other.components())  # the restored best still rules
+        assert p.update_best(0, 4, {"accuracy_delta": -1.0}, **other.components()) is False  # the restored best still rules
     mirror_ids = [c.id for c in read_index(drive / "r").checkpoints]
     assert mirror_ids == [0, 1, 2, 3, 4]  # nothing overwritten, nothing orphaned
     assert (drive / "r" / BEST_MODEL_FILE).read_bytes() == mirror_best
@@ -307,7 +307,7 @@ def test_a_best_model_before_the_first_checkpoint_does_not_set_the_mirror_failin
     rig = Rig()
     with caplog.at_level(logging.WARNING, logger="ckptctl"):
         with ModelPersistence(run, save_every_n_batches=5, drive_backup=drive) as p:
-            assert p.update_best(0, 0, {"accuracy_delta": 0.5}, **rig.components())  # no checkpoint, no index yet
+            assert p.update_best(0, 0, {"accuracy_delta": 0.5}, **rig.components()) is True  # no checkpoint, no index yet
             p.flush()
             p.save_checkpoint(0, 1, {"accuracy_delta": 0.4}, **rig.components())
     assert not [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
