@@ -85,7 +85,8 @@ def fork_context():
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
-    """A small real run (a Linear(16, 16) with SGD, keep 2, three saves, a best model) that the SIGKILL tests copy and crash."""
+    """A small real run (keep 2, three saves, a best model) that the SIGKILL tests copy and crash (crash_child.MODEL)."""
+    from .crash_child import MODEL
     from .runs import write_run
 
-    return write_run(tmp_path_factory.mktemp("base"), "run", n=3, keep=2, shape=(16, 16), optimizer="sgd")
+    return write_run(tmp_path_factory.mktemp("base"), "run", n=3, keep=2, **MODEL)
