@@ -13,7 +13,9 @@ import pytest
 
 from ckptctl.cli import app
 from ckptctl.completions_gen import FILES, completion_script
-from tests.cli_helpers import REPO, ckpt, ckptctl_cmd, flip_byte, invoke, run_cli, write_run
+from tests.cli_helpers import REPO, ckptctl_cmd, invoke, run_cli
+from tests.damage import flip_byte
+from tests.runs import ckpt, write_run
 
 COMMANDS = sorted(c.name for c in app.registered_commands)
 

@@ -6,7 +6,8 @@ import datetime as dt
 import json
 import os
 
-from tests.cli_helpers import checksum, ckpt, index_of, invoke, write_index, write_run
+from tests.cli_helpers import invoke
+from tests.runs import checksum, ckpt, index_of, write_index, write_run
 
 
 def test_ls_table_marks_latest_best_and_totals(tmp_path):

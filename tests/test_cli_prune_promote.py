@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-from tests.cli_helpers import ckpt, flip_byte, index_of, invoke, write_index, write_run
+from tests.cli_helpers import invoke
+from tests.damage import flip_byte
+from tests.runs import ckpt, fresh_components, index_of, write_index, write_run
 
 
 def _ids(run):
@@ -160,16 +162,13 @@ def test_promote_unknown_id_and_locked_run(make_run):
 
 def test_library_keeps_a_promoted_best_until_a_better_one(tmp_path):
     """After a promotion the trainer reopens cleanly and the promoted file is what load_best_model gives."""
-    import torch
-
     from ckptctl import ModelPersistence
 
     run = write_run(tmp_path / "runs", "run_a", n=3)
     assert invoke("promote", "runs/run_a", "0").exit_code == 0
-    model = torch.nn.Linear(4, 2)
     p = ModelPersistence(run)
     try:
-        meta = p.load_best_model(agent=model)
+        meta = p.load_best_model(**fresh_components())
         assert meta["checkpoint_id"] == 0
     finally:
         p.close()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-from tests.cli_helpers import checksum, ckpt, index_of, invoke, write_index, write_run
+from tests.cli_helpers import invoke
+from tests.runs import checksum, ckpt, fresh_components, index_of, write_index, write_run
 
 
 def _drive(tmp_path):
@@ -15,8 +16,6 @@ def _drive(tmp_path):
 
 
 def test_backup_then_restore_into_empty_runs_and_resume(tmp_path):
-    import torch
-
     from ckptctl import ModelPersistence
 
     drive = _drive(tmp_path)
@@ -37,10 +36,9 @@ def test_backup_then_restore_into_empty_runs_and_resume(tmp_path):
     for i in range(3):
         assert ckpt(local, i).read_bytes() == ckpt(drive / "run_a", i).read_bytes()
     assert invoke("verify", "runs").exit_code == 0
-    model = torch.nn.Linear(4, 2)
     p = ModelPersistence(local)
     try:
-        assert p.resume(agent=model, optimizer=torch.optim.Adam(model.parameters()))["checkpoint_id"] == 2
+        assert p.resume(**fresh_components())["checkpoint_id"] == 2
     finally:
         p.close()
     again = json.loads(invoke("restore", "--from-drive", "--drive", drive, "--json").stdout)

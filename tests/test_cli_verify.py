@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 
-from tests.cli_helpers import ckpt, index_of, invoke, malicious_bytes, replace_indexed_file, write_index, write_run
+from tests.cli_helpers import invoke
+from tests.damage import malicious_bytes, replace_indexed_file
+from tests.runs import ckpt, index_of, write_index, write_run
 
 
 def _by_id(doc):

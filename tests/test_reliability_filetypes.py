@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_helpers import REPO, ckptctl_cmd
-from tests.runs import ckpt, write_run
+from tests.runs import ckpt, fresh_components, write_run
 
 CASE_TIMEOUT_S = 30.0
 
@@ -169,15 +169,11 @@ def _lost_files(run: Path, before: dict[str, str]) -> list[str]:
 
 
 def _library(run: Path) -> None:
-    import torch
-
     from ckptctl import ModelPersistence
 
-    model = torch.nn.Linear(4, 2)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     p = ModelPersistence(run, background=False)
     try:
-        info = p.resume(agent=model, optimizer=opt)
+        info = p.resume(**fresh_components())
         print(json.dumps({"resumed": info and info["checkpoint_id"], "skipped": info and info.get("skipped")}))
         p.append_log("a line from the file-type fuzz test")
     finally:
@@ -460,8 +456,8 @@ def test_a_trailing_newline_name_does_not_shadow_checkpoint_2_after_an_index_reb
     real = torch.load(ckpt(run, 2), weights_only=True)
     with ModelPersistence(run, background=False) as p:
         assert p.checkpoints[2]["path"] == "checkpoints/checkpoint_00002.pt"
-        m = torch.nn.Linear(4, 2)
-        info = p.resume(agent=m, optimizer=torch.optim.Adam(m.parameters(), lr=1e-2))
+        components = fresh_components()
+        info = p.resume(**components)
     assert info["checkpoint_id"] == 2 and info["global_step"] == real["global_step"]
-    assert torch.equal(m.weight, real["agent"]["weight"])
+    assert torch.equal(components["agent"].weight, real["agent"]["weight"])
     assert shadow.exists()  # not ours: left alone
