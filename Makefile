@@ -24,11 +24,12 @@ demo: venv
 	$(VENV)/bin/ckptctl ls runs/demo
 	$(VENV)/bin/ckptctl verify drive/demo
 
+# -rfEs: the summary lists failures, errors and every skipped test with its reason.
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rfEs
 
 stress: venv
-	$(PY) -m pytest -q -m slow -s
+	$(PY) -m pytest -q -m slow -s -rfEs
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -122,10 +122,11 @@ def progress(description: str, enabled: bool = True) -> Iterator[Optional[Callab
     if not enabled or not sys.stderr.isatty():
         yield None
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     with Progress(
-        "[progress.description]{task.description}",
+        # the console parses no markup (run names are printed as they are): the style goes on the column
+        TextColumn("{task.description}", markup=False, style="progress.description"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),

@@ -1,12 +1,12 @@
-"""Helpers for the CLI tests: real small runs written through ModelPersistence, and ways to damage them.
+"""Helpers for the CLI tests: ckptctl in-process, in a real subprocess, and a guard against hangs.
 
-Plain functions (not fixtures) so each test says exactly what run it builds.
+The run factory and its file accessors live in ``tests/runs.py``, the ways to damage a run in
+``tests/damage.py``; they are imported here too for the tests that take them from this module.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -18,121 +18,21 @@ from typer.testing import CliRunner
 
 from ckptctl.cli import app
 
+from .damage import flip_byte, malicious_bytes, replace_indexed_file, truncate
+from .runs import checksum, ckpt, index_of, write_index, write_run
+
+__all__ = [
+    "REPO", "Hung", "ckptctl_cmd", "invoke", "no_hang", "run_cli",
+    # from tests/runs.py and tests/damage.py
+    "checksum", "ckpt", "flip_byte", "index_of", "malicious_bytes", "replace_indexed_file", "truncate", "write_index", "write_run",
+]
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def invoke(*args: str, input: str | None = None):
     """Run ``ckptctl ARGS`` in-process; stdout and stderr are kept apart (``.stdout`` / ``.stderr``)."""
     return CliRunner().invoke(app, [str(a) for a in args], input=input)
-
-
-def write_run(
-    parent: Path,
-    name: str = "run_a",
-    n: int = 4,
-    keep: int = 10,
-    best_at: int | None = None,
-    seed: int = 0,
-    drive: Path | None = None,
-    batches_per_epoch: int = 100,
-) -> Path:
-    """Write a real run of ``n`` checkpoints (one per batch) of a tiny Linear(4, 2) + Adam; return its directory.
-
-    Metric ``accuracy_delta`` peaks at batch ``best_at`` (default: the last), so the best
-    model's source is that checkpoint while it is retained.
-    """
-    import torch
-
-    from ckptctl import ModelPersistence
-
-    run_dir = parent / name
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(4, 2)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    p = ModelPersistence(run_dir, max_checkpoints=keep, save_every_n_batches=1, background=False, drive_backup=drive)
-    info = p.resume(agent=model, optimizer=opt)
-    start = 0 if info is None else info["global_step"]
-    for step in range(start, start + n):
-        loss = model(torch.randn(3, 4)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        acc = float(step if best_at is None else -abs(step - best_at))
-        metrics = {"loss": loss.item(), "accuracy_delta": acc}
-        epoch, batch = divmod(step, batches_per_epoch)
-        p.maybe_save(epoch, batch, metrics, agent=model, optimizer=opt)
-        p.update_best(epoch, batch, metrics, agent=model, optimizer=opt)
-    p.close(mirror_timeout=30)
-    return run_dir
-
-
-def ckpt(run_dir: Path, checkpoint_id: int) -> Path:
-    """The file of checkpoint ``checkpoint_id``."""
-    return run_dir / "checkpoints" / f"checkpoint_{checkpoint_id:05d}.pt"
-
-
-def index_of(run_dir: Path) -> dict:
-    """The run's index as raw JSON."""
-    return json.loads((run_dir / "checkpoint_metadata.json").read_text())
-
-
-def write_index(run_dir: Path, data: dict) -> None:
-    """Overwrite the run's index with ``data``."""
-    (run_dir / "checkpoint_metadata.json").write_text(json.dumps(data, indent=2))
-
-
-def truncate(path: Path, keep_fraction: float = 0.5) -> None:
-    """Cut ``path`` short, as a crash mid-copy would."""
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep_fraction)])
-
-
-def flip_byte(path: Path, offset: int | None = None) -> None:
-    """Flip one bit in the middle of ``path`` (silent corruption)."""
-    data = bytearray(path.read_bytes())
-    i = len(data) // 2 if offset is None else offset
-    data[i] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
-def checksum(path: Path) -> str:
-    """The stored-form checksum of ``path``, as the library writes it."""
-    from ckptctl.storage.atomic import hash_file
-
-    return hash_file(path)[1]
-
-
-def replace_indexed_file(run_dir: Path, checkpoint_id: int, data: bytes) -> None:
-    """Put ``data`` in place of a checkpoint and fix the index's size and checksum to match it."""
-    path = ckpt(run_dir, checkpoint_id)
-    path.write_bytes(data)
-    index = index_of(run_dir)
-    for entry in index["checkpoints"]:
-        if entry["id"] == checkpoint_id:
-            entry["size_bytes"] = len(data)
-            entry["checksum"] = checksum(path)
-    write_index(run_dir, index)
-
-
-class _Evil:
-    """Unpickling this with arbitrary code allowed creates a file (``open(marker, 'w')``)."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def malicious_bytes(marker: Path) -> bytes:
-    """A torch.save file that would create ``marker`` if loaded without ``weights_only=True``."""
-    import io
-
-    import torch
-
-    buf = io.BytesIO()
-    torch.save({"epoch": 0, "batch": 0, "global_step": 1, "metrics": {}, "payload": _Evil(marker)}, buf)
-    return buf.getvalue()
 
 
 def ckptctl_cmd() -> list[str]:

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Iterator
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Load the CI rule (tests/ci_rules.py): under CKPTCTL_CI=1 a skipped root-only test fails the run."""
+    from tests import ci_rules
+
+    if not config.pluginmanager.is_registered(ci_rules):
+        config.pluginmanager.register(ci_rules, "ckptctl-ci-rules")
 
 
 @pytest.fixture(autouse=True)
@@ -19,51 +27,49 @@ def _inside_tmp_path(tmp_path, monkeypatch):
     yield
 
 
-class TinyTrainer:
-    """A real (tiny) model, optimizer and scheduler that take deterministic training steps."""
+class RunFactory:
+    """``make_run(name, n, ...)``: :func:`tests.runs.write_run` into ``tmp_path/runs`` (or ``parent=``), plus ``lock=``.
 
-    def __init__(self, seed: int = 0):
-        import torch
+    Every option of ``write_run`` applies (``keep``, ``best_at``, ``best``, ``drive``, ``state``,
+    ``truncate=``/``corrupt=``/``drop=`` files, ...). ``lock=True`` returns the run while its lock
+    is held, as a live trainer holds it (:meth:`lock` takes it later); :meth:`unlock` releases it
+    early, the test's end at the latest.
+    """
 
-        torch.manual_seed(seed)
-        self.model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 2))
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-2)
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=3, gamma=0.5)
+    def __init__(self, tmp_path: Path):
+        self._tmp_path = tmp_path
+        self._locks: dict[Path, object] = {}
 
-    def step(self) -> float:
-        import torch
+    def __call__(self, name: str = "run_a", n: int = 4, *, parent: Path | None = None, lock: bool = False, **options) -> Path:
+        from .runs import write_run
 
-        x = torch.randn(5, 4)
-        loss = self.model(x).pow(2).mean()
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        return float(loss)
+        run = write_run(parent or self._tmp_path / "runs", name, n, **options)
+        if lock:
+            self.lock(run)
+        return run
 
-    def components(self) -> dict:
-        return {"agent": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+    def lock(self, run: Path) -> None:
+        """Take ``run``'s lock (the one a live trainer holds) until :meth:`unlock` or the test's end."""
+        from ckptctl.storage.lock import RunLock
+
+        self._locks[run] = RunLock(run).acquire()
+
+    def unlock(self, run: Path) -> None:
+        """Release the lock taken by ``lock=True`` or :meth:`lock`."""
+        self._locks.pop(run).release()
+
+    def close(self) -> None:
+        """Release every lock still held."""
+        for run in list(self._locks):
+            self.unlock(run)
 
 
 @pytest.fixture
-def make_run(tmp_path) -> Callable[..., Path]:
-    """Write a real run with ``n`` checkpoints (one per batch) and a best model; return its directory."""
-
-    def _make(name: str = "run_a", n: int = 3, keep: int = 5, parent: Path | None = None, best_at: int | None = None) -> Path:
-        from ckptctl import ModelPersistence
-
-        run_dir = (parent or tmp_path / "runs") / name
-        trainer = TinyTrainer()
-        p = ModelPersistence(run_dir, max_checkpoints=keep, save_every_n_batches=1, background=False)
-        for batch in range(n):
-            loss = trainer.step()
-            metrics = {"loss": loss, "accuracy_delta": float(batch if best_at is None else -abs(batch - best_at))}
-            p.maybe_save(0, batch, metrics, **trainer.components())
-            p.update_best(0, batch, metrics, **trainer.components())
-        p.close()
-        return run_dir
-
-    return _make
+def make_run(tmp_path) -> Iterator[RunFactory]:
+    """The run factory: real small runs written through ModelPersistence (see :class:`RunFactory`)."""
+    factory = RunFactory(tmp_path)
+    yield factory
+    factory.close()
 
 
 @pytest.fixture(scope="module")
@@ -79,17 +85,8 @@ def fork_context():
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
-    """A small real run (keep 2, three saves, a best model) that the SIGKILL tests copy and crash."""
-    import torch
+    """A small real run (keep 2, three saves, a best model) that the SIGKILL tests copy and crash (crash_child.MODEL)."""
+    from .crash_child import MODEL
+    from .runs import write_run
 
-    from ckptctl import ModelPersistence
-
-    run = tmp_path_factory.mktemp("base") / "run"
-    torch.manual_seed(0)
-    model = torch.nn.Linear(16, 16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with ModelPersistence(run, max_checkpoints=2, save_every_n_batches=1) as p:
-        for batch in range(3):
-            p.maybe_save(0, batch, {"accuracy_delta": float(batch)}, agent=model, optimizer=opt)
-            p.update_best(0, batch, {"accuracy_delta": float(batch)}, agent=model, optimizer=opt)
-    return run
+    return write_run(tmp_path_factory.mktemp("base"), "run", n=3, keep=2, **MODEL)

@@ -12,6 +12,8 @@ import signal
 
 #: The IO steps a save is made of, as the functions the storage layer calls.
 TARGETS = ("os.fsync", "os.replace", "os.unlink", "write")
+#: The model of the run these children save to (conftest's ``base_run``), as ``tests.runs`` options.
+MODEL = {"shape": (16, 16), "optimizer": "sgd"}
 
 
 def _arm(target: str, kill_at: int) -> None:
@@ -41,11 +43,13 @@ def save_cycles(run_dir: str, target: str, kill_at: int, cycles: int) -> None:
 
     from ckptctl import ModelPersistence
 
+    from .runs import fresh_components
+
     torch.manual_seed(0)
-    model = torch.nn.Linear(16, 16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    components = fresh_components(**MODEL)
+    model, opt = components["agent"], components["optimizer"]
     p = ModelPersistence(run_dir, max_checkpoints=2, save_every_n_batches=1)
-    info = p.resume(agent=model, optimizer=opt)
+    info = p.resume(**components)
     start = info["batch"] + 1
     _arm(target, kill_at)
     for batch in range(start, start + cycles):

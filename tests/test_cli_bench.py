@@ -47,7 +47,7 @@ def test_bench_human_output_and_usage_errors(tmp_path):
 def test_recommendation_keeps_stall_under_one_percent():
     assert recommend_save_every(0.05, 0.5) == 10  # 50 ms stall, 0.5 s batches
     assert recommend_save_every(0.0001, 1.0) == 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="batch time must be positive"):
         recommend_save_every(0.1, 0)
 
 

@@ -13,7 +13,9 @@ import pytest
 
 from ckptctl.cli import app
 from ckptctl.completions_gen import FILES, completion_script
-from tests.cli_helpers import REPO, ckpt, ckptctl_cmd, flip_byte, invoke, run_cli, write_run
+from tests.cli_helpers import REPO, ckptctl_cmd, invoke, run_cli
+from tests.damage import flip_byte
+from tests.runs import ckpt, write_run
 
 COMMANDS = sorted(c.name for c in app.registered_commands)
 
@@ -72,9 +74,8 @@ def test_installed_console_script_end_to_end(tmp_path):
     assert refused.returncode == 1 and "--yes" in refused.stderr
 
 
-def test_errors_are_one_line_without_traceback(tmp_path):
-    run = write_run(tmp_path / "runs", "run_a", n=1)
-    flip_byte(ckpt(run, 0))
+def test_errors_are_one_line_without_traceback(tmp_path, make_run):
+    make_run(n=1, corrupt=[0])
     for args, code in ((["ls", "missing"], 2), (["show", "runs/run_a"], 1), (["verify", "missing"], 2)):
         proc = run_cli(*args, cwd=tmp_path)
         assert proc.returncode == code, (args, proc.stderr)
@@ -82,11 +83,10 @@ def test_errors_are_one_line_without_traceback(tmp_path):
         assert "Traceback" not in proc.stderr
 
 
-def test_debug_variable_shows_the_traceback(tmp_path):
-    run = write_run(tmp_path / "runs", "run_a", n=1)
-    flip_byte(ckpt(run, 0))
+def test_debug_variable_shows_the_traceback(tmp_path, make_run):
+    make_run(n=1, corrupt=[0])
     proc = run_cli("show", "runs/run_a", cwd=tmp_path, env={"CKPTCTL_DEBUG": "1"})
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "CheckpointIntegrityError" in proc.stderr
 
 
@@ -217,6 +217,7 @@ def _in_pty(args: list[str], answer: bytes, cwd: Path) -> tuple[int, str]:
         try:
             os.chdir(cwd)
             os.environ["PYTHONPATH"] = str(REPO)
+            os.environ["TERM"] = "xterm"  # rich draws nothing live on TERM=dumb (or unset in some CI shells)
             cmd = ckptctl_cmd() + args
             os.execv(cmd[0], cmd)
         finally:
@@ -252,10 +253,16 @@ def test_prune_asks_on_a_terminal(tmp_path):
 
 
 def test_verify_on_a_terminal_draws_progress_and_still_reports(tmp_path):
-    write_run(tmp_path / "runs", "run_a", n=2)
+    run = write_run(tmp_path / "runs", "run_a", n=2)
     code, out = _in_pty(["verify"], b"", tmp_path)
     assert code == 0, out
     assert "All good: 3 ok" in out
+    # the bar (rich, on the terminal's stderr): its description, then all the bytes of the 3 files hashed
+    total = sum(p.stat().st_size for p in [ckpt(run, 0), ckpt(run, 1), run / "best_model.pt"])
+    bars = re.findall(r"\x1b\[2K(\S*)verifying .*?([\d.]+)/([\d.]+) kB", out)
+    assert bars and bars[-1] == ("", f"{total / 1000:.1f}", f"{total / 1000:.1f}"), repr(out[:2000])
+    code, plain = _in_pty(["verify", "--json"], b"", tmp_path)  # no bar in JSON mode
+    assert code == 0 and "verifying" not in plain and json.loads(plain)["ok"] is True
 
 
 def test_layers_import_only_what_they_may():

@@ -7,7 +7,9 @@ import os
 
 import pytest
 
-from tests.cli_helpers import ckpt, flip_byte, index_of, invoke, write_index, write_run
+from tests.cli_helpers import invoke
+from tests.damage import flip_byte
+from tests.runs import ckpt, fresh_components, index_of, write_index, write_run
 
 
 def _ids(run):
@@ -87,19 +89,14 @@ def test_prune_without_terminal_or_yes_refuses(tmp_path):
     assert _ids(run) == [0, 1, 2, 3] and len(_files(run)) == 4
 
 
-def test_prune_refuses_while_a_trainer_holds_the_lock(tmp_path):
-    from ckptctl import ModelPersistence
-
-    run = write_run(tmp_path / "runs", "run_a", n=4)
-    trainer = ModelPersistence(run)
-    try:
-        result = invoke("prune", "--keep", "1", "--yes")
-        assert result.exit_code == 1
-        assert "locked" in result.stderr
-        assert len(_files(run)) == 4
-        assert invoke("prune", "--keep", "1", "--dry-run").exit_code == 0
-    finally:
-        trainer.close()
+def test_prune_refuses_while_a_trainer_holds_the_lock(make_run):
+    run = make_run(n=4, lock=True)
+    result = invoke("prune", "--keep", "1", "--yes")
+    assert result.exit_code == 1
+    assert "locked" in result.stderr
+    assert len(_files(run)) == 4
+    assert invoke("prune", "--keep", "1", "--dry-run").exit_code == 0
+    make_run.unlock(run)
     assert invoke("prune", "--keep", "1", "--yes").exit_code == 0
     assert _ids(run) == [3]
 
@@ -118,7 +115,10 @@ def test_prune_skips_hostile_entries_and_deletes_nothing_outside(tmp_path):
     assert result.exit_code == 0, result.stderr
     assert victim.read_bytes() == b"keep me" and link.is_symlink()
     (r,) = json.loads(result.stdout)["runs"]
-    assert any("100" in s for s in r["skipped"]) and any("50" in s for s in r["skipped"])
+    assert r["skipped"] == [
+        "index entry 100: path in metadata leaves the run directory: '../../precious.pt'",
+        "checkpoint 50: checkpoints/checkpoint_00050.pt: resolves outside the run directory (symlink?)",
+    ]
     assert not ckpt(run, 0).exists() and ckpt(run, 3).exists()
 
 
@@ -152,31 +152,23 @@ def test_promote_refuses_corrupt_checkpoint(tmp_path):
     assert ((run / "best_model.pt").read_bytes(), (run / "best_metadata.json").read_bytes()) == before
 
 
-def test_promote_unknown_id_and_locked_run(tmp_path):
-    from ckptctl import ModelPersistence
-
-    run = write_run(tmp_path / "runs", "run_a", n=2)
+def test_promote_unknown_id_and_locked_run(make_run):
+    run = make_run(n=2)
     assert invoke("promote", "runs/run_a", "9").exit_code == 2
-    trainer = ModelPersistence(run)
-    try:
-        locked = invoke("promote", "runs/run_a", "0")
-        assert locked.exit_code == 1 and "locked" in locked.stderr
-    finally:
-        trainer.close()
+    make_run.lock(run)
+    locked = invoke("promote", "runs/run_a", "0")
+    assert locked.exit_code == 1 and "locked" in locked.stderr
 
 
 def test_library_keeps_a_promoted_best_until_a_better_one(tmp_path):
     """After a promotion the trainer reopens cleanly and the promoted file is what load_best_model gives."""
-    import torch
-
     from ckptctl import ModelPersistence
 
     run = write_run(tmp_path / "runs", "run_a", n=3)
     assert invoke("promote", "runs/run_a", "0").exit_code == 0
-    model = torch.nn.Linear(4, 2)
     p = ModelPersistence(run)
     try:
-        meta = p.load_best_model(agent=model)
+        meta = p.load_best_model(**fresh_components())
         assert meta["checkpoint_id"] == 0
     finally:
         p.close()

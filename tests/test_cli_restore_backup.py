@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-from tests.cli_helpers import checksum, ckpt, index_of, invoke, write_index, write_run
+from tests.cli_helpers import invoke
+from tests.runs import checksum, ckpt, fresh_components, index_of, write_index, write_run
 
 
 def _drive(tmp_path):
@@ -15,8 +16,6 @@ def _drive(tmp_path):
 
 
 def test_backup_then_restore_into_empty_runs_and_resume(tmp_path):
-    import torch
-
     from ckptctl import ModelPersistence
 
     drive = _drive(tmp_path)
@@ -24,7 +23,9 @@ def test_backup_then_restore_into_empty_runs_and_resume(tmp_path):
     backup = invoke("backup", "work/run_a", "--drive", drive, "--json")
     assert backup.exit_code == 0, backup.stderr
     (b,) = json.loads(backup.stdout)["runs"]
-    assert len(b["copied"]) == 4 and b["bytes_copied"] > 0
+    run = tmp_path / "work" / "run_a"
+    assert sorted(b["copied"]) == ["best_model.pt"] + [f"checkpoints/checkpoint_0000{i}.pt" for i in range(3)]
+    assert b["bytes_copied"] == sum(os.path.getsize(run / p) for p in b["copied"])
     assert all(e["mirrored"] for e in index_of(tmp_path / "work" / "run_a")["checkpoints"])
 
     result = invoke("restore", "--from-drive", "--drive", drive, "--json")
@@ -35,10 +36,9 @@ def test_backup_then_restore_into_empty_runs_and_resume(tmp_path):
     for i in range(3):
         assert ckpt(local, i).read_bytes() == ckpt(drive / "run_a", i).read_bytes()
     assert invoke("verify", "runs").exit_code == 0
-    model = torch.nn.Linear(4, 2)
     p = ModelPersistence(local)
     try:
-        assert p.resume(agent=model, optimizer=torch.optim.Adam(model.parameters()))["checkpoint_id"] == 2
+        assert p.resume(**fresh_components())["checkpoint_id"] == 2
     finally:
         p.close()
     again = json.loads(invoke("restore", "--from-drive", "--drive", drive, "--json").stdout)
@@ -162,19 +162,15 @@ def test_restore_rejects_a_mirror_file_that_does_not_match_its_checksum(tmp_path
     assert [e["id"] for e in index_of(tmp_path / "runs" / "run_a")["checkpoints"]] == [0]
 
 
-def test_backup_errors_and_lock(tmp_path):
-    from ckptctl import ModelPersistence
-
-    run = write_run(tmp_path / "runs", "run_a", n=1)
+def test_backup_errors_and_lock(tmp_path, make_run):
+    run = make_run(n=1)
     missing = invoke("backup", "runs", "--drive", tmp_path / "nodrive")
     assert missing.exit_code == 2 and "is Drive mounted" in missing.stderr
     assert invoke("backup", "nothere", "--drive", _drive(tmp_path)).exit_code == 2
-    trainer = ModelPersistence(run)
-    try:
-        locked = invoke("backup", "runs", "--drive", _drive(tmp_path))
-        assert locked.exit_code == 1 and "locked" in locked.stderr
-    finally:
-        trainer.close()
+    make_run.lock(run)
+    locked = invoke("backup", "runs", "--drive", _drive(tmp_path))
+    assert locked.exit_code == 1 and "locked" in locked.stderr
+    make_run.unlock(run)
     not_yet = invoke("backup", "runs")  # default drive: $CKPTCTL_DRIVE, which does not exist yet
     assert not_yet.exit_code == 2
     os.makedirs(os.environ["CKPTCTL_DRIVE"])
@@ -194,7 +190,7 @@ def test_restore_reports_hostile_mirror_entries_and_restores_the_rest(tmp_path):
     result = invoke("restore", "--from-drive", "--drive", drive, "--json")
     assert result.exit_code == 1
     doc = json.loads(result.stdout)
-    assert any("7" in p for p in doc["problems"])
+    assert doc["problems"] == ["mirror index entry 7 skipped: path in metadata leaves the run directory: '../../secret.pt'"]
     local = tmp_path / "runs" / "run_a"
     assert [e["id"] for e in index_of(local)["checkpoints"]] == [0, 1]
     assert not any(p.read_bytes() == b"not yours" for p in local.rglob("*") if p.is_file())

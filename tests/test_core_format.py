@@ -13,7 +13,7 @@ def test_checkpoint_names_carry_the_id_and_round_trip():
     assert fmt.checkpoint_relpath(123456) == "checkpoints/checkpoint_123456.pt"
     for i in (0, 7, 99999, 100000, 1234567):
         assert fmt.parse_checkpoint_filename(fmt.checkpoint_filename(i)) == i
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="checkpoint id must be >= 0, got -1"):
         fmt.checkpoint_filename(-1)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ckptctl import ModelPersistence
-from ckptctl.core.format import BEST_METADATA_FILE, INDEX_FILE, TRAINING_STATE_FILE
+from ckptctl.core.format import BEST_METADATA_FILE, FORMAT_VERSION, INDEX_FILE, TRAINING_STATE_FILE
 from ckptctl.storage.legacy import LEGACY_SUFFIX
 from ckptctl.storage.scan import read_index
 from ckptctl.tensors import compare_states
@@ -133,7 +133,7 @@ def test_opening_keeps_the_guides_metadata_and_indexes_its_checkpoints(tmp_path)
     # the user's files are kept byte for byte, beside the rewritten ones
     for name, data in before.items():
         assert (run / (name + LEGACY_SUFFIX)).read_bytes() == data
-    assert json.loads((run / INDEX_FILE).read_text())["format_version"] >= 1
+    assert json.loads((run / INDEX_FILE).read_text())["format_version"] == FORMAT_VERSION
     assert json.loads((run / TRAINING_STATE_FILE).read_text())["status"] == "running"
     assert not [n for n in os.listdir(run) if ".corrupt-" in n]
     assert checkpoint_bytes(run) == ckpts

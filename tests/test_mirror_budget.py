@@ -32,14 +32,12 @@ from ckptctl.storage.mirror import (
 from ckptctl.storage.restore import backup_run, restore_run
 from ckptctl.storage.runfiles import commit_index
 from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index
-from tests.cli_helpers import flip_byte, invoke, write_run
+from tests.cli_helpers import invoke
 
+from .damage import flip_byte
 from .mirror_helpers import assert_mirror_index_verifies, sync_and_record
 from .mount_helpers import can_mount_private_tmpfs
-
-
-def _ckpt(run, i):
-    return run / "checkpoints" / f"checkpoint_{i:05d}.pt"
+from .runs import ckpt, write_run
 
 
 # --------------------------------------------------------------------------- a real small Drive
@@ -138,7 +136,7 @@ def test_an_explicit_budget_is_never_exceeded_and_the_newest_verified_copy_never
         # mid-copy: the previous newest verified copy is still there, unless a newer one is
         if previous_newest is not None:
             newest = max(e.id for e in read_index(mirror).checkpoints)
-            assert newest >= previous_newest and _ckpt(mirror, newest).is_file()
+            assert newest >= previous_newest and ckpt(mirror, newest).is_file()
 
     with ModelPersistence(local, max_checkpoints=5, save_every_n_batches=1, background=False, best_metric="acc") as p:
         for batch in range(20):
@@ -148,7 +146,7 @@ def test_an_explicit_budget_is_never_exceeded_and_the_newest_verified_copy_never
             p.maybe_save(0, batch, metrics, agent=model)
             p.update_best(0, batch, metrics, agent=model)
             if budget is None:
-                budget = int(3.5 * os.path.getsize(_ckpt(local, 0)))  # newest, best, one older, a copy in flight
+                budget = int(3.5 * os.path.getsize(ckpt(local, 0)))  # newest, best, one older, a copy in flight
             report = sync_run(local, mirror, max_bytes=budget, on_progress=check_during_copy)
             used = tree_bytes(mirror)
             assert used <= budget and report.used_bytes == used and report.budget_bytes == budget
@@ -165,28 +163,24 @@ def test_an_explicit_budget_is_never_exceeded_and_the_newest_verified_copy_never
     assert len(report.not_mirrored) >= 2  # older ones left out for the budget, and reported
 
 
-def _save(local, n, keep=10):
-    """``n`` more checkpoints of a ~68 KB model (no best model), one per batch."""
-    model = torch.nn.Linear(128, 128)
-    with ModelPersistence(local, max_checkpoints=keep, save_every_n_batches=1, background=False) as p:
-        for batch in range(n):
-            p.maybe_save(0, batch, {"loss": float(batch)}, agent=model)
+#: ~68 KB checkpoints of a bare Linear(128, 128) (no optimizer, no best model): every one the same size.
+SAME_SIZE = {"shape": (128, 128), "optimizer": None, "best": False}
 
 
-def test_budget_room_frees_retired_then_unlisted_then_older_kept_copies(tmp_path):
+def test_budget_room_frees_retired_then_unlisted_then_older_kept_copies(tmp_path, make_run):
     local, mirror = tmp_path / "runs" / "r", tmp_path / "drive" / "r"
     mirror.parent.mkdir()
-    _save(local, 6)
+    make_run("r", 6, **SAME_SIZE)
     sync_and_record(local, mirror)  # 0-5 on the mirror
     index = read_index(local)
     # local retention removed 0 and 1 (retired); 2 left the index some other way (not retired)
     commit_index(local, index.with_entries([e for e in index.checkpoints if e.id >= 3]).retire([0, 1]))
     for i in (0, 1, 2):
-        _ckpt(local, i).unlink()
+        ckpt(local, i).unlink()
     budget = tree_bytes(mirror)  # full: each new copy needs one old copy to go
     deleted = []
     for expected in ([0, 1], [2], [3]):
-        _save(local, 1)
+        make_run("r", 1, **SAME_SIZE)
         report = sync_run(local, mirror, max_bytes=budget)
         assert report.newest_verified_id == read_index(local).latest.id
         assert tree_bytes(mirror) <= budget
@@ -206,14 +200,14 @@ def test_deleted_and_replaced_mirror_files_are_emptied_first(tmp_path):
     sync_and_record(local, mirror)
     held = tmp_path / "held_by_trash"  # what Drive's trash would keep: the old inode
     held.mkdir()
-    os.link(_ckpt(mirror, 0), held / "c0")
+    os.link(ckpt(mirror, 0), held / "c0")
     os.link(mirror / "best_model.pt", held / "best")
     assert os.path.getsize(held / "c0") > 0
     write_run(local.parent, "r", n=2, keep=2)  # 2, 3; retention removes 0, 1 (mirrored: retired) and a new best
-    assert set(read_index(local).retired) >= {0, 1}
+    assert read_index(local).retired == (0, 1)
     report = sync_and_record(local, mirror)
     assert sorted(report.deleted_ids) == [0, 1]
-    assert not _ckpt(mirror, 0).exists() and 0 not in {e.id for e in read_index(mirror).checkpoints}
+    assert not ckpt(mirror, 0).exists() and 0 not in {e.id for e in read_index(mirror).checkpoints}
     assert os.path.getsize(held / "c0") == 0  # truncated before it was unlinked
     assert os.path.getsize(held / "best") == 0  # the replaced best model, too
     assert hash_file(mirror / "best_model.pt")[1] == read_best(local).checksum
@@ -227,25 +221,25 @@ def test_crash_leftovers_on_the_mirror(tmp_path):
     write_run(local.parent, "r", n=3, keep=5)
     sync_and_record(local, mirror)
     # a crash between "index entry removed" and "file unlinked": a zero-size unindexed file
-    (_ckpt(mirror, 1)).write_bytes(b"")
+    (ckpt(mirror, 1)).write_bytes(b"")
     # a crash after a copy was renamed but before the index listed it
     raw = json.loads((mirror / "checkpoint_metadata.json").read_text())
     raw["checkpoints"] = [e for e in raw["checkpoints"] if e["id"] != 2]
     (mirror / "checkpoint_metadata.json").write_text(json.dumps(raw))
-    inode_before = os.stat(_ckpt(mirror, 2)).st_ino
+    inode_before = os.stat(ckpt(mirror, 2)).st_ino
     # somebody else's file that looks like a checkpoint: not ours to delete
-    foreign = _ckpt(mirror, 77)
+    foreign = ckpt(mirror, 77)
     foreign.write_bytes(b"x" * 1000)
     report = sync_run(local, mirror)
     assert report.copied == ["checkpoints/checkpoint_00001.pt"]  # the empty one was removed, then copied again
-    assert os.stat(_ckpt(mirror, 2)).st_ino == inode_before  # adopted after a read-back, not uploaded again
+    assert os.stat(ckpt(mirror, 2)).st_ino == inode_before  # adopted after a read-back, not uploaded again
     assert {e.id for e in read_index(mirror).checkpoints} == {0, 1, 2}
     assert foreign.read_bytes() == b"x" * 1000 and 77 in report.mirror_ids
     assert_mirror_index_verifies(mirror)
     # an empty leftover of an id the local run never had is removed by the next sync too
-    _ckpt(mirror, 40).write_bytes(b"")
+    ckpt(mirror, 40).write_bytes(b"")
     sync_run(local, mirror)
-    assert not _ckpt(mirror, 40).exists()
+    assert not ckpt(mirror, 40).exists()
 
 
 # --------------------------------------------------------------------------- damage and partial restores
@@ -257,12 +251,12 @@ def test_a_damaged_pinned_local_checkpoint_does_not_block_newer_copies(tmp_path)
     write_run(local.parent, "r", n=3, keep=2)
     with ModelPersistence(local, max_checkpoints=2, background=False) as p:
         p.pin(1)  # protected: retention keeps it, so every sync meets it
-    flip_byte(_ckpt(local, 1))
+    flip_byte(ckpt(local, 1))
     write_run(local.parent, "r", n=3, keep=2)  # 3, 4, 5
     report = sync_run(local, mirror)
     assert [d["id"] for d in report.damaged] == [1] and "checksum" in report.damaged[0]["reason"]
     assert report.newest_verified_id == 5 and 1 in report.not_mirrored
-    assert {4, 5} <= {e.id for e in read_index(mirror).checkpoints}
+    assert [e.id for e in read_index(mirror).checkpoints] == [4, 5]
     write_run(local.parent, "r", n=1, keep=2)  # and the next sync goes on the same way
     report = sync_run(local, mirror)
     assert report.newest_verified_id == 6 and [d["id"] for d in report.damaged] == [1]
@@ -369,7 +363,7 @@ def test_cli_backup_max_size_and_ls_show_the_drive_line(tmp_path):
     drive = tmp_path / "drive"
     drive.mkdir()
     run = write_run(tmp_path / "runs", "run_a", n=6, keep=10)
-    size = os.path.getsize(_ckpt(run, 5))
+    size = os.path.getsize(ckpt(run, 5))
     bad = invoke("backup", "runs/run_a", "--drive", drive, "--max-size", "lots")
     assert bad.exit_code == 2 and bad.stderr.startswith("Error: ") and len(bad.stderr.strip().splitlines()) == 1
     assert "--max-size" in bad.stderr

@@ -13,9 +13,18 @@ import torch
 
 from ckptctl import ModelPersistence, setup_drive_backup
 from ckptctl.core.format import BEST_MODEL_FILE, INDEX_FILE, TEMP_PREFIX
-from ckptctl.errors import BackgroundSaveError, CkptctlError, NoValidCheckpointError, RestoreStateError
+from ckptctl.errors import (
+    BackgroundSaveError,
+    CheckpointIntegrityError,
+    CkptctlError,
+    NoValidCheckpointError,
+    RestoreStateError,
+)
 from ckptctl.storage.scan import read_best, read_index
 from ckptctl.tensors import compare_states
+
+from .damage import damage
+from .runs import ckpt, fresh_components
 
 
 class LearnableLoss(torch.nn.Module):
@@ -175,7 +184,7 @@ def test_best_copied_from_checkpoint_is_byte_identical_and_loads(tmp_path):
     with ModelPersistence(run, save_every_n_batches=1) as p:
         rig.step()
         cid = p.maybe_save(0, 0, {"accuracy_delta": 0.1}, **rig.components())
-        assert p.update_best(0, 0, {"accuracy_delta": 0.1}, **rig.components())
+        assert p.update_best(0, 0, {"accuracy_delta": 0.1}, **rig.components()) is True
         p.flush()
         assert (run / BEST_MODEL_FILE).read_bytes() == (run / "checkpoints" / "checkpoint_00000.pt").read_bytes()
         assert p.best["source_id"] == cid
@@ -187,70 +196,42 @@ def test_best_copied_from_checkpoint_is_byte_identical_and_loads(tmp_path):
         assert torch.equal(v, expected[k])
 
 
-def _save_n(run, n, keep=5):
-    rig = Rig()
-    with ModelPersistence(run, max_checkpoints=keep, save_every_n_batches=1) as p:
-        for batch in range(n):
-            rig.step()
-            p.maybe_save(0, batch, {"loss": float(batch)}, **rig.components())
-    return rig
-
-
-def _damage(path, how):
-    if how == "truncate_half":
-        data = path.read_bytes()
-        path.write_bytes(data[: len(data) // 2])
-    elif how == "truncate_zero":
-        path.write_bytes(b"")
-    elif how == "flip_byte":
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
-    elif how == "delete":
-        path.unlink()
-    elif how == "garbage":
-        path.write_bytes(os.urandom(2000))
-
-
-@pytest.mark.parametrize("how", ["truncate_half", "truncate_zero", "flip_byte", "delete", "garbage"])
-def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, how):
-    run = tmp_path / "r"
-    _save_n(run, 3)
-    _damage(run / "checkpoints" / "checkpoint_00002.pt", how)
-    rig = Rig()
+@pytest.mark.parametrize(
+    "how,error",
+    [("truncate_half", "checksum mismatch"), ("truncate_zero", "checksum mismatch"), ("flip_bit", "checksum mismatch"),
+     ("delete", "file is missing"), ("garbage", "checksum mismatch")],
+)
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(make_run, how, error):
+    run = make_run("r", n=3, keep=5, best=False)
+    damage(ckpt(run, 2), how)
     with ModelPersistence(run) as p:
-        with pytest.raises(Exception):
-            p.load_checkpoint(2, **rig.components())
-        info = p.resume(**rig.components())
+        with pytest.raises(CheckpointIntegrityError, match=error):
+            p.load_checkpoint(2, **fresh_components())
+        info = p.resume(**fresh_components())
         assert info["checkpoint_id"] == 1
         assert [s["checkpoint_id"] for s in info["skipped"]] == [2]
         assert p.get_resume_info()["checkpoint_id"] == 1
 
 
-def test_resume_with_nothing_valid_says_so_instead_of_starting_over(tmp_path):
-    run = tmp_path / "r"
-    _save_n(run, 2)
-    for name in os.listdir(run / "checkpoints"):
-        _damage(run / "checkpoints" / name, "flip_byte")
+def test_resume_with_nothing_valid_says_so_instead_of_starting_over(tmp_path, make_run):
+    run = make_run("r", n=2, keep=5, best=False, corrupt=[0, 1])
     with ModelPersistence(run) as p:
         with pytest.raises(NoValidCheckpointError, match="none of the 2"):
-            p.resume(**Rig().components())
-        with pytest.raises(NoValidCheckpointError):
+            p.resume(**fresh_components())
+        with pytest.raises(NoValidCheckpointError, match="none of the 2"):
             p.get_resume_info()
     with ModelPersistence(tmp_path / "fresh") as p:
         assert p.resume(**Rig().components()) is None and p.get_resume_info() is None
 
 
 @pytest.mark.parametrize("content", [b"", b"{not json", b"[]", json.dumps({"format_version": 1}).encode(), b"\xff\xfe garbage"])
-def test_garbage_index_is_set_aside_and_rebuilt_from_checkpoint_files(tmp_path, content):
-    run = tmp_path / "r"
-    _save_n(run, 3)
+def test_garbage_index_is_set_aside_and_rebuilt_from_checkpoint_files(make_run, content):
+    run = make_run("r", n=3, keep=5, best=False)
     original = read_index(run)
     (run / INDEX_FILE).write_bytes(content)
-    rig = Rig()
     with ModelPersistence(run) as p:
         assert sorted(p.checkpoints) == [0, 1, 2]
-        info = p.resume(**rig.components())
+        info = p.resume(**fresh_components())
         assert info["checkpoint_id"] == 2
     rebuilt = read_index(run)
     assert [(c.id, c.checksum, c.global_step) for c in rebuilt.checkpoints] == [
@@ -273,7 +254,7 @@ def test_restoring_with_a_missing_component_or_bad_rng_is_an_error(tmp_path):
     # a checkpoint written by hand with a broken RNG state: restoring it fails loudly
     from ckptctl.torch_io import restore_rng
 
-    with pytest.raises(RestoreStateError):
+    with pytest.raises(RestoreStateError, match="cannot restore RNG state"):
         restore_rng(payload["rng"])
 
 
@@ -297,9 +278,8 @@ def test_background_failure_is_reported_on_next_call_and_leaves_nothing_visible(
     assert sorted(read_index(run).by_id()) == [0, 2]
 
 
-def test_leftover_temporaries_are_ignored_and_cleaned(tmp_path):
-    run = tmp_path / "r"
-    _save_n(run, 1)
+def test_leftover_temporaries_are_ignored_and_cleaned(make_run):
+    run = make_run("r", n=1, keep=5, best=False)
     stale = run / "checkpoints" / f"{TEMP_PREFIX}checkpoint_00001.pt.dead"
     stale.write_bytes(b"half a checkpoint")
     with ModelPersistence(run) as p:
@@ -307,10 +287,9 @@ def test_leftover_temporaries_are_ignored_and_cleaned(tmp_path):
     assert not stale.exists()
 
 
-def test_unindexed_committed_file_is_adopted_not_lost(tmp_path):
+def test_unindexed_committed_file_is_adopted_not_lost(make_run):
     """A crash after the file was committed but before the index: the checkpoint is kept."""
-    run = tmp_path / "r"
-    _save_n(run, 3)
+    run = make_run("r", n=3, keep=5, best=False)
     index = json.loads((run / INDEX_FILE).read_text())
     index["checkpoints"] = index["checkpoints"][:2]
     index["next_id"] = 2
@@ -319,12 +298,10 @@ def test_unindexed_committed_file_is_adopted_not_lost(tmp_path):
         assert p.get_resume_info()["checkpoint_id"] == 2
 
 
-def test_nothing_from_metadata_escapes_the_run_directory(tmp_path):
-    run = tmp_path / "r"
+def test_nothing_from_metadata_escapes_the_run_directory(tmp_path, make_run):
     outside = tmp_path / "precious.pt"
-    _save_n(tmp_path / "elsewhere", 1)
-    shutil.copy(tmp_path / "elsewhere" / "checkpoints" / "checkpoint_00000.pt", outside)
-    _save_n(run, 2, keep=2)
+    shutil.copy(ckpt(make_run("elsewhere", n=1, best=False), 0), outside)
+    run = make_run("r", n=2, keep=2, best=False, parent=tmp_path)  # "../precious.pt" is `outside`
     index = json.loads((run / INDEX_FILE).read_text())
     hostile = dict(index["checkpoints"][-1], id=7, path="../precious.pt")
     absolute = dict(index["checkpoints"][-1], id=8, path=str(outside))
@@ -332,13 +309,12 @@ def test_nothing_from_metadata_escapes_the_run_directory(tmp_path):
     (run / INDEX_FILE).write_text(json.dumps(index))
     link = run / "checkpoints" / "checkpoint_00009.pt"
     link.symlink_to(outside)
-    rig = Rig()
+    components = fresh_components()
     with ModelPersistence(run, max_checkpoints=1, save_every_n_batches=1) as p:
         assert sorted(p.checkpoints) == [0, 1]  # hostile entries and the symlink are not used
-        assert p.resume(**rig.components())["checkpoint_id"] == 1
-        for batch in range(2, 5):
-            new_id = p.maybe_save(0, batch, {}, **rig.components())
-        assert new_id >= 10  # ids never collide with a file present on disk
+        assert p.resume(**components)["checkpoint_id"] == 1
+        new_ids = [p.maybe_save(0, batch, {}, **components) for batch in range(2, 5)]
+        assert new_ids == [10, 11, 12]  # ids never collide with a file present on disk (checkpoint_00009.pt)
     assert outside.exists() and link.is_symlink()
     index_after = read_index(run)
     assert all(not c.path.startswith("..") for c in index_after.checkpoints)
@@ -367,13 +343,14 @@ def test_setup_drive_backup_explains_a_missing_mount(tmp_path):
     with pytest.raises(CkptctlError, match="is Drive mounted"):
         setup_drive_backup(tmp_path / "not" / "mounted" / "Backups")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(CkptctlError):
+    with pytest.raises(CkptctlError, match="cannot create folder"):
         setup_drive_backup(tmp_path / "file")
 
 
 def test_invalid_arguments_are_rejected(tmp_path):
     for kwargs in ({"max_checkpoints": 0}, {"save_every_n_batches": 0}, {"best_mode": "up"}, {"staging": "maybe"}):
-        with pytest.raises(ValueError):
+        (name, value), = kwargs.items()
+        with pytest.raises(ValueError, match=f"^{name} must be .*, got {value!r}$"):
             ModelPersistence(tmp_path / "r", **kwargs)
     with ModelPersistence(tmp_path / "r") as p:
         with pytest.raises(ValueError, match="reserved"):

@@ -19,6 +19,7 @@ from ckptctl.storage.atomic import verify_checksum
 from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index
 
 from . import crash_child
+from .runs import fresh_components
 
 CYCLES = 2
 WRITE_KILL_POINTS = (1, 2, 3, 5, 8, 13)
@@ -32,12 +33,8 @@ def _check_run_after_crash(run, last_durable_id):
     # replace is one commit, so no kill leaves best_model.pt without the record it matches)
     bad = [r for r in verify_runs([run]) if r.status != "ok"]
     assert bad == []
-    import torch
-
-    model = torch.nn.Linear(16, 16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with ModelPersistence(run, max_checkpoints=2) as p:
-        info = p.resume(agent=model, optimizer=opt)
+        info = p.resume(**fresh_components(**crash_child.MODEL))
         assert info["skipped"] == []
         assert info["checkpoint_id"] >= last_durable_id
         best = read_best(run)

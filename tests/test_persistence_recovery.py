@@ -23,6 +23,7 @@ from ckptctl.errors import CkptctlError, DeviceUnavailableError, RunLockedError
 from ckptctl.storage.lock import RunLock, is_locked
 from ckptctl.storage.scan import read_best, read_index
 
+from .damage import flip_byte
 from .test_persistence import Rig, assert_same_state, flat_state, seed_all
 from .mount_helpers import mount_loop_ext4
 from .trainloop_helpers import wait_until
@@ -163,30 +164,29 @@ def test_update_best_right_after_a_save_records_the_metric_it_was_given_across_a
     with ModelPersistence(run, save_every_n_batches=1, best_metric="accuracy_delta") as p:
         rig.step()
         p.maybe_save(0, 0, {"loss": 0.5}, **rig.components())
-        assert p.update_best(0, 0, {"accuracy_delta": 0.9}, **rig.components())
+        assert p.update_best(0, 0, {"accuracy_delta": 0.9}, **rig.components()) is True
     best = read_best(run)
     assert best.value == 0.9 and best.source_id == 0 and best.metrics["accuracy_delta"] == 0.9
     with ModelPersistence(run, save_every_n_batches=1, best_metric="accuracy_delta") as p:
         rig.step()
         p.maybe_save(0, 1, {"loss": 0.4}, **rig.components())
-        assert not p.update_best(0, 1, {"accuracy_delta": 0.5}, **rig.components())  # worse: not the best
+        assert p.update_best(0, 1, {"accuracy_delta": 0.5}, **rig.components()) is False  # worse: not the best
     assert read_best(run).value == 0.9 and read_best(run).source_id == 0
 
 
 # ---------------------------------------------------------------------- fresh VM
 
 
-def _mirrored_run(tmp_path, batches=4):
-    run, drive = tmp_path / "runs" / "r", setup_drive_backup(tmp_path / "drive")
+def _mirrored_run(make_run, tmp_path, batches=4):
+    """A run of a :class:`Rig` (returned, in its final state) mirrored to ``tmp_path/drive`` as it trained."""
+    drive = setup_drive_backup(tmp_path / "drive")
     seed_all(3)
     rig = Rig()
-    with ModelPersistence(run, save_every_n_batches=1, max_checkpoints=5, drive_backup=drive) as p:
-        _train(p, rig, range(batches))
-    return run, drive, rig
+    return make_run("r", n=batches, keep=5, drive=drive, trainer=rig), drive, rig
 
 
-def test_a_fresh_vm_restores_from_drive_on_open_and_resumes_from_the_newest(tmp_path):
-    run, drive, rig = _mirrored_run(tmp_path)
+def test_a_fresh_vm_restores_from_drive_on_open_and_resumes_from_the_newest(tmp_path, make_run):
+    run, drive, rig = _mirrored_run(make_run, tmp_path)
     reference = flat_state(rig)
     mirror_best = (drive / "r" / BEST_MODEL_FILE).read_bytes()
     shutil.rmtree(run)  # the VM was recycled
@@ -197,19 +197,17 @@ def test_a_fresh_vm_restores_from_drive_on_open_and_resumes_from_the_newest(tmp_
         assert info["checkpoint_id"] == 3
         assert_same_state(flat_state(other), reference)
         assert p.save_checkpoint(0, 4, {"loss": 0.1}, **other.components()) == 4  # ids continue
-        assert not p.update_best(0, 4, {"accuracy_delta": -1.0}, **other.components())  # the restored best still rules
+        assert p.update_best(0, 4, {"accuracy_delta": -1.0}, **other.components()) is False  # the restored best still rules
     mirror_ids = [c.id for c in read_index(drive / "r").checkpoints]
     assert mirror_ids == [0, 1, 2, 3, 4]  # nothing overwritten, nothing orphaned
     assert (drive / "r" / BEST_MODEL_FILE).read_bytes() == mirror_best
 
 
-def test_nothing_starts_over_a_mirror_whose_checkpoints_do_not_restore(tmp_path):
-    run, drive, _ = _mirrored_run(tmp_path, batches=2)
+def test_nothing_starts_over_a_mirror_whose_checkpoints_do_not_restore(tmp_path, make_run):
+    run, drive, _ = _mirrored_run(make_run, tmp_path, batches=2)
     shutil.rmtree(run)
     for path in (drive / "r" / "checkpoints").iterdir():
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        path.write_bytes(bytes(data))
+        flip_byte(path)
     before = {p.name: p.read_bytes() for p in (drive / "r" / "checkpoints").iterdir()}
     index_before = (drive / "r" / "checkpoint_metadata.json").read_bytes()
     with pytest.raises(CkptctlError, match="not starting over"):
@@ -219,8 +217,8 @@ def test_nothing_starts_over_a_mirror_whose_checkpoints_do_not_restore(tmp_path)
     ModelPersistence(run).close()  # the refused open left the run usable (lock released)
 
 
-def test_an_older_local_copy_catches_up_from_a_mirror_that_is_ahead(tmp_path):
-    run, drive, _ = _mirrored_run(tmp_path, batches=3)
+def test_an_older_local_copy_catches_up_from_a_mirror_that_is_ahead(tmp_path, make_run):
+    run, drive, _ = _mirrored_run(make_run, tmp_path, batches=3)
     stale = tmp_path / "stale"
     shutil.copytree(run, stale)
     with ModelPersistence(run, save_every_n_batches=1, max_checkpoints=5, drive_backup=drive) as p:
@@ -235,6 +233,7 @@ def test_an_older_local_copy_catches_up_from_a_mirror_that_is_ahead(tmp_path):
 # ---------------------------------------------------------------------- a mirror thread outliving close()
 
 
+@pytest.mark.root_only
 def test_a_mirror_thread_that_outlives_close_never_writes_the_closed_writers_index(tmp_path):
     """Drive hangs (a frozen filesystem), close() gives up waiting, a new writer saves more;
     when Drive thaws, the old thread's report must not put the old index back."""
@@ -292,8 +291,8 @@ def test_a_mirror_that_falls_behind_is_recorded_and_warned_about_naming_the_caus
         ModelPersistence(tmp_path / "runs" / "x", drive_backup=drive, drive_max_size="lots")
 
 
-def test_a_run_restored_from_drive_does_not_look_behind_on_its_first_save(tmp_path, caplog):
-    run, drive, rig = _mirrored_run(tmp_path, batches=5)
+def test_a_run_restored_from_drive_does_not_look_behind_on_its_first_save(tmp_path, make_run, caplog):
+    run, drive, rig = _mirrored_run(make_run, tmp_path, batches=5)
     shutil.rmtree(run)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ckptctl"):
@@ -308,7 +307,7 @@ def test_a_best_model_before_the_first_checkpoint_does_not_set_the_mirror_failin
     rig = Rig()
     with caplog.at_level(logging.WARNING, logger="ckptctl"):
         with ModelPersistence(run, save_every_n_batches=5, drive_backup=drive) as p:
-            assert p.update_best(0, 0, {"accuracy_delta": 0.5}, **rig.components())  # no checkpoint, no index yet
+            assert p.update_best(0, 0, {"accuracy_delta": 0.5}, **rig.components()) is True  # no checkpoint, no index yet
             p.flush()
             p.save_checkpoint(0, 1, {"accuracy_delta": 0.4}, **rig.components())
     assert not [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]

@@ -35,7 +35,7 @@ def test_tools_in_a_loop_against_a_training_run(tmp_path):
             read_index(run)  # always parses: it is only ever replaced atomically
             rounds["index_reads"] += 1
             result = runner.invoke(app, ["verify", str(run), "--json"])
-            assert result.stdout, (result.exit_code, result.stderr, repr(result.exception))
+            assert result.exit_code == 0 and result.stdout, (result.exit_code, result.stderr, repr(result.exception))
             doc = json.loads(result.stdout)
             assert [r for r in doc["results"] if r["status"] != "ok"] == [], [(r["id"], r["status"], r["detail"]) for r in doc["results"]]
             rounds["verify"] += 1

@@ -43,14 +43,14 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path):
         w.write(b"partial")
         raise RuntimeError("disk on fire")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="disk on fire"):
         atomic_write(target, boom)
     assert target.read_text().strip().startswith("{") and '"v": 1' in target.read_text()
     assert os.listdir(tmp_path) == ["f.json"]
 
 
 def test_json_refuses_nan(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not JSON compliant: nan"):
         atomic_write_json(tmp_path / "x.json", {"v": float("nan")})
     assert not (tmp_path / "x.json").exists()
 

@@ -13,21 +13,16 @@ from ckptctl.core.format import TEMP_PREFIX
 from ckptctl.storage.mirror import sync_run
 from ckptctl.storage.scan import read_index
 
+from .damage import truncate
 from .mirror_helpers import assert_mirror_index_verifies, sync_and_record
 
 
-def _run(path, n, keep=5):
-    model = torch.nn.Linear(4, 4)
-    with ModelPersistence(path, max_checkpoints=keep, save_every_n_batches=1, background=False) as p:
-        for batch in range(n):
-            with torch.no_grad():
-                model.weight.add_(1.0)
-            p.maybe_save(0, batch, {"loss": float(batch)}, agent=model)
-    return path
+#: The runs these tests mirror: checkpoints of a bare Linear(4, 4), no optimizer, no best model.
+BARE = {"shape": (4, 4), "optimizer": None, "best": False}
 
 
-def test_stale_partial_files_are_cleaned_and_damaged_copies_replaced(tmp_path):
-    local, mirror = _run(tmp_path / "runs" / "r", 3), tmp_path / "drive" / "r"
+def test_stale_partial_files_are_cleaned_and_damaged_copies_replaced(tmp_path, make_run):
+    local, mirror = make_run("r", 3, **BARE), tmp_path / "drive" / "r"
     mirror.parent.mkdir()
     sync_run(local, mirror)
     stale = mirror / "checkpoints" / f"{TEMP_PREFIX}checkpoint_00003.pt.0bad"
@@ -37,7 +32,7 @@ def test_stale_partial_files_are_cleaned_and_damaged_copies_replaced(tmp_path):
     in_flight = mirror / "checkpoints" / f"{TEMP_PREFIX}checkpoint_00007.pt.0ther"
     in_flight.write_bytes(b"another machine is copying this right now")
     victim = mirror / "checkpoints" / "checkpoint_00001.pt"
-    victim.write_bytes(victim.read_bytes()[:100])  # truncated on Drive after it was verified
+    truncate(victim)  # truncated on Drive after it was verified
     report = sync_run(local, mirror)
     assert not stale.exists()
     assert in_flight.exists()  # not this writer's, and still being written: never deleted
@@ -45,19 +40,19 @@ def test_stale_partial_files_are_cleaned_and_damaged_copies_replaced(tmp_path):
     assert_mirror_index_verifies(mirror)
 
 
-def test_mirror_deletes_old_copies_only_after_the_newer_ones_verify(tmp_path):
+def test_mirror_deletes_old_copies_only_after_the_newer_ones_verify(tmp_path, make_run):
     local, mirror = tmp_path / "runs" / "r", tmp_path / "drive" / "r"
     mirror.parent.mkdir()
-    _run(local, 2, keep=2)
+    make_run("r", 2, keep=2, **BARE)
     sync_and_record(local, mirror)
     assert sorted(os.listdir(mirror / "checkpoints")) == ["checkpoint_00000.pt", "checkpoint_00001.pt"]
-    _run(local, 2, keep=2)  # local now holds 2, 3 and has deleted (retired) the mirrored 0, 1
+    make_run("r", 2, keep=2, **BARE)  # local now holds 2, 3 and has deleted (retired) the mirrored 0, 1
     assert read_index(local).retired == (0, 1)
     (mirror / "checkpoints" / "checkpoint_00003.pt").mkdir()  # this copy will fail (a Drive error)
-    with pytest.raises(OSError):
+    with pytest.raises(IsADirectoryError, match="checkpoint_00003.pt"):
         sync_run(local, mirror)
-    # the old copies are still there, and the mirror index lists only verified files
-    assert {"checkpoint_00000.pt", "checkpoint_00001.pt"} <= set(os.listdir(mirror / "checkpoints"))
+    # the old copies are still there (and no temporary is left), and the mirror index lists only verified files
+    assert sorted(os.listdir(mirror / "checkpoints")) == ["checkpoint_00000.pt", "checkpoint_00001.pt", "checkpoint_00003.pt"]
     assert_mirror_index_verifies(mirror)
     (mirror / "checkpoints" / "checkpoint_00003.pt").rmdir()  # Drive recovers
     sync_and_record(local, mirror)
@@ -66,21 +61,21 @@ def test_mirror_deletes_old_copies_only_after_the_newer_ones_verify(tmp_path):
     assert_mirror_index_verifies(mirror)
 
 
-def test_a_vanished_drive_folder_is_not_recreated_on_the_local_disk(tmp_path):
-    local = _run(tmp_path / "runs" / "r", 1)
+def test_a_vanished_drive_folder_is_not_recreated_on_the_local_disk(tmp_path, make_run):
+    local = make_run("r", 1, **BARE)
     drive = tmp_path / "drive"  # never mounted / unmounted: the folder is gone
     with pytest.raises(FileNotFoundError):
         sync_run(local, drive / "r")
     assert not drive.exists()
 
 
-def test_background_mirror_backs_off_and_logs_a_cause_once(tmp_path, caplog, monkeypatch):
+def test_background_mirror_backs_off_and_logs_a_cause_once(tmp_path, make_run, caplog, monkeypatch):
     import logging
     import time
 
     from ckptctl.storage import mirror as mirror_module
 
-    local = _run(tmp_path / "runs" / "r", 1)
+    local = make_run("r", 1, **BARE)
     drive = tmp_path / "drive"
     attempts = []
     real_sync = mirror_module.sync_run
@@ -100,13 +95,13 @@ def test_background_mirror_backs_off_and_logs_a_cause_once(tmp_path, caplog, mon
     assert any("recovered" in r.getMessage() for r in caplog.records)
 
 
-def test_copies_of_a_sync_that_failed_later_are_still_recorded_as_mirrored(tmp_path):
+def test_copies_of_a_sync_that_failed_later_are_still_recorded_as_mirrored(tmp_path, make_run):
     """A failed sync's report is lost; the next sync skips those copies but must still report them mirrored."""
-    local, mirror = _run(tmp_path / "runs" / "r", 2), tmp_path / "drive" / "r"
+    local, mirror = make_run("r", 2, **BARE), tmp_path / "drive" / "r"
     mirror.mkdir(parents=True)
     (mirror / "checkpoints").mkdir()
     (mirror / "checkpoints" / "checkpoint_00000.pt").mkdir()  # the copy of 0 fails, after 1 (newest first) is copied
-    with pytest.raises(OSError):
+    with pytest.raises(IsADirectoryError, match="checkpoint_00000.pt"):
         sync_run(local, mirror)
     (mirror / "checkpoints" / "checkpoint_00000.pt").rmdir()
     report = sync_run(local, mirror)

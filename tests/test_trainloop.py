@@ -392,6 +392,7 @@ def test_a_fresh_start_never_reuses_a_run_name_that_drive_holds(reference, tmp_p
     assert not (out / "arc1").exists()
 
 
+@pytest.mark.root_only
 def test_drive_full_then_read_only_never_stops_training_and_the_mirror_catches_up(reference, tmp_path):
     drive = tmp_path / "drive"
     if not _can_mount_tmpfs(drive):
@@ -419,6 +420,7 @@ def test_drive_full_then_read_only_never_stops_training_and_the_mirror_catches_u
         subprocess.run(["umount", "-l", str(drive)], capture_output=True)
 
 
+@pytest.mark.root_only
 def test_hung_drive_never_stops_training_and_the_mirror_catches_up(reference, tmp_path):
     drive = tmp_path / "drive"
     if not mount_loop_ext4(drive, tmp_path / "drive.img"):

@@ -41,6 +41,7 @@ def test_the_run_folder_deleted_mid_run_ends_with_one_line(tmp_path):
         verify_checksum(moved / entry.path, entry.checksum)
 
 
+@pytest.mark.root_only
 def test_resume_on_a_read_only_run_is_one_line_and_touches_nothing(tmp_path):
     out = tmp_path / "runs"
     rc, output = run_trainloop(trainloop_cmd(out, "ro", flags=replace_flags(FLAGS, {"--epochs": "1"})), tmp_path)
