@@ -116,7 +116,7 @@ def _bench_scale(work: Path, size_bytes: int, step: StepCallback) -> dict[str, A
         out["scale_stall_s"] = time.perf_counter() - start
         p.flush()
         out["scale_save_s"] = time.perf_counter() - start
-        out["scale_staged_bytes"] = p._stager.staged_bytes
+        out["scale_staged_bytes"] = p.staging_bytes
         entry = p.checkpoints[0]
     del blob
     path = run / entry["path"]
@@ -173,7 +173,7 @@ def _bench_saves(work: Path, size_bytes: int, repeats: int, step: StepCallback) 
         blocking = dcp.blocking_time()
         if blocking is not None:
             times["dcp"].append(blocking)
-    out["staging_bytes"] = p._stager.staged_bytes
+    out["staging_bytes"] = p.staging_bytes
     latest = p.checkpoints[max(p.checkpoints)]
     out["checkpoint_path"] = str(run / latest["path"])
     out["checkpoint_checksum"] = latest["checksum"]

@@ -3,170 +3,61 @@
 Saving is split in two: the training thread only takes a consistent CPU snapshot of
 the state into reusable staging buffers; serialising, fsync, checksum, index update,
 retention and the Drive copy happen on a background worker, one save at a time.
+
+This module is the facade; the work is done in :mod:`ckptctl.api` (``open``,
+``index_state``, ``background``, ``saving``, ``best``, ``mirroring``, ``loading``,
+``runs``). The run-level helpers are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import errno
 import logging
-import math
 import os
-import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-from ckptctl.core.format import (
-    BEST_METADATA_FILE,
-    BEST_MODEL_FILE,
-    CHECKPOINT_DIR,
-    DEFAULT_MAX_CHECKPOINTS,
-    TRAINING_LOG_FILE,
-    TRAINING_STATE_FILE,
-    FORMAT_VERSION,
-    INDEX_FILE,
-    checkpoint_relpath,
-    utc_now_iso,
+from ckptctl.api import open as opening
+from ckptctl.api.background import BackgroundWorker
+from ckptctl.api.best import BestKeeper, is_better
+from ckptctl.api.index_state import IndexState
+from ckptctl.api.loading import Loader
+from ckptctl.api.mirroring import MIRROR_LAG_WARN_SAVES, MirrorBook
+from ckptctl.api.runs import (
+    latest_run,
+    newest_checkpoint_id,
+    restore_from_drive,
+    restore_if_mirror_ahead,
+    run_has_checkpoints,
+    setup_drive_backup,
 )
-from ckptctl.core.manifest import BestInfo, BestRecord, CheckpointEntry, Index, check_extra, clean_metrics, salvage_extra
-from ckptctl.core.resume import choose_resume_checkpoint
-from ckptctl.core.retention import ids_to_delete, protected_ids
-from ckptctl.errors import (
-    BackgroundSaveError,
-    CheckpointIntegrityError,
-    CkptctlError,
-    CorruptIndexError,
-    DiskFullError,
-    NoValidCheckpointError,
-    RestoreStateError,
-    UnsafePathError,
-)
-from ckptctl.storage import legacy
-from ckptctl.storage.atomic import (
-    atomic_copy,
-    atomic_write_json,
-    cleanup_temporaries,
-    hash_file,
-    matching_checksum,
-    open_regular,
-    remove_file,
-    resolve_inside,
-    verify_checksum,
-)
+from ckptctl.api.saving import SavePolicy, SaveRequest, Saver
+from ckptctl.core.format import CHECKPOINT_DIR, DEFAULT_MAX_CHECKPOINTS, FORMAT_VERSION, TRAINING_LOG_FILE, TRAINING_STATE_FILE, utc_now_iso
+from ckptctl.core.manifest import CheckpointEntry, check_extra, clean_metrics
+from ckptctl.errors import BackgroundSaveError, CkptctlError
+from ckptctl.storage.atomic import atomic_write_json, open_regular
 from ckptctl.storage.lock import RunLock
-from ckptctl.storage.mirror import (
-    BackgroundMirror,
-    SyncReport,
-    apply_sync_report,
-    check_mirror_apart,
-    read_mirror_status,
-    resolve_budget,
-    write_mirror_status,
-)
-from ckptctl.storage.restore import RestoreReport, restore_run
-from ckptctl.storage.runfiles import (
-    commit_best,
-    commit_index,
-    commit_removal,
-    delete_checkpoint_files,
-    finish_pending_removal,
-    finish_removal,
-    replace_best,
-    retention_items,
-    set_aside,
-)
-from ckptctl.storage.scan import (
-    checkpoint_files_on_disk,
-    checkpoint_names_present,
-    newest_run,
-    read_best_record,
-    read_index,
-    read_training_state,
-)
-from ckptctl.torch_io import (
-    Stager,
-    check_device,
-    apply_components,
-    build_payload,
-    component_states,
-    available_memory_bytes,
-    tensor_bytes,
-    payload_metadata,
-    restore_rng,
-    safe_load,
-    write_checkpoint_file,
-)
+from ckptctl.storage.mirror import check_mirror_apart
+from ckptctl.storage.restore import RestoreReport
+from ckptctl.torch_io import check_device, component_states
+
+__all__ = [
+    "ModelPersistence",
+    "setup_drive_backup",
+    "run_has_checkpoints",
+    "newest_checkpoint_id",
+    "latest_run",
+    "restore_if_mirror_ahead",
+    "restore_from_drive",
+    "is_better",
+    "MIRROR_LAG_WARN_SAVES",
+    "TAKEOVER_MIRROR_TIMEOUT",
+]
 
 log = logging.getLogger("ckptctl")
-
-#: The open (not yet closed) ModelPersistence of each run in this process, by resolved
-#: path: a re-run notebook cell's new object takes over from the one it replaces.
-_OPEN_WRITERS: dict[str, "ModelPersistence"] = {}
-_OPEN_WRITERS_LOCK = threading.Lock()
 
 #: How long a writer that is taken over gives its Drive mirror to finish (a re-run cell
 #: must not hang on a slow Drive; the new writer's mirror catches up).
 TAKEOVER_MIRROR_TIMEOUT = 5.0
-
-#: Saves the newest checkpoint may be ahead of Drive before the library warns (naming the cause).
-MIRROR_LAG_WARN_SAVES = 2
-
-
-def setup_drive_backup(path: str | os.PathLike) -> Path:
-    """Check that ``path`` (e.g. ``/content/drive/MyDrive/ARC-EFE-Backups``) is a writable folder and return it.
-
-    Creates it if its parent exists. Raises :class:`CkptctlError` naming the reason
-    (not mounted, read-only, not a folder) so a training script can fail fast.
-    """
-    path = Path(path).expanduser()
-    if not path.parent.exists():
-        raise CkptctlError(f"Drive backup {path}: parent folder {path.parent} does not exist (is Drive mounted?)")
-    try:
-        path.mkdir(exist_ok=True)
-    except OSError as exc:
-        raise CkptctlError(f"Drive backup {path}: cannot create folder ({exc.strerror or exc})") from None
-    if not path.is_dir():
-        raise CkptctlError(f"Drive backup {path}: not a folder")
-    probe = path / f".ckptctl-probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as exc:
-        raise CkptctlError(f"Drive backup {path}: not writable ({exc.strerror or exc})") from None
-    return path
-
-
-def _take_over_earlier_writer(writer_key: str) -> None:
-    """Close this process's earlier, unclosed ModelPersistence on the same run (a re-run cell), warning once."""
-    with _OPEN_WRITERS_LOCK:
-        earlier = _OPEN_WRITERS.pop(writer_key, None)
-    if earlier is None or earlier._closed:
-        return
-    log.warning(
-        "%s: an earlier ModelPersistence on this run is still open in this process (a re-run cell?); "
-        "finishing its pending save and taking over from it",
-        earlier.run_dir,
-    )
-    earlier._close_for_takeover()
-
-
-@dataclass(frozen=True)
-class _SaveRequest:
-    checkpoint_id: int
-    epoch: int
-    batch: int
-    global_step: int
-
-
-def _is_better(value: float, best: float | None, mode: str) -> bool:
-    if math.isnan(value):
-        return False
-    if best is None or math.isnan(best):
-        return True
-    return value > best if mode == "max" else value < best
 
 
 class ModelPersistence:
@@ -219,281 +110,55 @@ class ModelPersistence:
         mirror_backoff: tuple[float, float] = (1.0, 300.0),
         drive_max_size: int | str | None = None,
     ):
-        if int(max_checkpoints) < 1:
-            raise ValueError(f"max_checkpoints must be at least 1, got {max_checkpoints}")
-        if int(save_every_n_batches) < 1:
-            raise ValueError(f"save_every_n_batches must be at least 1, got {save_every_n_batches}")
+        policy = SavePolicy(max_checkpoints, save_every_n_batches, save_every_seconds, staging)  # checks them
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-        if staging not in ("auto", "copy", "none"):
-            raise ValueError(f"staging must be 'auto', 'copy' or 'none', got {staging!r}")
-        if save_every_seconds is not None and save_every_seconds <= 0:
-            raise ValueError(f"save_every_seconds must be positive, got {save_every_seconds}")
         self.run_dir = Path(run_dir)
         self.run_name = self.run_dir.resolve().name
-        self.max_checkpoints = int(max_checkpoints)
-        self.save_every_n_batches = int(save_every_n_batches)
+        self.max_checkpoints = policy.max_checkpoints
+        self.save_every_n_batches = policy.save_every_n_batches
         self.save_every_seconds = save_every_seconds
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.background = background
         self.staging = staging
-        self.last_resume_skipped: list[dict[str, Any]] = []
-
-        (self.run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-        self._writer_key = str(self.run_dir.resolve())
-        self._closed_because = "it is closed"
-        _take_over_earlier_writer(self._writer_key)
-        self._lock = RunLock(self.run_dir).acquire()
-        self._index_lock = threading.RLock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptctl-save")
-        self._futures: list[Future] = []
-        self._staging_future: Future | None = None
-        self._bg_error: BaseException | None = None
-        self._stager = Stager()
-        self._last_save: _SaveRequest | None = None
-        self._last_save_time = time.monotonic()
-        self._mirror: BackgroundMirror | None = None
-        self._closed = False
-        self._drop_mirror_reports = False
-        self._newest_on_drive: int | None = None
-        self._mirror_problem: tuple[str, str] | None = None  # (what kind, message) of the last mirror trouble
-        self._lag_warned_for: str | None = None
-        #: The Drive mirror's byte budget (None without ``drive_backup``).
-        self.drive_budget: int | None = None
         #: What opening restored from the Drive mirror (a fresh VM), or None.
         self.last_restore: RestoreReport | None = None
+        (self.run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        self._writer_key = str(self.run_dir.resolve())
+        self._closed = False
+        self._closed_because = "it is closed"
+        opening.take_over_earlier_writer(self._writer_key)
+        self._lock = RunLock(self.run_dir).acquire()
+        self._worker = BackgroundWorker(background)
+        self._loader = Loader(self.run_dir)
         try:
-            cleanup_temporaries(self.run_dir)
-            cleanup_temporaries(self.run_dir / CHECKPOINT_DIR)
-            drive_root = setup_drive_backup(drive_backup) if drive_backup is not None else None  # fails fast if Drive is not mounted
-            if drive_root is not None:
-                check_mirror_apart(self.run_dir, drive_root / self.run_name)
-                self.last_restore = restore_if_mirror_ahead(self.run_dir, drive_root / self.run_name, lock_held=True)
-            self._index = self._load_or_rebuild_index()
-            self._best = self._load_or_repair_best()
-            self._best_value = self._best.metrics.get(best_metric) if self._best else None
-            self._next_id = self._index.next_id
-            latest = self._index.latest
-            self._global_step = latest.global_step if latest else 0
-            self._training_state = self._load_training_state()
-            if drive_root is not None:
-                budget = self._drive_budget(drive_max_size, drive_root / self.run_name)
-                self._newest_on_drive = self._newest_known_on_drive()
-                self._mirror = BackgroundMirror(
-                    self.run_dir,
-                    drive_root / self.run_name,
-                    on_synced=self._apply_sync_report,
-                    on_failed=self._record_mirror_failure,
-                    max_bytes=budget,
-                    initial_backoff=mirror_backoff[0],
-                    max_backoff=mirror_backoff[1],
-                )
-                self._request_mirror()
+            self._open(policy, drive_backup, drive_max_size, mirror_backoff)
         except BaseException:
-            self._executor.shutdown(wait=False)
+            self._worker.shutdown(wait=False)
             self._lock.release()
             raise
-        with _OPEN_WRITERS_LOCK:
-            _OPEN_WRITERS[self._writer_key] = self
+        opening.register_writer(self._writer_key, self)
 
-    # ------------------------------------------------------------------ opening
-
-    def _newest_known_on_drive(self) -> int | None:
-        """The newest checkpoint known to be verified on Drive: the last sync's status, or the index's ``mirrored`` records.
-
-        A run just restored from Drive has no status file yet, but every restored entry is
-        recorded as mirrored; without this, its first save would look many saves behind.
-        """
-        status = read_mirror_status(self.run_dir) or {}
-        known = [status["newest_verified_id"]] if isinstance(status.get("newest_verified_id"), int) else []
-        known += [e.id for e in self._index.checkpoints if e.mirrored]
-        return max(known, default=None)
-
-    def _drive_budget(self, drive_max_size: int | str | None, mirror_run: Path) -> int:
-        """The mirror's byte budget (see ``drive_max_size``), logged once."""
-        try:
-            budget = resolve_budget(drive_max_size, mirror_run)
-        except ValueError as exc:
-            raise CkptctlError(str(exc)) from None
-        how = "as given" if drive_max_size is not None else "free space on Drive plus this run's mirror, less a margin"
-        log.info("%s: Drive mirror budget %d bytes (%s)", self.run_dir, budget, how)
-        self.drive_budget = budget
-        return budget
-
-    def _load_or_rebuild_index(self) -> Index:
-        """Read the index; set a corrupt one aside; adopt committed checkpoint files it lacks.
-
-        An index other code wrote (the Colab guide's ``{"0": {...}}``) is not corrupt: its
-        bytes are kept as ``checkpoint_metadata.json.legacy`` before the new index replaces
-        it, and its entries describe the files adopted (see :mod:`ckptctl.storage.legacy`).
-        """
-        guide = None
-        try:
-            index = read_index(self.run_dir)
-        except FileNotFoundError:
-            index = Index(run_name=self.run_name, next_id=0)
-        except CorruptIndexError as exc:
-            guide = legacy.read_guide_index(self.run_dir)  # written by other code: kept, not set aside
-            if guide is None:
-                set_aside(self.run_dir / "checkpoint_metadata.json", f"unreadable ({exc}); rebuilding from checkpoint files")
-            else:
-                kept = legacy.keep_legacy_copy(self.run_dir / INDEX_FILE)
-                log.warning("%s: %s was written by other code; kept as %s, rebuilding the index from the checkpoint files", self.run_dir, INDEX_FILE, kept and kept.name)
-            index = Index(run_name=self.run_name, next_id=0)
-        for raw_id, reason in index.skipped:
-            log.warning("%s: ignoring index entry %r: %s", self.run_dir, raw_id, reason)
-        index, finished = finish_pending_removal(self.run_dir, index)  # tombstoned files: deleted, never adopted
-        if finished:
-            log.warning("%s: finished deleting %d checkpoint file(s) an interrupted removal left", self.run_dir, len(finished))
-        on_disk = checkpoint_files_on_disk(self.run_dir)
-        known = index.by_id()
-        adopted = []
-        for checkpoint_id in sorted(set(on_disk) - set(known)):
-            try:
-                adopted.append(self._entry_from_file(checkpoint_id, on_disk[checkpoint_id], guide))
-            except (CheckpointIntegrityError, CorruptIndexError) as exc:
-                log.warning("%s: ignoring checkpoint file that does not load: %s", self.run_dir, exc)
-        adopted = legacy.assign_global_steps(adopted, read_training_state(self.run_dir))  # files other code wrote
-        index = index.with_entries(list(known.values()) + adopted)
-        ids_taken = checkpoint_names_present(self.run_dir)
-        if ids_taken:  # never reuse an id that has a file (even unreadable, even a symlink)
-            index = dataclasses.replace(index, next_id=max(index.next_id, max(ids_taken) + 1))
-        if adopted or index.skipped:
-            commit_index(self.run_dir, index)
-            log.warning("%s: adopted %d checkpoint file(s) missing from the index", self.run_dir, len(adopted))
-        return index
-
-    def _entry_from_file(
-        self, checkpoint_id: int, path: Path, guide: Mapping[int, legacy.LegacyEntry] | None = None
-    ) -> CheckpointEntry:
-        size, checksum = hash_file(path)
-        payload = safe_load(path, "cpu", mmap=True)
-        if legacy.is_foreign_payload(payload):  # written by other code; global_step assigned by the caller
-            entry = legacy.entry_from_payload(
-                checkpoint_id, checkpoint_relpath(checkpoint_id), payload, (guide or {}).get(checkpoint_id), size, checksum, utc_now_iso()
-            )
-            if entry is None:
-                raise CorruptIndexError(f"{path.name}: not a ckptctl checkpoint (no epoch/batch in it or in the index)")
-            return entry
-        try:
-            return CheckpointEntry(
-                id=checkpoint_id,
-                path=checkpoint_relpath(checkpoint_id),
-                epoch=int(payload["epoch"]),
-                batch=int(payload["batch"]),
-                global_step=int(payload["global_step"]),
-                metrics=clean_metrics(payload.get("metrics")),
-                timestamp=str(payload.get("timestamp") or utc_now_iso()),
-                size_bytes=size,
-                checksum=checksum,
-                extra=self._salvaged_extra(path, payload.get("extra")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptIndexError(f"{path.name}: not a ckptctl checkpoint ({exc})") from None
-
-    def _salvaged_extra(self, path: Path, extra: Any) -> dict[str, Any]:
-        """A checkpoint file's ``extra`` made JSON-safe for the index (files from before it was checked on save)."""
-        cleaned, problems = salvage_extra(extra)
-        for problem in problems:
-            log.warning("%s: %s; stored as null in the index", path.name, problem)
-        return cleaned
-
-    def _load_training_state(self) -> dict[str, Any]:
-        """training_state.json as a dict; an unreadable one is set aside (the next update rewrites it)."""
-        path = self.run_dir / TRAINING_STATE_FILE
-        state = read_training_state(self.run_dir)
-        if state is None and (path.exists() or path.is_symlink()):
-            set_aside(path, "unreadable; the next update writes a fresh one")
-        elif legacy.is_foreign_training_state(state):  # other code wrote it: keep its bytes before an update replaces it
-            legacy.keep_legacy_copy(path)
-        return state or {}
-
-    def _best_record_matching(self, record: BestRecord | None) -> BestInfo | None:
-        """The record of ``record`` that best_model.pt's bytes match, or None."""
-        if record is None:
-            return None
-        try:
-            return record.describing(matching_checksum(self.run_dir / BEST_MODEL_FILE, record.checksums()))
-        except CheckpointIntegrityError:
-            return None
-
-    def _load_or_repair_best(self) -> BestInfo | None:
-        """The record of best_model.pt: a replace a crash cut short is settled; metadata that does not match the file is rebuilt from it."""
-        best_path = self.run_dir / BEST_MODEL_FILE
-        try:
-            record = read_best_record(self.run_dir)
-        except (CorruptIndexError, UnsafePathError) as exc:
-            if legacy.read_guide_best(self.run_dir) is None:
-                set_aside(self.run_dir / BEST_METADATA_FILE, f"unusable ({exc}); rebuilding it from best_model.pt")
-            else:  # written by other code: its bytes are kept, then it is rebuilt from best_model.pt
-                legacy.keep_legacy_copy(self.run_dir / BEST_METADATA_FILE)
-            record = None
-        best = record.current if record is not None else None
-        if not best_path.is_file():
-            if record is not None and record.pending is not None and best is None:
-                remove_file(self.run_dir / BEST_METADATA_FILE)  # the first best model's write never reached its rename
-            return None if best is None or best.path == BEST_MODEL_FILE else best
-        matched = self._best_record_matching(record)
-        if matched is not None:
-            if record.pending is not None:  # a replace a crash cut short: the file says which side of the rename
-                commit_best(self.run_dir, matched)
-            return matched
-        size, checksum = hash_file(best_path)
-        try:
-            payload = safe_load(best_path, "cpu", mmap=True)
-        except CheckpointIntegrityError as exc:
-            log.warning("%s: best_model.pt does not load (%s); it will be replaced by the next best", self.run_dir, exc)
-            return None
-        metrics = clean_metrics(payload.get("metrics"))
-        repaired = BestInfo.of_model(
-            source_id=payload.get("checkpoint_id") if isinstance(payload.get("checkpoint_id"), int) else None,
-            epoch=int(payload.get("epoch", 0)),
-            batch=int(payload.get("batch", 0)),
-            global_step=int(payload.get("global_step", legacy.global_step_at(self._index, payload.get("epoch"), payload.get("batch")) or 0)),
-            metrics=metrics,
-            timestamp=legacy.utc_timestamp(payload.get("timestamp")) or utc_now_iso(),
-            size_bytes=size,
-            checksum=checksum,
-            metric=self.best_metric,
-            mode=self.best_mode,
-        )
-        commit_best(self.run_dir, repaired)
-        return repaired
-
-    # ------------------------------------------------------------------ background work
-
-    def _run_job(self, job: Callable[..., None], *args: Any) -> None:
-        try:
-            job(*args)
-        except BaseException as exc:
-            self._bg_error = exc
-            log.error("background checkpoint work failed: %s: %s", exc.__class__.__name__, exc)
-            raise
-
-    def _submit(self, job: Callable[..., None], *args: Any) -> Future:
-        future = self._executor.submit(self._run_job, job, *args)
-        self._futures = [f for f in self._futures if not f.done()] + [future]
-        if not self.background:
-            try:
-                future.result()
-            finally:
-                self._bg_error = None
-        return future
-
-    def _raise_background_error(self) -> None:
-        error, self._bg_error = self._bg_error, None
-        if error is not None:
-            raise BackgroundSaveError(f"a background save failed: {error.__class__.__name__}: {error}") from error
-
-    def _wait_for_staging_buffers(self) -> None:
-        """The staging buffers are reused: wait until the previous payload is written."""
-        if self._staging_future is not None:
-            try:
-                self._staging_future.result()
-            except BaseException:
-                pass  # reported through _raise_background_error
-            self._staging_future = None
+    def _open(
+        self, policy: SavePolicy, drive_backup: str | os.PathLike | None, drive_max_size: int | str | None, backoff: tuple[float, float]
+    ) -> None:
+        """Under the run lock: clean up, restore from a mirror that is ahead, read and repair the run, start the mirror."""
+        opening.cleanup_run_temporaries(self.run_dir)
+        drive_root = setup_drive_backup(drive_backup) if drive_backup is not None else None  # fails fast if Drive is not mounted
+        if drive_root is not None:
+            check_mirror_apart(self.run_dir, drive_root / self.run_name)
+            self.last_restore = restore_if_mirror_ahead(self.run_dir, drive_root / self.run_name, lock_held=True)
+        self._index = IndexState(self.run_dir, opening.load_or_rebuild_index(self.run_dir, self.run_name))
+        self._drive = MirrorBook(self.run_dir, self._index)
+        best = opening.load_or_repair_best(self.run_dir, self._index.current, self.best_metric, self.best_mode)
+        self._best = BestKeeper(self.run_dir, self._index, best, self.best_metric, self.best_mode, self._drive.request)
+        self._saver = Saver(self.run_dir, policy, self._index, self._worker, self._best, self._drive)
+        latest = self._index.current.latest
+        self._global_step = latest.global_step if latest else 0
+        self._training_state = opening.load_training_state(self.run_dir)
+        if drive_root is not None:
+            self._drive.start(drive_root / self.run_name, drive_max_size, backoff)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -519,13 +184,10 @@ class ModelPersistence:
         have passed since the last save. Returns the new checkpoint id, or None.
         """
         self._check_open()
-        self._raise_background_error()
+        self._worker.raise_error()
         extra = check_extra(extra)  # fails at the first call with bad extra, not at the first due save
         self._global_step = int(global_step) if global_step is not None else self._global_step + 1
-        due = self._global_step % self.save_every_n_batches == 0
-        if not due and self.save_every_seconds is not None:
-            due = time.monotonic() - self._last_save_time >= self.save_every_seconds
-        if not due:
+        if not self._saver.is_due(self._global_step):
             return None
         return self.save_checkpoint(epoch, batch, metrics, global_step=self._global_step, extra=extra, **components)
 
@@ -546,7 +208,7 @@ class ModelPersistence:
         the file is written in the background unless ``background=False``.
         """
         self._check_open()
-        self._raise_background_error()
+        self._worker.raise_error()
         if not components:
             raise ValueError("save_checkpoint needs at least one component, e.g. agent=model")
         # Everything that goes into the file and the index is checked before anything is written.
@@ -555,155 +217,7 @@ class ModelPersistence:
         if global_step is not None:
             self._global_step = int(global_step)
         states = component_states(components)
-        self._wait_for_staging_buffers()
-        self._raise_background_error()
-        checkpoint_id = self._next_id
-        self._next_id += 1
-        request = _SaveRequest(checkpoint_id, int(epoch), int(batch), self._global_step)
-        self._last_save = request
-        self._last_save_time = time.monotonic()
-        self._snapshot_and_submit(self._write_checkpoint_job, request, checkpoint_id, metrics, states, extra)
-        self._warn_if_mirror_lags(checkpoint_id)
-        return checkpoint_id
-
-    def _should_stage(self, states: Mapping[str, Any]) -> bool:
-        """Copy into staging buffers unless told not to, or (``auto``) the copy would not fit in memory."""
-        if self.staging != "auto":
-            return self.staging == "copy"
-        needed = tensor_bytes(states) - self._stager.staged_bytes
-        available = available_memory_bytes()
-        return needed <= 0 or available is None or needed <= available // 2
-
-    def _snapshot_and_submit(
-        self,
-        job: Callable[..., None],
-        request: _SaveRequest,
-        checkpoint_id: int | None,
-        metrics: dict[str, float],
-        states: Mapping[str, Any],
-        extra: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Snapshot ``states`` with RNG and queue ``job(request, payload)``.
-
-        Staged (copied into the reusable buffers), the call returns at once. Without
-        staging (``staging="none"``, or a state too large to copy), the live tensors are
-        written before this returns, so training cannot change them mid-write.
-        """
-        stager = self._stager if self._should_stage(states) else Stager(copy=False)
-        payload = build_payload(
-            stager,
-            checkpoint_id=checkpoint_id,
-            epoch=request.epoch,
-            batch=request.batch,
-            global_step=request.global_step,
-            metrics=metrics,
-            timestamp=utc_now_iso(),
-            states=states,
-            extra=extra,
-        )
-        future = self._submit(job, request, payload)
-        if stager.copy:
-            self._staging_future = future
-            return
-        try:
-            future.result()
-        except BaseException:
-            pass
-        self._raise_background_error()
-
-    def _write_checkpoint_job(self, request: _SaveRequest, payload: dict[str, Any]) -> None:
-        relpath = checkpoint_relpath(request.checkpoint_id)
-        size, checksum = self._write_making_room(relpath, payload)
-        entry = CheckpointEntry(
-            id=request.checkpoint_id,
-            path=relpath,
-            epoch=request.epoch,
-            batch=request.batch,
-            global_step=request.global_step,
-            metrics=dict(payload["metrics"]),
-            timestamp=payload["timestamp"],
-            size_bytes=size,
-            checksum=checksum,
-            extra=dict(payload["extra"]),
-        )
-        with self._index_lock:
-            grown = self._index.with_entries(list(self._index.checkpoints) + [entry])
-            victims = set(
-                ids_to_delete(
-                    retention_items(grown.checkpoints),
-                    keep_last=self.max_checkpoints,
-                    best_source_id=self._best.source_id if self._best else None,
-                    newest_good_id=entry.id,
-                )
-            )
-            kept = self._retire(grown.with_entries([e for e in grown.checkpoints if e.id not in victims]), grown.checkpoints, victims)
-            # the new file is durable; now the index (the victims as tombstones until their files are gone)
-            self._index = commit_removal(self.run_dir, kept, [e for e in grown.checkpoints if e.id in victims])
-        self._remove_files([e for e in grown.checkpoints if e.id in victims])
-        self._request_mirror()
-
-    def _remove_files(self, victims: list[CheckpointEntry]) -> None:
-        """Delete the files of ``victims`` (committed as tombstones), then clear their tombstones."""
-        if not victims:
-            return
-        delete_checkpoint_files(self.run_dir, victims)
-        with self._index_lock:
-            self._index = finish_removal(self.run_dir, self._index, [v.id for v in victims])
-
-    def _retire(self, index: Index, removed_from: Any, ids: set[int]) -> Index:
-        """Record in ``index`` which of the removed checkpoints the Drive mirror may now delete too.
-
-        With a mirror, every removed id (it may hold a copy whose report is not applied
-        yet); without one, those recorded as mirrored by an earlier session.
-        """
-        retired = [e.id for e in removed_from if e.id in ids and (self._mirror is not None or e.mirrored)]
-        return index.retire(retired) if retired else index
-
-    def _write_making_room(self, relpath: str, payload: dict[str, Any]) -> tuple[int, str]:
-        """Write a checkpoint file; on a full disk free the oldest unprotected checkpoint and retry.
-
-        The newest checkpoint, the best model's source and pinned ones are never freed, so
-        the run stays resumable; when nothing else is left, :class:`DiskFullError` says so.
-        """
-        while True:
-            try:
-                return write_checkpoint_file(self.run_dir / relpath, payload)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                victim = self._oldest_unprotected()
-                if victim is None:
-                    raise DiskFullError(
-                        f"{self.run_dir}: disk full writing {relpath} ({exc.strerror}); nothing left to free "
-                        "(the newest checkpoint, the best model's source and pinned ones are kept)"
-                    ) from None
-                log.warning("%s: disk full writing %s; freeing checkpoint %d early", self.run_dir, relpath, victim.id)
-                self._drop_entries([victim])
-
-    def _oldest_unprotected(self) -> CheckpointEntry | None:
-        with self._index_lock:
-            entries = self._index.checkpoints
-            keep = protected_ids(
-                retention_items(entries), best_source_id=self._best.source_id if self._best else None
-            )
-            return next((e for e in entries if e.id not in keep), None)
-
-    def _drop_entries(self, victims: list[CheckpointEntry]) -> None:
-        """Remove ``victims`` from the index, then delete their files (files first if the index cannot be written)."""
-        gone = {v.id for v in victims}
-        with self._index_lock:
-            smaller = self._retire(
-                self._index.with_entries([e for e in self._index.checkpoints if e.id not in gone]), victims, gone
-            )
-            try:
-                smaller = commit_removal(self.run_dir, smaller, victims)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                delete_checkpoint_files(self.run_dir, victims)  # old, not the newest: resume is unaffected
-                commit_index(self.run_dir, smaller)
-            self._index = smaller
-        self._remove_files(victims)
+        return self._saver.save(epoch, batch, self._global_step, metrics, states, extra)
 
     def update_best(
         self,
@@ -721,112 +235,35 @@ class ModelPersistence:
         state is snapshotted and written like a checkpoint. NaN never becomes best.
         """
         self._check_open()
-        self._raise_background_error()
+        self._worker.raise_error()
         metrics = clean_metrics(metrics)
-        if self.best_metric not in metrics:
-            raise KeyError(f"metrics has no {self.best_metric!r} (the best_metric); got {sorted(metrics)}")
-        value = metrics[self.best_metric]
-        if not _is_better(value, self._best_value, self.best_mode):
+        if not self._best.beats(metrics):
             return False
-        step = int(global_step) if global_step is not None else self._global_step
-        last = self._last_save
-        if last is not None and (last.global_step, last.epoch, last.batch) == (step, int(epoch), int(batch)):
-            self._submit(self._best_from_checkpoint_job, last, metrics)
-        else:
+
+        def states() -> Mapping[str, Any]:
             if not components:
                 raise ValueError("update_best needs the components to save, e.g. agent=model")
-            states = component_states(components)
-            self._wait_for_staging_buffers()
-            request = _SaveRequest(-1, int(epoch), int(batch), step)
-            self._snapshot_and_submit(self._best_from_payload_job, request, None, metrics, states)
-        self._best_value = value
+            return component_states(components)
+
+        step = int(global_step) if global_step is not None else self._global_step
+        self._saver.save_best(SaveRequest(-1, int(epoch), int(batch), step), metrics, states)
+        self._best.accept(metrics)
         return True
-
-    def _best_from_checkpoint_job(self, request: _SaveRequest, metrics: dict[str, float]) -> None:
-        entry = self._index.by_id().get(request.checkpoint_id)
-        if entry is None:
-            raise CkptctlError(f"checkpoint {request.checkpoint_id} was not saved; cannot copy it to best_model.pt")
-        src = resolve_inside(self.run_dir, entry.path)
-        # The metrics update_best was given are what made this the best (the checkpoint's own
-        # may not even hold the best metric); they win over the checkpoint's where both have a name.
-        judged = dataclasses.replace(entry, metrics={**entry.metrics, **metrics})
-        self._best = replace_best(
-            self.run_dir,
-            lambda before: atomic_copy(src, self.run_dir / BEST_MODEL_FILE, expected_checksum=entry.checksum, before_replace=before),
-            lambda size, checksum: BestInfo.of_checkpoint(judged, size, checksum, self.best_metric, self.best_mode),
-        )
-        self._request_mirror()
-
-    def _best_from_payload_job(self, request: _SaveRequest, payload: dict[str, Any]) -> None:
-        def describe(size: int, checksum: str) -> BestInfo:
-            return BestInfo.of_model(
-                source_id=None,
-                epoch=payload["epoch"],
-                batch=payload["batch"],
-                global_step=payload["global_step"],
-                metrics=payload["metrics"],
-                timestamp=payload["timestamp"],
-                size_bytes=size,
-                checksum=checksum,
-                metric=self.best_metric,
-                mode=self.best_mode,
-            )
-
-        self._best = replace_best(
-            self.run_dir, lambda before: write_checkpoint_file(self.run_dir / BEST_MODEL_FILE, payload, before_replace=before), describe
-        )
-        self._request_mirror()
-
-    def _apply_sync_report(self, report: SyncReport) -> None:
-        """Record in the local run what a mirror sync verified: index entries and ``mirror_status.json``."""
-        with self._index_lock:
-            if self._drop_mirror_reports:
-                return  # closed: a newer writer may own the run's index now; the next open reads the mirror
-            updated = apply_sync_report(self._index, report)
-            if updated != self._index:
-                commit_index(self.run_dir, updated)
-                self._index = updated
-            self._newest_on_drive = report.newest_verified_id
-            self._mirror_problem = ("too big", report.too_big) if report.too_big else None
-            write_mirror_status(self.run_dir, report, mirror_run=self._mirror.mirror_run)
-
-    def _record_mirror_failure(self, error: str) -> None:
-        """Record a failed mirror attempt's cause in ``mirror_status.json`` (the numbers stay as they were)."""
-        with self._index_lock:
-            if self._drop_mirror_reports:
-                return
-            self._mirror_problem = (error.split(":", 1)[0], error)  # keyed by the error type, not its text
-            write_mirror_status(self.run_dir, None, error=error, mirror_run=self._mirror.mirror_run)
-
-    def _warn_if_mirror_lags(self, newest_id: int) -> None:
-        """Warn (once per cause) when the newest checkpoint has not reached Drive for more than 2 saves."""
-        if self._mirror is None:
-            return
-        behind = newest_id - (self._newest_on_drive if self._newest_on_drive is not None else -1)
-        if behind <= MIRROR_LAG_WARN_SAVES:
-            self._lag_warned_for = None
-            return
-        key, cause = self._mirror_problem or ("slow", "Drive copies are slower than the saves")
-        if key != self._lag_warned_for:
-            self._lag_warned_for = key
-            newest = "none yet" if self._newest_on_drive is None else f"#{self._newest_on_drive}"
-            log.warning(
-                "%s: the Drive mirror is %d saves behind (newest verified on Drive: %s): %s",
-                self.run_dir, behind, newest, cause,
-            )
 
     def pin(self, checkpoint_id: int, pinned: bool = True) -> None:
         """Keep checkpoint ``checkpoint_id`` out of retention (or release it with ``pinned=False``)."""
         self._check_open()
         self.flush()
-        with self._index_lock:
-            by_id = self._index.by_id()
+        with self._index.lock:
+            by_id = self._index.current.by_id()
             if checkpoint_id not in by_id:
                 raise CkptctlError(f"{self.run_dir}: no checkpoint {checkpoint_id}")
             by_id[checkpoint_id] = CheckpointEntry(**{**by_id[checkpoint_id].__dict__, "pinned": pinned})
-            updated = self._index.with_entries(list(by_id.values()))
-            commit_index(self.run_dir, updated)
-            self._index = updated
+            self._index.commit(self._index.current.with_entries(list(by_id.values())))
+
+    def flush(self) -> None:
+        """Wait for all pending background saves; raise :class:`BackgroundSaveError` if one failed."""
+        self._worker.flush()
 
     # ------------------------------------------------------------------ training state and log
 
@@ -836,13 +273,8 @@ class ModelPersistence:
         state = {**self._training_state, **fields, "format_version": FORMAT_VERSION, "updated_at": utc_now_iso()}
         atomic_write_json(self.run_dir / TRAINING_STATE_FILE, state)
         self._training_state = state
-        self._request_mirror()  # so the mirror's copy ends with the final status too
+        self._drive.request()  # so the mirror's copy ends with the final status too
         return dict(state)
-
-    def _request_mirror(self) -> None:
-        """Ask the Drive mirror for a sync, once the run has an index to mirror (a fresh run has none yet)."""
-        if self._mirror is not None and (self.run_dir / INDEX_FILE).is_file():
-            self._mirror.request()
 
     @property
     def training_state(self) -> dict[str, Any]:
@@ -865,55 +297,32 @@ class ModelPersistence:
     @property
     def checkpoints(self) -> dict[int, dict[str, Any]]:
         """Committed checkpoints: ``{id: metadata}`` in id order (pending saves appear once written)."""
-        with self._index_lock:
-            return {e.id: e.to_dict() for e in self._index.checkpoints}
+        return {e.id: e.to_dict() for e in self._index.current.checkpoints}
 
     @property
     def best(self) -> dict[str, Any] | None:
         """``best_metadata.json`` as a dict, or None before any best model."""
-        return self._best.to_dict() if self._best else None
+        return self._best.info.to_dict() if self._best.info else None
 
     @property
     def global_step(self) -> int:
         """Batches completed since the start of the run, as the library counts them."""
         return self._global_step
 
-    def flush(self) -> None:
-        """Wait for all pending background saves; raise :class:`BackgroundSaveError` if one failed."""
-        for future in list(self._futures):
-            try:
-                future.result()
-            except BaseException:
-                pass
-        self._futures = []
-        self._staging_future = None
-        self._raise_background_error()
+    @property
+    def drive_budget(self) -> int | None:
+        """The Drive mirror's byte budget (None without ``drive_backup``)."""
+        return self._drive.budget
 
-    def _verified_payload(self, entry: CheckpointEntry, device: Any) -> dict[str, Any]:
-        try:
-            path = resolve_inside(self.run_dir, entry.path)
-        except UnsafePathError as exc:
-            raise CheckpointIntegrityError(str(exc)) from None
-        verify_checksum(path, entry.checksum)
-        return safe_load(path, device)
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes the reusable staging buffers hold between saves (0 before the first staged save)."""
+        return self._saver.stager.staged_bytes
 
-    def _apply(self, payload: Mapping[str, Any], components: Mapping[str, Any], with_rng: bool) -> dict[str, Any]:
-        apply_components(payload, components)
-        meta = payload_metadata(payload)
-        if meta["global_step"] is None:  # written by other code: the step the index gave its position
-            meta["global_step"] = legacy.global_step_at(self._index, meta["epoch"], meta["batch"])
-        if with_rng:
-            if "rng" not in payload:  # other code did not save RNG states: go on without them, say so once
-                if not getattr(self, "_warned_no_rng", False):
-                    self._warned_no_rng = True
-                    log.warning("%s: RNG states were not saved by this checkpoint; continuing without restoring them", self.run_dir)
-            elif not isinstance(payload.get("rng"), Mapping):
-                raise RestoreStateError("checkpoint has no RNG state to restore")
-            else:
-                restore_rng(payload["rng"])
-            if meta["global_step"] is not None:
-                self._global_step = int(meta["global_step"])
-        return meta
+    @property
+    def last_resume_skipped(self) -> list[dict[str, Any]]:
+        """What the last :meth:`resume` skipped: ``[{"checkpoint_id", "reason", "status"}]``."""
+        return self._loader.last_skipped
 
     def get_resume_info(self) -> dict[str, Any] | None:
         """What :meth:`resume` would load: the newest checkpoint whose checksum matches.
@@ -924,43 +333,16 @@ class ModelPersistence:
         """
         self._check_open()
         self.flush()
-        entries = self._index.by_id()
-        choice = choose_resume_checkpoint(
-            entries, lambda i: verify_checksum(resolve_inside(self.run_dir, entries[i].path), entries[i].checksum)
-        )
-        skipped = [{"checkpoint_id": i, "reason": str(exc)} for i, exc in choice.skipped]
-        if choice.chosen_id is None:
-            if skipped:
-                raise NoValidCheckpointError(self._none_verified_message(skipped))
-            return None
-        entry = entries[choice.chosen_id]
-        return {
-            "checkpoint_id": entry.id,
-            "epoch": entry.epoch,
-            "batch": entry.batch,
-            "global_step": entry.global_step,
-            "metrics": dict(entry.metrics),
-            "skipped": skipped,
-        }
-
-    def _none_verified_message(self, skipped: list[dict[str, Any]]) -> str:
-        reasons = "; ".join(s["reason"] for s in skipped[:3])
-        return f"{self.run_dir}: none of the {len(skipped)} checkpoint(s) verifies ({reasons})"
+        return self._loader.resume_info(self._index.current)
 
     def load_checkpoint(self, checkpoint_id: int, device: Any = "cpu", *, restore_rng: bool = True, **components: Any) -> dict[str, Any]:
         """Load checkpoint ``checkpoint_id`` into ``components`` (and restore RNG states); return its metadata.
 
         The file is checked against the index checksum and loaded with ``weights_only=True``.
         """
-        self._check_open()
-        check_device(device)
-        self.flush()
-        entry = self._index.by_id().get(int(checkpoint_id))
-        if entry is None:
-            raise CkptctlError(f"{self.run_dir}: no checkpoint {checkpoint_id}")
-        meta = self._apply(self._verified_payload(entry, device), components, restore_rng)
-        self._last_save = None
-        return meta
+        self._prepare_load(device)
+        meta = self._loader.load_checkpoint(self._index.current, checkpoint_id, device, components, restore_rng)
+        return self._loaded(meta, restore_rng)
 
     def resume(self, device: Any = "cpu", **components: Any) -> dict[str, Any] | None:
         """Load the newest checkpoint that verifies into ``components`` and restore RNG; return its metadata.
@@ -971,36 +353,26 @@ class ModelPersistence:
         :class:`DeviceUnavailableError` before touching any file when ``device`` is not
         usable here (``"cuda"`` on a machine without CUDA).
         """
-        self._check_open()
-        check_device(device)
-        self.flush()
-        entries = self._index.by_id()
-        choice = choose_resume_checkpoint(entries, lambda i: self._verified_payload(entries[i], device))
-        skipped = []
-        for checkpoint_id, exc in choice.skipped:
-            log.warning("%s: skipping checkpoint %d for resume: %s", self.run_dir, checkpoint_id, exc)
-            skipped.append({"checkpoint_id": checkpoint_id, "reason": str(exc), "status": getattr(exc, "status", "corrupt")})
-        self.last_resume_skipped = skipped
-        if choice.chosen_id is None:
-            if skipped:
-                raise NoValidCheckpointError(self._none_verified_message(skipped))
-            return None
-        meta = self._apply(choice.result, components, True)
-        meta["checkpoint_id"] = choice.chosen_id
-        meta["skipped"] = skipped
-        self._last_save = None
-        return meta
+        self._prepare_load(device)
+        meta = self._loader.resume(self._index.current, device, components)
+        return None if meta is None else self._loaded(meta, True)
 
     def load_best_model(self, device: Any = "cpu", **components: Any) -> dict[str, Any]:
         """Load ``best_model.pt`` into ``components`` (no RNG restore); return its metadata."""
+        self._prepare_load(device)
+        return self._loader.load_best(self._index.current, self._best.info, device, components)
+
+    def _prepare_load(self, device: Any) -> None:
         self._check_open()
         check_device(device)
         self.flush()
-        if self._best is None:
-            raise CkptctlError(f"{self.run_dir}: no best model yet")
-        path = resolve_inside(self.run_dir, self._best.path)
-        verify_checksum(path, self._best.checksum)
-        return self._apply(safe_load(path, device), components, False)
+
+    def _loaded(self, meta: dict[str, Any], with_rng: bool) -> dict[str, Any]:
+        """After a checkpoint was loaded: the step counter continues from it; the next best model will not copy the last save."""
+        if with_rng and meta["global_step"] is not None:
+            self._global_step = int(meta["global_step"])
+        self._saver.forget_last_save()
+        return meta
 
     # ------------------------------------------------------------------ closing
 
@@ -1015,18 +387,13 @@ class ModelPersistence:
             self.flush()
         finally:
             self._closed = True
-            self._executor.shutdown(wait=True)
-            if self._mirror is not None and not self._mirror.stop(timeout=mirror_timeout):
-                log.warning("Drive mirror not fully synced at close: %s", self._mirror.last_error)
-            with self._index_lock:
-                # A mirror thread still busy (Drive slow) must never write this closed
-                # object's stale index over a newer writer's: its reports are dropped from
-                # now on, and the next open reads the mirror's real state.
-                self._drop_mirror_reports = True
+            self._worker.shutdown(wait=True)
+            self._drive.stop(mirror_timeout)
+            # A mirror thread still busy (Drive slow) must never write this closed object's
+            # stale index over a newer writer's: from now on the index refuses every commit.
+            self._index.close()
             self._lock.release()
-            with _OPEN_WRITERS_LOCK:
-                if _OPEN_WRITERS.get(self._writer_key) is self:
-                    del _OPEN_WRITERS[self._writer_key]
+            opening.unregister_writer(self._writer_key, self)
 
     def _close_for_takeover(self) -> None:
         """Closed by a newer ModelPersistence on the same run in this process: finish, stop, step aside."""
@@ -1041,92 +408,4 @@ class ModelPersistence:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-# ---------------------------------------------------------------------- finding and restoring runs
-
-
-def run_has_checkpoints(run_dir: str | os.PathLike) -> bool:
-    """True if ``run_dir`` lists a checkpoint in its index or holds a committed checkpoint file."""
-    return newest_checkpoint_id(run_dir) is not None
-
-
-def newest_checkpoint_id(run_dir: str | os.PathLike) -> int | None:
-    """The highest checkpoint id that ``run_dir``'s index lists or its ``checkpoints/`` holds; None if none."""
-    run_dir = Path(run_dir)
-    ids = set(checkpoint_files_on_disk(run_dir))
-    try:
-        ids.update(entry.id for entry in read_index(run_dir).checkpoints)
-    except (FileNotFoundError, NotADirectoryError, CorruptIndexError):
-        pass
-    return max(ids, default=None)
-
-
-def latest_run(path: str | os.PathLike) -> Path | None:
-    """The run in the folder ``path`` with the most recent activity by its own metadata (see :func:`ckptctl.storage.scan.newest_run`)."""
-    return newest_run(path)
-
-
-def restore_if_mirror_ahead(
-    run_dir: str | os.PathLike, mirror_run: str | os.PathLike, *, lock_held: bool = False
-) -> RestoreReport | None:
-    """Restore ``run_dir`` from its Drive mirror when the mirror holds a newer checkpoint; else None.
-
-    The one rule for "bring the run back from Drive first" (a fresh VM has no local
-    checkpoint; an older local copy is behind the mirror): never start or continue a run
-    while the mirror holds newer checkpoints that the local run lacks. The restore is
-    the verified one of ``ckptctl restore --from-drive``. Raises :class:`CkptctlError`
-    when the mirror has checkpoints but none of them could be restored (the caller must
-    not start over), or when Drive fails mid-restore (open again to continue it).
-    ``lock_held``: the caller already holds the run lock.
-    """
-    run_dir, mirror_run = Path(run_dir), Path(mirror_run)
-    local_id, mirror_id = newest_checkpoint_id(run_dir), newest_checkpoint_id(mirror_run)
-    if mirror_id is None or (local_id is not None and local_id >= mirror_id):
-        return None
-    what = "no local checkpoint" if local_id is None else f"the Drive mirror is ahead (checkpoint {mirror_id} > {local_id})"
-    log.warning("%s: %s; restoring it from the Drive mirror %s", run_dir, what, mirror_run)
-    try:
-        report = restore_run(mirror_run, run_dir, lock_held=lock_held)
-    except (OSError, CkptctlError) as exc:
-        raise CkptctlError(
-            f"restoring {run_dir.name} from the Drive mirror {mirror_run} failed ({exc.__class__.__name__}: {exc}); "
-            "run the same thing again to continue the restore"
-        ) from None
-    for skipped in report.skipped:
-        log.warning("%s: not restored from Drive: %s: %s", run_dir, skipped["path"], skipped["reason"])
-    if not run_has_checkpoints(run_dir):
-        raise CkptctlError(
-            f"none of the Drive mirror's checkpoints of {run_dir.name} ({mirror_run}) could be restored; not starting over "
-            "(check them with `ckptctl verify`, or start under another run name)"
-        )
-    log.warning("%s: restored %d file(s) from the Drive mirror", run_dir, len(report.copied))
-    return report
-
-
-def restore_from_drive(drive_root: str | os.PathLike, run_name: str, output_dir: str | os.PathLike) -> dict[str, Any]:
-    """Copy the mirrored run ``drive_root/run_name`` into ``output_dir/run_name``; return a report.
-
-    The same verified restore as ``ckptctl restore --from-drive``
-    (:func:`ckptctl.storage.restore.restore_run`): each file goes to a temporary name with
-    its checksum checked in the same pass, the local index is committed after every file
-    (an interrupted restore continues when called again), a mirror file that is missing or
-    damaged is skipped and reported while older ones still restore, a local checkpoint that
-    verifies and is newer is kept, and ``next_id`` becomes at least the mirror's. Raises
-    :class:`CkptctlError` when the mirror has no readable index, and OSError when Drive
-    fails mid-restore (call again to continue).
-
-    Returns ``{"path", "copied": [relpaths], "skipped": [{"path", "reason"}]}``.
-    """
-    from ckptctl.storage.restore import restore_run
-
-    mirror = Path(drive_root) / run_name
-    try:
-        read_index(mirror)
-    except (FileNotFoundError, NotADirectoryError):
-        raise CkptctlError(f"{mirror}: no mirrored run there (no checkpoint_metadata.json)") from None
-    except CorruptIndexError as exc:
-        raise CkptctlError(f"{mirror}: mirror index unreadable ({exc})") from None
-    report = restore_run(mirror, Path(output_dir) / run_name)
-    return {"path": report.dest, "copied": report.copied, "skipped": report.skipped}
 

@@ -41,7 +41,7 @@ CHILD = textwrap.dedent(
         p.maybe_save(0, step, metrics, agent=model, optimizer=opt)
         p.update_best(0, step, metrics, agent=model, optimizer=opt)
         p.flush()
-        p._mirror.wait_idle(60)
+        p._drive.mirror.wait_idle(60)
         sizes_after_sync.append(tree_bytes(os.path.join(drive, "run")))
     budget = p.drive_budget
     p.close(mirror_timeout=60)

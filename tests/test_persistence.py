@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -276,6 +277,27 @@ def test_background_failure_is_reported_on_next_call_and_leaves_nothing_visible(
     assert p.save_checkpoint(0, 2, {}, **rig.components()) == 2
     p.close()
     assert sorted(read_index(run).by_id()) == [0, 2]
+
+
+def test_a_failed_save_is_the_error_reported_not_the_best_copy_that_depended_on_it(tmp_path):
+    """First error wins: the queued best-model copy of a save that failed is skipped, and the save's own cause is raised."""
+    run = tmp_path / "r"
+    rig = Rig()
+    p = ModelPersistence(run, save_every_n_batches=1)
+    (run / "checkpoints").rmdir()
+    (run / "checkpoints").write_bytes(b"not a folder")  # every checkpoint write now fails for real (ENOTDIR)
+    gate = threading.Event()
+    p._worker.submit(gate.wait)  # holds the one worker: both jobs below are queued before the save runs and fails
+    p.save_checkpoint(0, 0, {}, **rig.components())
+    assert p.update_best(0, 0, {"accuracy_delta": 1.0}, **rig.components())  # copies checkpoint 0, once written
+    gate.set()
+    with pytest.raises(BackgroundSaveError) as raised:
+        p.flush()
+    assert "NotADirectoryError" in str(raised.value) and "was not saved" not in str(raised.value)
+    assert isinstance(raised.value.__cause__, NotADirectoryError)
+    assert not (run / BEST_MODEL_FILE).exists()
+    p.flush()  # reported once; the skipped copy is not a second error
+    p.close()
 
 
 def test_leftover_temporaries_are_ignored_and_cleaned(make_run):

@@ -251,15 +251,15 @@ def test_a_mirror_thread_that_outlives_close_never_writes_the_closed_writers_ind
         frozen = True
         first.maybe_save(0, 2, {"loss": 0.3}, **rig.components())  # its copy to Drive hangs
         first.close(mirror_timeout=0.5)
-        assert first._mirror._thread.is_alive()  # still stuck in a write to Drive
+        assert first._drive.mirror._thread.is_alive()  # still stuck in a write to Drive
         with ModelPersistence(run, save_every_n_batches=1, max_checkpoints=10) as second:  # a re-run cell, no Drive
             _train(second, rig, range(3, 5))
         ids = [c.id for c in read_index(run).checkpoints]
         assert ids == [0, 1, 2, 3, 4]
         subprocess.run(["fsfreeze", "-u", str(drive)], check=True)
         frozen = False
-        first._mirror._thread.join(timeout=60)
-        assert not first._mirror._thread.is_alive()
+        first._drive.mirror._thread.join(timeout=60)
+        assert not first._drive.mirror._thread.is_alive()
         assert [c.id for c in read_index(run).checkpoints] == ids  # the stale index was not written back
     finally:
         if frozen:
@@ -280,7 +280,7 @@ def test_a_mirror_that_falls_behind_is_recorded_and_warned_about_naming_the_caus
                 rig.step()
                 p.maybe_save(0, batch, {"loss": 1.0}, **rig.components())
                 p.flush()
-                p._mirror.wait_idle(30)
+                p._drive.mirror.wait_idle(30)
     lag = [r.getMessage() for r in caplog.records if "saves behind" in r.getMessage()]
     assert len(lag) == 1, lag  # once per cause, not once per save
     assert "newest verified on Drive: none yet" in lag[0] and "does not fit" in lag[0]

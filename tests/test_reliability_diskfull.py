@@ -18,7 +18,7 @@ from .mount_helpers import can_mount_private_tmpfs
 
 CHILD = textwrap.dedent(
     """
-    import json, logging, os, sys
+    import json, logging, os, sys, threading
     import torch
     from ckptctl import ModelPersistence
     from ckptctl.errors import BackgroundSaveError
@@ -56,7 +56,11 @@ CHILD = textwrap.dedent(
         f.write(b"x" * max(0, free - 100_000))
     with torch.no_grad():
         model.weight.add_(1.0)
+    gate = threading.Event()
+    p._worker.submit(gate.wait)  # holds the worker: the best copy is queued behind the save before it fails
     p.save_checkpoint(0, 1, {}, agent=model)
+    p.update_best(0, 1, {"accuracy_delta": 1.0}, agent=model)  # its copy depends on the failing save: skipped
+    gate.set()
     try:
         p.flush()
         out["b_error"] = None
@@ -100,7 +104,7 @@ def test_disk_full_frees_space_or_fails_cleanly(tmp_path):
     assert out["a_ids"][-1] == 7 and len(out["a_ids"]) < 8
     assert out["a_files"] == [f"checkpoint_{i:05d}.pt" for i in out["a_ids"]]
     assert "disk full writing checkpoints/checkpoint_" in result.stderr
-    # 2: a clear error, no partial file, the first checkpoint is intact and resumes
+    # 2: an error naming the real cause (not the best copy queued behind it), no partial file, the first checkpoint resumes
     assert out["b_error"] is not None and "disk full" in out["b_error"] and "No space left" in out["b_error"]
     assert out["b_files"] == ["checkpoint_00000.pt"]
     assert out["b_resumed"] == 0 and out["b_weights_are_first_save"]

@@ -69,7 +69,7 @@ def test_prune_huge_id_entry_naming_checkpoint_0_is_skipped(tmp_path):
     assert _resume_id(run) == (9, [])
     with ModelPersistence(run, max_checkpoints=10, background=False) as p:
         assert sorted(p.checkpoints) == [7, 8, 9]
-        assert p._index.next_id == 10  # the skipped entry does not move the id counter
+        assert p._index.current.next_id == 10  # the skipped entry does not move the id counter
 
 
 def test_verify_ls_and_resume_info_report_an_entry_naming_another_file(tmp_path):
@@ -181,7 +181,7 @@ def test_retention_killed_between_index_and_delete_is_finished_on_open(tmp_path,
     with ModelPersistence(run, max_checkpoints=2) as p:
         assert sorted(p.checkpoints) == [2, 3]
         assert not ckpt(run, 1).exists()
-        assert p._index.next_id == 4
+        assert p._index.current.next_id == 4
     for entry in read_index(run).checkpoints:
         verify_checksum(run / entry.path, entry.checksum)
     assert "deleting" not in index_of(run)

@@ -1,0 +1,118 @@
+"""Checked loads: a checkpoint's payload verified against the index, applied to components, RNG restored.
+
+Which checkpoint a resume uses is decided once, by
+:func:`ckptctl.core.resume.choose_resume_checkpoint`; this module only walks it with the
+run's own checks (checksum for :meth:`Loader.resume_info`, checksum + safe load for
+:meth:`Loader.resume`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index
+from ckptctl.core.resume import choose_resume_checkpoint
+from ckptctl.errors import CheckpointIntegrityError, CkptctlError, NoValidCheckpointError, RestoreStateError, UnsafePathError
+from ckptctl.storage import legacy
+from ckptctl.storage.atomic import resolve_inside, verify_checksum
+from ckptctl.torch_io import apply_components, payload_metadata, restore_rng, safe_load
+
+log = logging.getLogger("ckptctl")
+
+
+class Loader:
+    """Loads of one run's checkpoints and best model into components."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self._warned_no_rng = False
+        #: What the last :meth:`resume` skipped: ``[{"checkpoint_id", "reason", "status"}]``.
+        self.last_skipped: list[dict[str, Any]] = []
+
+    def verified_payload(self, entry: CheckpointEntry, device: Any) -> dict[str, Any]:
+        """``entry``'s file, checked against its index checksum and loaded with ``weights_only=True``."""
+        try:
+            path = resolve_inside(self.run_dir, entry.path)
+        except UnsafePathError as exc:
+            raise CheckpointIntegrityError(str(exc)) from None
+        verify_checksum(path, entry.checksum)
+        return safe_load(path, device)
+
+    def apply(self, index: Index, payload: Mapping[str, Any], components: Mapping[str, Any], with_rng: bool) -> dict[str, Any]:
+        """Load ``payload`` into ``components`` (and restore its RNG states when ``with_rng``); return its metadata."""
+        apply_components(payload, components)
+        meta = payload_metadata(payload)
+        if meta["global_step"] is None:  # written by other code: the step the index gave its position
+            meta["global_step"] = legacy.global_step_at(index, meta["epoch"], meta["batch"])
+        if not with_rng:
+            return meta
+        if "rng" not in payload:  # other code did not save RNG states: go on without them, say so once
+            if not self._warned_no_rng:
+                self._warned_no_rng = True
+                log.warning("%s: RNG states were not saved by this checkpoint; continuing without restoring them", self.run_dir)
+        elif not isinstance(payload.get("rng"), Mapping):
+            raise RestoreStateError("checkpoint has no RNG state to restore")
+        else:
+            restore_rng(payload["rng"])
+        return meta
+
+    def none_verified_message(self, skipped: list[dict[str, Any]]) -> str:
+        """The message of :class:`NoValidCheckpointError`: how many were tried and the first reasons."""
+        reasons = "; ".join(s["reason"] for s in skipped[:3])
+        return f"{self.run_dir}: none of the {len(skipped)} checkpoint(s) verifies ({reasons})"
+
+    def resume_info(self, index: Index) -> dict[str, Any] | None:
+        """What a resume would load (checksums only); see ``ModelPersistence.get_resume_info``."""
+        entries = index.by_id()
+        choice = choose_resume_checkpoint(
+            entries, lambda i: verify_checksum(resolve_inside(self.run_dir, entries[i].path), entries[i].checksum)
+        )
+        skipped = [{"checkpoint_id": i, "reason": str(exc)} for i, exc in choice.skipped]
+        if choice.chosen_id is None:
+            if skipped:
+                raise NoValidCheckpointError(self.none_verified_message(skipped))
+            return None
+        entry = entries[choice.chosen_id]
+        return {
+            "checkpoint_id": entry.id,
+            "epoch": entry.epoch,
+            "batch": entry.batch,
+            "global_step": entry.global_step,
+            "metrics": dict(entry.metrics),
+            "skipped": skipped,
+        }
+
+    def resume(self, index: Index, device: Any, components: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Load the newest checkpoint that verifies; return its metadata (None without checkpoints); see :attr:`last_skipped`."""
+        entries = index.by_id()
+        choice = choose_resume_checkpoint(entries, lambda i: self.verified_payload(entries[i], device))
+        skipped = []
+        for checkpoint_id, exc in choice.skipped:
+            log.warning("%s: skipping checkpoint %d for resume: %s", self.run_dir, checkpoint_id, exc)
+            skipped.append({"checkpoint_id": checkpoint_id, "reason": str(exc), "status": getattr(exc, "status", "corrupt")})
+        self.last_skipped = skipped
+        if choice.chosen_id is None:
+            if skipped:
+                raise NoValidCheckpointError(self.none_verified_message(skipped))
+            return None
+        meta = self.apply(index, choice.result, components, True)
+        meta["checkpoint_id"] = choice.chosen_id
+        meta["skipped"] = skipped
+        return meta
+
+    def load_checkpoint(self, index: Index, checkpoint_id: int, device: Any, components: Mapping[str, Any], with_rng: bool) -> dict[str, Any]:
+        """Load checkpoint ``checkpoint_id`` (verified) into ``components``; return its metadata."""
+        entry = index.by_id().get(int(checkpoint_id))
+        if entry is None:
+            raise CkptctlError(f"{self.run_dir}: no checkpoint {checkpoint_id}")
+        return self.apply(index, self.verified_payload(entry, device), components, with_rng)
+
+    def load_best(self, index: Index, best: BestInfo | None, device: Any, components: Mapping[str, Any]) -> dict[str, Any]:
+        """Load ``best_model.pt`` (checked against its record) into ``components``; return its metadata."""
+        if best is None:
+            raise CkptctlError(f"{self.run_dir}: no best model yet")
+        path = resolve_inside(self.run_dir, best.path)
+        verify_checksum(path, best.checksum)
+        return self.apply(index, safe_load(path, device), components, False)
