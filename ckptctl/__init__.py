@@ -5,7 +5,7 @@ Package layout (each layer imports only those above it in this list):
 - ``ckptctl.core``      pure: on-disk format and naming, the index, retention rules
 - ``ckptctl.storage``   file IO without torch: atomic writes, run lock, scanning, Drive mirror
 - ``ckptctl.torch_io``  the only storage code importing torch: staging, save/load, verify, RNG
-- ``ckptctl.persistence``  the API a training loop calls (``ModelPersistence``)
+- ``ckptctl.persistence``  the API a training loop calls (``ModelPersistence``), a facade over ``ckptctl.api``
 - ``ckptctl.trainloop`` the paired training loop; ``ckptctl.cli`` / ``ckptctl.render`` the CLI
 
 Importing ``ckptctl`` itself does not import torch; the API names load on first use.
