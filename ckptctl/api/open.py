@@ -24,7 +24,7 @@ from ckptctl.core.format import (
 from ckptctl.core.manifest import BestInfo, BestRecord, CheckpointEntry, Index, clean_metrics, salvage_extra
 from ckptctl.errors import CheckpointIntegrityError, CorruptIndexError, UnsafePathError
 from ckptctl.storage import legacy
-from ckptctl.storage.atomic import cleanup_temporaries, hash_file, matching_checksum, remove_file
+from ckptctl.storage.atomic import cleanup_temporaries, hash_file, matching_checksum, read_failure, remove_file
 from ckptctl.storage.runfiles import commit_best, commit_index, finish_pending_removal, set_aside
 from ckptctl.storage.scan import (
     checkpoint_files_on_disk,
@@ -241,7 +241,12 @@ def _read_best_record_or_set_aside(run_dir: Path) -> BestRecord | None:
 def _rebuild_best_record(run_dir: Path, index: Index, metric: str, mode: str) -> BestInfo | None:
     """A new record of best_model.pt made from the file itself (committed), or None when it does not load."""
     best_path = run_dir / BEST_MODEL_FILE
-    size, checksum = hash_file(best_path)
+    try:
+        size, checksum = hash_file(best_path)
+    except OSError as exc:  # unreadable (permissions, I/O error): as good as damaged, never a crash on open
+        exc = read_failure(best_path, exc)
+        log.warning("%s: best_model.pt cannot be read (%s); it will be replaced by the next best", run_dir, exc)
+        return None
     try:
         payload = safe_load(best_path, "cpu", mmap=True)
     except CheckpointIntegrityError as exc:
