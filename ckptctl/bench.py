@@ -19,6 +19,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -428,6 +429,22 @@ def recommend_save_every(stall_s: float, batch_time_s: float, budget: float = 0.
     return max(1, math.ceil(stall_s / (budget * batch_time_s)))
 
 
+@dataclass(frozen=True)
+class BenchReport:
+    """What ``bench`` measured: raw timings and bytes, each ratio against its goal, and the ``--save-every`` advice."""
+
+    size_bytes: int
+    measurements: dict[str, Any]
+    ratios: dict[str, dict[str, Any]]
+    recommendation: dict[str, Any] | None
+
+    ok = True  # a goal missed is reported, not a failure
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``bench --json`` document."""
+        return {"size_bytes": self.size_bytes, "measurements": self.measurements, "ratios": self.ratios, "recommendation": self.recommendation}
+
+
 def run_bench(
     size_bytes: int = 1 << 30,
     *,
@@ -437,8 +454,8 @@ def run_bench(
     batch_time_s: float = 0.5,
     sections: tuple[str, ...] = ("save", "verify", "restore", "cli", "resume"),
     on_step: StepCallback = None,
-) -> dict[str, Any]:
-    """Run the benchmark; return ``{"size_bytes", "measurements", "ratios", "recommendation"}``.
+) -> BenchReport:
+    """Run the benchmark and report its measurements, ratios and advice.
 
     Works in a temporary folder under ``workdir`` (default: the system temp dir) that is
     removed afterwards; ``drive`` is where the Drive mirror part copies to and from.
@@ -450,7 +467,7 @@ def run_bench(
     try:
         if sections == ("scale",):  # on its own: a state this large leaves no room for the anchors' copies
             measurements.update(_bench_scale(work, size_bytes, on_step))
-            return {"size_bytes": size_bytes, "measurements": measurements, "ratios": _ratios(measurements), "recommendation": None}
+            return BenchReport(size_bytes, measurements, _ratios(measurements), None)
         saves = _bench_saves(work, size_bytes, repeats, on_step)
         measurements.update(saves)
         if "verify" in sections:
@@ -465,13 +482,9 @@ def run_bench(
         shutil.rmtree(work, ignore_errors=True)
     for key in ("checkpoint_path", "checkpoint_checksum"):
         measurements.pop(key, None)
-    return {
-        "size_bytes": size_bytes,
-        "measurements": measurements,
-        "ratios": _ratios(measurements),
-        "recommendation": {
-            "batch_time_s": batch_time_s,
-            "save_every": recommend_save_every(measurements["stall_s"], batch_time_s),
-            "stall_s": measurements["stall_s"],
-        },
+    advice = {
+        "batch_time_s": batch_time_s,
+        "save_every": recommend_save_every(measurements["stall_s"], batch_time_s),
+        "stall_s": measurements["stall_s"],
     }
+    return BenchReport(size_bytes, measurements, _ratios(measurements), advice)

@@ -1,15 +1,16 @@
-"""The ``ckptctl`` command line: a thin layer over the library; printing lives in :mod:`ckptctl.render`.
+"""The ``ckptctl`` command line: each command calls the library and hands its report to :mod:`ckptctl.output`.
 
 Every command takes a PATH that is a folder of runs, one run, or a Drive mirror root.
-Exit codes: 0 ok, 1 problems found or the operation failed, 2 usage error (bad flag,
-missing path, unknown run or id). Errors are one ``Error: ...`` line on stderr; set
-``CKPTCTL_DEBUG=1`` to see the traceback instead. Commands that need torch import it
+Printing lives in :mod:`ckptctl.output` (human / ``--json`` / ``--quiet``) and
+:mod:`ckptctl.render` (the human views); exit codes and the one error table in
+:mod:`ckptctl.exit_codes`: 0 ok, 1 problems found or the operation failed, 2 usage error
+(bad flag, missing path, unknown run or id). Errors are one ``Error: ...`` line on stderr;
+set ``CKPTCTL_DEBUG=1`` to see the traceback instead. Commands that need torch import it
 inside the command, so ``ckptctl --help`` and ``ckptctl ls`` start fast without it.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -18,47 +19,9 @@ import typer
 from typer.core import TyperGroup
 
 from ckptctl import __version__
-from ckptctl.errors import (
-    CheckpointIntegrityError,
-    CkptctlError,
-    CorruptIndexError,
-    NoValidCheckpointError,
-    NotFoundError,
-    RunLockedError,
-    UnsafePathError,
-)
-
-EXIT_OK = 0
-EXIT_PROBLEMS = 1
-EXIT_USAGE = 2
-DEBUG_ENV = "CKPTCTL_DEBUG"
-
-#: The one table from exception type to (exit code, hint). First match wins.
-ERROR_TABLE: list[tuple[type[BaseException], int, str | None]] = [
-    (NotFoundError, EXIT_USAGE, None),
-    (RunLockedError, EXIT_PROBLEMS, "a trainer is using this run; stop it (or let it finish) and try again"),
-    (CheckpointIntegrityError, EXIT_PROBLEMS, None),
-    (NoValidCheckpointError, EXIT_PROBLEMS, None),
-    (CorruptIndexError, EXIT_PROBLEMS, None),
-    (UnsafePathError, EXIT_PROBLEMS, None),
-    (CkptctlError, EXIT_PROBLEMS, None),
-    (FileNotFoundError, EXIT_USAGE, None),
-    (NotADirectoryError, EXIT_USAGE, None),
-    (PermissionError, EXIT_PROBLEMS, None),
-    (OSError, EXIT_PROBLEMS, None),
-]
-
-
-def error_message(exc: BaseException) -> tuple[str, int]:
-    """The one-line message and exit code for ``exc``, from :data:`ERROR_TABLE`."""
-    for kind, code, hint in ERROR_TABLE:
-        if isinstance(exc, kind):
-            if isinstance(exc, OSError) and not isinstance(exc, CkptctlError) and exc.strerror:
-                text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-            else:
-                text = str(exc) or kind.__name__
-            return text + (f" ({hint})" if hint else ""), code
-    return f"unexpected {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)", EXIT_PROBLEMS
+from ckptctl.errors import CkptctlError, NotFoundError
+from ckptctl.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, debug_enabled, error_line
+from ckptctl.output import JSON_HELP, QUIET_HELP, Output
 
 
 def _lossless_output() -> None:
@@ -71,8 +34,24 @@ def _lossless_output() -> None:
                 pass
 
 
+def handle_error(exc: BaseException) -> int:
+    """The CLI's one error handler: ``Error: …`` (one line, from the error table) on stderr; returns the exit code.
+
+    Ctrl-C is ``Error: interrupted`` (exit 130). With ``CKPTCTL_DEBUG=1`` the exception
+    propagates with its traceback instead.
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        sys.stderr.write("Error: interrupted\n")
+        return EXIT_INTERRUPTED
+    if debug_enabled():
+        raise exc
+    line, code = error_line(exc)
+    sys.stderr.write(line + "\n")
+    return code
+
+
 class _Group(TyperGroup):
-    """Runs each command inside the error table, and prints usage errors as one ``Error:`` line."""
+    """Runs each command inside the error handler, and prints usage errors as one ``Error:`` line."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """Click's main, but a usage error is one line (``Error: … (see 'ckptctl CMD --help')``), exit 2."""
@@ -91,23 +70,19 @@ class _Group(TyperGroup):
         except typer.Abort:
             sys.stderr.write("Error: aborted\n")
             sys.exit(EXIT_PROBLEMS)
+        except Exception as exc:  # raised outside a command (parsing, callbacks)
+            sys.exit(handle_error(exc))
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
     def invoke(self, ctx):
+        """Run the command; what it raises goes to :func:`handle_error` here, before click turns Ctrl-C into "Aborted"."""
         _lossless_output()
         try:
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
-        except KeyboardInterrupt:
-            sys.stderr.write("Error: interrupted\n")
-            raise typer.Exit(130) from None
-        except Exception as exc:
-            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-                raise
-            message, code = error_message(exc)
-            sys.stderr.write(f"Error: {' '.join(message.split())}\n")
-            raise typer.Exit(code) from None
+        except (Exception, KeyboardInterrupt) as exc:
+            raise typer.Exit(handle_error(exc)) from None
 
 
 app = typer.Typer(
@@ -179,19 +154,20 @@ def _runs_at(path: Path) -> list[Path]:
         raise NotFoundError(str(exc)) from None
 
 
-def _confirm(question: str, yes: bool) -> None:
-    """Go on if ``--yes`` or the user agrees on a terminal; refuse (exit 1) without a terminal."""
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise CkptctlError("refusing to delete without confirmation: not a terminal (pass --yes to go ahead)")
-    if not typer.confirm(question, default=False, err=True):
-        sys.stderr.write("Nothing deleted.\n")
-        raise typer.Exit(EXIT_PROBLEMS)
+def _size_option(value: str, flag: str) -> int:
+    """Bytes from a size flag (``15GB``, ``500MiB``); a usage error if it is not a size."""
+    from ckptctl.core.units import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=flag) from None
 
 
 PATH_HELP = "A folder of runs, one run directory, or a Drive mirror root."
-JSON_HELP = "Print JSON on stdout (raw numbers: bytes as int, UTC ISO timestamps)."
+#: ``--json`` / ``--quiet`` of every command (read by :meth:`ckptctl.output.Output.from_flags`).
+JSON_OPTION = typer.Option(False, "--json", help=JSON_HELP)
+QUIET_OPTION = typer.Option(False, "--quiet", "-q", help=QUIET_HELP)
 
 
 # --------------------------------------------------------------------------- ls
@@ -200,7 +176,8 @@ JSON_HELP = "Print JSON on stdout (raw numbers: bytes as int, UTC ISO timestamps
 @app.command("ls")
 def ls_command(
     path: Path = typer.Argument(Path("runs"), metavar="PATH", help=PATH_HELP, autocompletion=complete_run_paths),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_out: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """List runs and their checkpoints: id, epoch, batch, metrics, size, age, and marks.
 
@@ -214,20 +191,14 @@ def ls_command(
         ckptctl ls /content/drive/MyDrive/ARC-EFE-Backups --json
     """
     from ckptctl import render
-    from ckptctl.storage.listing import list_runs, listing_to_json
+    from ckptctl.storage.listing import list_runs
 
+    out = Output.from_flags(json_out, quiet)
     try:
-        runs = list_runs(path)
+        listing = list_runs(path)
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise NotFoundError(str(exc)) from None
-    doc = listing_to_json(runs)
-    if json_out:
-        render.print_json(doc)
-        for run in doc["runs"]:
-            for problem in run["problems"]:
-                render.warn(f"{run['name']}: {problem}")
-    else:
-        render.render_ls(doc)
+    out.finish(listing, render.render_ls)
 
 
 # --------------------------------------------------------------------------- verify
@@ -237,7 +208,8 @@ def ls_command(
 def verify_command(
     path: Path = typer.Argument(Path("runs"), metavar="PATH", help=PATH_HELP, autocompletion=complete_run_paths),
     deep: bool = typer.Option(False, "--deep", help="Also check that every floating-point tensor is finite."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_out: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Check every checkpoint and best model: checksum against the index, then a safe trial load.
 
@@ -252,23 +224,17 @@ def verify_command(
     """
     from ckptctl import render
 
+    out = Output.from_flags(json_out, quiet)
     runs = _runs_at(path)
     if not runs:
         raise CkptctlError(f"{path}: no runs here, nothing to verify")
-    from ckptctl.ops import verify_runs
+    from ckptctl.ops import VerifyReport, verify_runs
 
-    with render.progress("verifying", enabled=not json_out) as on_progress:
-        results = verify_runs(runs, deep=deep, on_progress=on_progress)
-    if not results:
+    with out.progress("verifying") as on_progress:
+        report = VerifyReport(tuple(verify_runs(runs, deep=deep, on_progress=on_progress)))
+    if not report.results:
         raise CkptctlError(f"{path}: no checkpoints here, nothing to verify")
-    ok = all(r.status == "ok" for r in results)
-    doc = {"ok": ok, "results": [r.to_json() for r in results]}
-    if json_out:
-        render.print_json(doc)
-    else:
-        render.render_verify(doc)
-    if not ok:
-        raise typer.Exit(EXIT_PROBLEMS)
+    out.finish(report, render.render_verify)
 
 
 # --------------------------------------------------------------------------- show
@@ -278,7 +244,8 @@ def verify_command(
 def show_command(
     path: Path = typer.Argument(..., help="A run directory or a checkpoint file.", autocompletion=complete_run_paths),
     checkpoint: Optional[str] = typer.Argument(None, metavar="[ID]", help="Checkpoint id, or 'best'; default: the newest."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_out: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Show one checkpoint in depth: components, tensors, parameters, dtypes, bytes, metrics, RNG, resume position.
 
@@ -293,14 +260,11 @@ def show_command(
     from ckptctl import render
     from ckptctl.storage.select import select_checkpoint
 
+    out = Output.from_flags(json_out, quiet)
     ref = select_checkpoint(path, checkpoint)
     from ckptctl.ops import describe_checkpoint
 
-    data = describe_checkpoint(ref)
-    if json_out:
-        render.print_json(data)
-    else:
-        render.render_show(data)
+    out.finish(describe_checkpoint(ref), render.render_show)
 
 
 # --------------------------------------------------------------------------- resume-info
@@ -309,7 +273,8 @@ def show_command(
 @app.command("resume-info")
 def resume_info_command(
     path: Path = typer.Argument(Path("runs"), metavar="PATH", help=PATH_HELP, autocompletion=complete_run_paths),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_out: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Say which checkpoint --resume would load and why, and which newer ones it would skip.
 
@@ -322,19 +287,13 @@ def resume_info_command(
     """
     from ckptctl import render
 
+    out = Output.from_flags(json_out, quiet)
     runs = _runs_at(path)
     if not runs:
         raise NotFoundError(f"{path}: no runs here")
-    from ckptctl.ops import resume_info
+    from ckptctl.ops import ResumeInfoReport, resume_info
 
-    infos = [resume_info(run) for run in runs]
-    if json_out:
-        render.print_json({"runs": infos})
-    else:
-        for info in infos:
-            render.render_resume_info(info)
-    if any(i["checkpoint"] is None and i["skipped"] for i in infos):
-        raise typer.Exit(EXIT_PROBLEMS)
+    out.finish(ResumeInfoReport(tuple(resume_info(run) for run in runs)), render.render_resume_info)
 
 
 # --------------------------------------------------------------------------- prune
@@ -347,7 +306,8 @@ def prune_command(
     max_size: Optional[str] = typer.Option(None, "--max-size", metavar="SIZE", help="Per run, delete oldest until checkpoints fit, e.g. 15GB, 500MiB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and stop; delete nothing."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_out: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Delete the oldest checkpoints until --keep N and/or --max-size SIZE holds.
 
@@ -361,64 +321,31 @@ def prune_command(
         ckptctl prune runs/ --keep 2 --dry-run
         ckptctl prune /content/drive/MyDrive/ARC-EFE-Backups --max-size 15GB --yes
     """
-    from contextlib import ExitStack
-
     from ckptctl import render
-    from ckptctl.core.units import parse_size
-    from ckptctl.storage.lock import RunLock, is_locked
-    from ckptctl.storage.plans import execute_prune, finish_interrupted_prune, plan_prune
+    from ckptctl.storage.plans import PruneReport, open_prune
 
+    out = Output.from_flags(json_out, quiet)
     if keep is None and max_size is None:
         raise typer.BadParameter("give --keep N and/or --max-size SIZE", param_hint="'--keep' / '--max-size'")
-    max_bytes = None
-    if max_size is not None:
-        try:
-            max_bytes = parse_size(max_size)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="'--max-size'") from None
+    max_bytes = _size_option(max_size, "'--max-size'") if max_size is not None else None
     runs = _runs_at(path)
     if not runs:
-        render.info(f"{path}: no runs here, nothing to prune")
-        if json_out:
-            render.print_json(render.prune_plan_json([], dry_run))
+        out.info(f"{path}: no runs here, nothing to prune")
+        out.emit(PruneReport(dry_run=dry_run))  # JSON only: an empty plan
         return
-    failed = False
-    with ExitStack() as locks:
-        usable = []
-        for run in runs:
-            if dry_run:
-                if is_locked(run):
-                    render.warn(f"{run.name}: a trainer holds this run; the plan may change before you prune")
-                usable.append(run)
-                continue
-            try:
-                locks.enter_context(RunLock(run))
-                usable.append(run)
-                finished = finish_interrupted_prune(run)  # an earlier prune killed before its last delete
-                if finished:
-                    render.info(f"{run.name}: finished deleting {len(finished)} checkpoint file(s) an interrupted prune left: {', '.join(finished)}")
-            except RunLockedError as exc:
-                message, _ = error_message(exc)
-                sys.stderr.write(f"Error: {message}\n")
-                failed = True
-        plans = [plan_prune(run, keep_last=keep, max_total_bytes=max_bytes, loads=_loads_safely) for run in usable]
-        if json_out and (dry_run or not any(p.delete for p in plans)):
-            render.print_json(render.prune_plan_json(plans, dry_run))
-        elif not json_out:
-            render.render_prune_plans(plans, dry_run)
-        todo = [p for p in plans if p.delete]
-        if not dry_run and todo:
-            count = sum(len(p.delete) for p in todo)
-            _confirm(f"Delete {count} checkpoint(s), freeing {render.size(sum(p.bytes_freed for p in todo))}?", yes)
-            deleted = {}
-            for plan in todo:
-                deleted[str(plan.run_dir)] = execute_prune(plan)
-            if json_out:
-                render.print_json(render.prune_plan_json(plans, dry_run, deleted))
+    with open_prune(runs, keep_last=keep, max_total_bytes=max_bytes, dry_run=dry_run, loads=_loads_safely) as session:
+        for note in session.notes:
+            if note.error is not None:
+                out.error(note.error)
             else:
-                render.info(f"Deleted {sum(len(v) for v in deleted.values())} checkpoint file(s).")
-    if failed:
-        raise typer.Exit(EXIT_PROBLEMS)
+                (out.warn if note.level == "warning" else out.info)(note.message)
+        plan = session.report
+        if dry_run or not plan.todo:
+            out.finish(plan, render.render_prune_plans)
+            return
+        out.human(render.render_prune_plans, plan)
+        out.confirm_delete(f"Delete {plan.delete_count} checkpoint(s), freeing {render.size(plan.bytes_freed)}?", yes)
+        out.finish(session.execute(), render.render_prune_done)
 
 
 def _loads_safely(path: Path) -> bool:
@@ -436,7 +363,8 @@ def promote_command(
     run: Path = typer.Argument(..., help="The run directory.", autocompletion=complete_run_paths),
     checkpoint_id: int = typer.Argument(..., metavar="ID", help="The checkpoint to make the best model."),
     pin: bool = typer.Option(False, "--pin", help="Also pin the checkpoint so retention never deletes it."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_out: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Make checkpoint ID the run's best model (best_model.pt replaced atomically, marked as promoted by hand).
 
@@ -449,17 +377,11 @@ def promote_command(
     from ckptctl import render
     from ckptctl.storage.select import single_run
 
+    out = Output.from_flags(json_out, quiet)
     run_dir = single_run(run)
-    from ckptctl.ops import promote
+    from ckptctl.ops import PromoteReport, promote
 
-    info = promote(run_dir, checkpoint_id, pin=pin)
-    if json_out:
-        render.print_json({"run": run_dir.name, "best": info.to_dict(), "pinned": pin})
-    else:
-        render.console().print(
-            f"{run_dir.name}: best model is now checkpoint {checkpoint_id} "
-            f"(epoch {info.epoch}, batch {info.batch}, {render.size(info.size_bytes)})" + (", pinned" if pin else "")
-        )
+    out.finish(PromoteReport(run_dir.name, promote(run_dir, checkpoint_id, pin=pin), pin), render.render_promote)
 
 
 # --------------------------------------------------------------------------- restore
@@ -473,7 +395,8 @@ def restore_command(
     checkpoint_id: Optional[int] = typer.Option(None, "--id", metavar="N", help="Restore only this checkpoint (plus the best model)."),
     to: Path = typer.Option(Path("runs"), "--to", metavar="DIR", help="Local folder of runs; the run lands in DIR/<run name>."),
     force: bool = typer.Option(False, "--force", help="Overwrite local checkpoints even when they are newer than the mirror's."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_out: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Copy a run back from the Drive mirror, verifying checksums as it copies.
 
@@ -491,42 +414,16 @@ def restore_command(
     from ckptctl import render
     from ckptctl.storage.restore import choose_mirror_run, default_drive, restore_run
 
+    out = Output.from_flags(json_out, quiet)
     if not from_drive:
         raise typer.BadParameter("only --from-drive is supported: ckptctl restore --from-drive", param_hint="'--from-drive'")
     drive_root = drive if drive is not None else default_drive()
     mirror_run = choose_mirror_run(drive_root, run)
     dest = to / mirror_run.name
-    render.info(f"restoring {mirror_run} -> {dest}")
-    with render.progress("restoring", enabled=not json_out) as on_progress:
+    out.info(f"restoring {mirror_run} -> {dest}")
+    with out.progress("restoring") as on_progress:
         report = restore_run(mirror_run, dest, only_id=checkpoint_id, force=force, on_progress=on_progress)
-    if json_out:
-        render.print_json(
-            {
-                "run": mirror_run.name,
-                "source": str(report.source),
-                "dest": str(report.dest),
-                "copied": report.copied,
-                "already_present": report.already,
-                "kept_local": report.kept_local,
-                "problems": report.problems,
-                "bytes_copied": report.bytes_copied,
-                "resume_id": report.resume_id,
-            }
-        )
-    else:
-        out = render.console()
-        out.print(f"Restored {len(report.copied)} file(s) ({render.size(report.bytes_copied)}) into {report.dest}; {len(report.already)} already present.")
-        for rel in report.kept_local:
-            out.print(f"  kept local {rel}: newer than the mirror's (use --force to overwrite)")
-        for problem in report.problems:
-            render.warn(problem)
-        if report.resume_id is not None:
-            out.print(
-                f"Resume will start from checkpoint {report.resume_id}: "
-                f"python -m ckptctl.trainloop --resume --output-dir {to} --run-name {mirror_run.name}"
-            )
-    if report.problems:
-        raise typer.Exit(EXIT_PROBLEMS)
+    out.finish(report, render.render_restore)
 
 
 # --------------------------------------------------------------------------- backup
@@ -537,7 +434,8 @@ def backup_command(
     path: Path = typer.Argument(Path("runs"), help="A run directory or a folder of runs.", autocompletion=complete_run_paths),
     drive: Optional[Path] = typer.Option(None, "--drive", metavar="PATH", help="Drive mirror root [default: $CKPTCTL_DRIVE, else /content/drive/MyDrive/ARC-EFE-Backups]."),
     max_size: Optional[str] = typer.Option(None, "--max-size", metavar="SIZE", help="Per run, the most the mirror may hold, e.g. 14GB, 500MiB [default: Drive's free space plus the run's mirror, less 5%]."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_out: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Push runs to the Drive mirror now, newest checkpoint first, within a byte budget.
 
@@ -555,67 +453,20 @@ def backup_command(
         ckptctl backup runs/ --max-size 14GB
     """
     from ckptctl import render
-    from ckptctl.core.units import parse_size
-    from ckptctl.storage.mirror import BUDGET_MARGIN, resolve_budget
-    from ckptctl.storage.restore import backup_run, default_drive
+    from ckptctl.storage.restore import BackupReport, backup_to_drive, default_drive
 
+    out = Output.from_flags(json_out, quiet)
     if max_size is not None:
-        try:
-            parse_size(max_size)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="'--max-size'") from None
+        _size_option(max_size, "'--max-size'")
     drive_root = drive if drive is not None else default_drive()
     runs = _runs_at(path)
     if not runs:
         raise NotFoundError(f"{path}: no runs here")
-    reports = {}
+    done = []
     for run_dir in runs:
-        budget = None
-        if drive_root.is_dir():  # else backup_run says Drive is not mounted
-            budget = resolve_budget(max_size, drive_root / run_dir.resolve().name)
-        with render.progress(f"backing up {run_dir.name}", enabled=not json_out) as on_progress:
-            reports[run_dir] = backup_run(run_dir, drive_root, max_bytes=budget, on_progress=on_progress)
-    if json_out:
-        render.print_json(
-            {
-                "drive": str(drive_root),
-                "runs": [
-                    {"run": r.name, "path": str(r), "mirror": str(drive_root / r.resolve().name), "copied": rep.copied,
-                     "unchanged": rep.skipped, "deleted": rep.deleted, "bytes_copied": rep.bytes_copied,
-                     "newest_verified_id": rep.newest_verified_id, "not_mirrored": rep.not_mirrored,
-                     "used_bytes": rep.used_bytes, "budget_bytes": rep.budget_bytes, "too_big": rep.too_big,
-                     "damaged": rep.damaged}
-                    for r, rep in reports.items()
-                ],
-            }
-        )
-    else:
-        out = render.console()
-        for r, rep in reports.items():
-            out.print(
-                f"{r.name}: copied {len(rep.copied)} file(s) ({render.size(rep.bytes_copied)}), "
-                f"{len(rep.skipped)} already on the mirror, {len(rep.deleted)} old removed -> {drive_root / r.resolve().name}"
-            )
-            if max_size is None and rep.budget_bytes is not None:
-                out.print(
-                    f"  Drive budget {render.size(rep.budget_bytes)} (free space plus this run's mirror, "
-                    f"less {BUDGET_MARGIN:.0%}; --max-size sets it)"
-                )
-            if rep.not_mirrored:
-                out.print(
-                    f"  newest on the mirror: #{rep.newest_verified_id}; not mirrored: "
-                    f"{', '.join(map(str, rep.not_mirrored))} ({render.size(rep.used_bytes)} used of {render.size(rep.budget_bytes)})"
-                )
-    problems = False
-    for r, rep in reports.items():
-        for item in rep.damaged:
-            render.warn(f"{r.name}: checkpoint {item['id']} not backed up: {item['reason']}")
-            problems = True
-        if rep.too_big:
-            render.warn(f"{r.name}: {rep.too_big}")
-            problems = True
-    if problems:
-        raise typer.Exit(EXIT_PROBLEMS)
+        with out.progress(f"backing up {run_dir.name}") as on_progress:
+            done.append(backup_to_drive(run_dir, drive_root, max_size=max_size, on_progress=on_progress))
+    out.finish(BackupReport(drive_root, tuple(done), budget_given=max_size is not None), render.render_backup)
 
 
 # --------------------------------------------------------------------------- diff
@@ -627,7 +478,8 @@ def diff_command(
     b: str = typer.Argument(..., help="The same forms as A."),
     atol: float = typer.Option(0.0, "--atol", min=0.0, metavar="X", help="Treat values within this absolute difference as equal (default 0: every byte must match)."),
     show_all: bool = typer.Option(False, "--all", help="List every tensor, not only those that differ."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_out: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Compare two checkpoints tensor by tensor: which changed, the max absolute difference, metrics side by side.
 
@@ -643,16 +495,11 @@ def diff_command(
     from ckptctl import render
     from ckptctl.storage.select import parse_ref
 
+    out = Output.from_flags(json_out, quiet)
     ref_a, ref_b = parse_ref(a), parse_ref(b)
     from ckptctl.ops import diff_checkpoints
 
-    result = diff_checkpoints(ref_a, ref_b, atol=atol)
-    if json_out:
-        render.print_json(result)
-    else:
-        render.render_diff(result, show_all=show_all)
-    if not result["identical"]:
-        raise typer.Exit(EXIT_PROBLEMS)
+    out.finish(diff_checkpoints(ref_a, ref_b, atol=atol), lambda report: render.render_diff(report, show_all=show_all))
 
 
 # --------------------------------------------------------------------------- bench
@@ -669,7 +516,8 @@ def bench_command(
     repeats: int = typer.Option(3, "--repeats", min=1, max=50, help="Runs per timing; the median is reported."),
     sections: str = typer.Option(",".join(BENCH_SECTIONS), "--sections", metavar="LIST", help="Comma-separated parts to run: save,verify,restore,cli,resume (save always runs); or 'scale' alone: save and verify one checkpoint of --size (e.g. more than half the RAM) with default settings."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", metavar="DIR", help="Where local files are written (default: the system temp folder); removed afterwards."),
-    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+    json_out: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Measure checkpointing on this machine against its anchors, side by side, and advise --save-every.
 
@@ -684,12 +532,9 @@ def bench_command(
         ckptctl bench --size 256MB --drive /content/drive/MyDrive --batch-time 0.8 --json
     """
     from ckptctl import render
-    from ckptctl.core.units import parse_size
 
-    try:
-        size_bytes = parse_size(size)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--size") from None
+    out = Output.from_flags(json_out, quiet)
+    size_bytes = _size_option(size, "--size")
     chosen = tuple(part.strip() for part in sections.split(",") if part.strip())
     unknown = [part for part in chosen if part not in BENCH_SECTIONS + BENCH_ONLY_SECTIONS]
     if "scale" in chosen and chosen != ("scale",):
@@ -701,39 +546,24 @@ def bench_command(
             raise NotFoundError(f"{flag} {folder}: no such directory")
     from ckptctl.bench import run_bench
 
-    result = run_bench(
+    report = run_bench(
         size_bytes,
         drive=drive,
         workdir=workdir,
         repeats=repeats,
         batch_time_s=batch_time,
         sections=chosen,
-        on_step=lambda step: render.info(f"bench: {step}"),
+        on_step=lambda step: out.info(f"bench: {step}"),
     )
-    if json_out:
-        render.print_json(result)
-    else:
-        render.render_bench(result)
+    out.finish(report, render.render_bench)
 
 
 # --------------------------------------------------------------------------- entry point
 
 
 def main(argv: Optional[List[str]] = None) -> Any:
-    """Console-script entry point: run the app; anything that escapes the commands' error table is mapped here too."""
-    try:
-        return app(args=argv, prog_name="ckptctl")
-    except SystemExit:
-        raise
-    except KeyboardInterrupt:
-        sys.stderr.write("Error: interrupted\n")
-        sys.exit(130)
-    except Exception as exc:
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-            raise
-        message, code = error_message(exc)
-        sys.stderr.write(f"Error: {' '.join(message.split())}\n")
-        sys.exit(code)
+    """Console-script entry point: run the app (its group handles every error, see :func:`handle_error`)."""
+    return app(args=argv, prog_name="ckptctl")
 
 
 if __name__ == "__main__":  # pragma: no cover

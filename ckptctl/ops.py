@@ -2,15 +2,16 @@
 
 This sits beside the persistence API (it uses :mod:`ckptctl.torch_io` for every load,
 always ``weights_only=True``); the CLI imports it only inside the commands that need it,
-so ``ckptctl ls`` and ``ckptctl --help`` never import torch. Results are plain
-dataclasses and dicts with raw numbers; nothing here prints.
+so ``ckptctl ls`` and ``ckptctl --help`` never import torch. Results are frozen
+dataclasses with raw numbers whose ``to_json()`` is the command's ``--json`` document;
+nothing here prints.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -25,7 +26,7 @@ from ckptctl.storage.lock import RunLock
 from ckptctl.storage.runfiles import commit_index, replace_best
 from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_best_record, read_index, read_json_file, read_training_state
 from ckptctl.storage.select import CheckpointRef
-from ckptctl.tensors import compare_states, jsonable, summarize
+from ckptctl.tensors import TensorDiff, compare_states, jsonable, summarize
 from ckptctl.torch_io import verify_file
 
 ProgressCallback = Optional[Callable[[int, int], None]]
@@ -52,6 +53,22 @@ class VerifyResult:
     def to_json(self) -> dict[str, Any]:
         """The ``verify --json`` form."""
         return {"run": self.run, "id": self.id, "path": self.path, "status": self.status, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What ``verify`` found: one result per file checked (see :func:`verify_runs`)."""
+
+    results: tuple[VerifyResult, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when every file checked is ok."""
+        return all(r.status == "ok" for r in self.results)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``verify --json`` document."""
+        return {"ok": self.ok, "results": [r.to_json() for r in self.results]}
 
 
 @dataclass
@@ -274,8 +291,37 @@ def _load(ref: CheckpointRef) -> dict[str, Any]:
     return verify_file(ref.path, ref.checksum)
 
 
-def describe_checkpoint(ref: CheckpointRef) -> dict[str, Any]:
-    """Everything ``show`` prints about one checkpoint, as JSON-ready data.
+@dataclass(frozen=True)
+class CheckpointDescription:
+    """Everything ``show`` prints about one checkpoint (raw numbers; ``components`` maps name -> summary)."""
+
+    path: str
+    label: str
+    id: int | None
+    size_bytes: int
+    checksum_verified: bool
+    format_version: Any
+    timestamp: Any
+    epoch: Any
+    batch: Any
+    global_step: Any
+    metrics: dict[str, float | None]
+    components: dict[str, dict[str, Any]]
+    tensors: int
+    parameters: int
+    rng: list[str]
+    extra: Any
+    resume: dict[str, Any] | None
+
+    ok = True
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``show --json`` document."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def describe_checkpoint(ref: CheckpointRef) -> CheckpointDescription:
+    """Everything ``show`` prints about one checkpoint.
 
     Raises :class:`CheckpointIntegrityError` if the file fails its checksum or the safe load.
     """
@@ -295,25 +341,25 @@ def describe_checkpoint(ref: CheckpointRef) -> dict[str, Any]:
     if all(isinstance(v, int) for v in position.values()):
         resume = {**position, "next_batch": position["batch"] + 1}
     size = ref.path.stat().st_size
-    return {
-        "path": str(ref.path),
-        "label": ref.label,
-        "id": payload.get("checkpoint_id") if isinstance(payload.get("checkpoint_id"), int) else ref.checkpoint_id,
-        "size_bytes": size,
-        "checksum_verified": ref.checksum is not None,
-        "format_version": payload.get("format_version"),
-        "timestamp": payload.get("timestamp"),
-        "epoch": position["epoch"],
-        "batch": position["batch"],
-        "global_step": position["global_step"],
-        "metrics": {str(k): _finite(v) for k, v in metrics.items()},
-        "components": components,
-        "tensors": sum(c["tensors"] for c in components.values()),
-        "parameters": sum(c["parameters"] or 0 for c in components.values()),
-        "rng": sorted(rng) if isinstance(rng, Mapping) else [],
-        "extra": jsonable(payload.get("extra") or {}),
-        "resume": resume,
-    }
+    return CheckpointDescription(
+        path=str(ref.path),
+        label=ref.label,
+        id=payload.get("checkpoint_id") if isinstance(payload.get("checkpoint_id"), int) else ref.checkpoint_id,
+        size_bytes=size,
+        checksum_verified=ref.checksum is not None,
+        format_version=payload.get("format_version"),
+        timestamp=payload.get("timestamp"),
+        epoch=position["epoch"],
+        batch=position["batch"],
+        global_step=position["global_step"],
+        metrics={str(k): _finite(v) for k, v in metrics.items()},
+        components=components,
+        tensors=sum(c["tensors"] for c in components.values()),
+        parameters=sum(c["parameters"] or 0 for c in components.values()),
+        rng=sorted(rng) if isinstance(rng, Mapping) else [],
+        extra=jsonable(payload.get("extra") or {}),
+        resume=resume,
+    )
 
 
 def _finite(value: Any) -> float | None:
@@ -328,8 +374,64 @@ def _finite(value: Any) -> float | None:
 # --------------------------------------------------------------------------- diff
 
 
-def diff_checkpoints(a: CheckpointRef, b: CheckpointRef, *, atol: float = 0.0) -> dict[str, Any]:
-    """Compare every tensor (model, optimizer, RNG, ...) of two checkpoints; JSON-ready.
+@dataclass(frozen=True)
+class DiffSide:
+    """One side of a ``diff``: which checkpoint, its position and metrics."""
+
+    path: str
+    label: str
+    epoch: Any
+    batch: Any
+    global_step: Any
+    metrics: dict[str, float | None]
+
+    def to_json(self) -> dict[str, Any]:
+        """``diff --json``'s ``a`` / ``b``."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    """How two checkpoints compare, tensor by tensor; ``ok`` (identical) when every tensor matches."""
+
+    a: DiffSide
+    b: DiffSide
+    atol: float
+    rows: tuple[TensorDiff, ...]
+
+    @property
+    def changed(self) -> int:
+        """How many tensors differ (in value, shape or dtype, or are on one side only)."""
+        return sum(1 for r in self.rows if r.status != "same")
+
+    @property
+    def identical(self) -> bool:
+        """True when both hold the same tensor names and every tensor matches."""
+        return self.changed == 0
+
+    @property
+    def bit_identical(self) -> bool:
+        """True when every tensor is byte for byte the same (whatever ``atol``)."""
+        return all(r.bit_identical for r in self.rows)
+
+    ok = identical
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``diff --json`` document."""
+        return {
+            "a": self.a.to_json(),
+            "b": self.b.to_json(),
+            "atol": self.atol,
+            "identical": self.identical,
+            "bit_identical": self.bit_identical,
+            "tensors": [r.to_json() for r in self.rows],
+            "changed": self.changed,
+            "compared": len(self.rows),
+        }
+
+
+def diff_checkpoints(a: CheckpointRef, b: CheckpointRef, *, atol: float = 0.0) -> DiffReport:
+    """Compare every tensor (model, optimizer, RNG, ...) of two checkpoints.
 
     With ``atol == 0`` (the default) tensors match only when dtype, shape and every byte
     agree (:func:`ckptctl.tensors.compare_tensors`). ``identical`` is True when both hold the
@@ -340,39 +442,67 @@ def diff_checkpoints(a: CheckpointRef, b: CheckpointRef, *, atol: float = 0.0) -
     pa, pb = _load(a), _load(b)
     rows = compare_states(pa, pb, atol)
 
-    def side(ref: CheckpointRef, payload: Mapping[str, Any]) -> dict[str, Any]:
+    def side(ref: CheckpointRef, payload: Mapping[str, Any]) -> DiffSide:
         metrics = payload.get("metrics") if isinstance(payload.get("metrics"), Mapping) else {}
-        return {
-            "path": str(ref.path),
-            "label": ref.label,
-            "epoch": payload.get("epoch"),
-            "batch": payload.get("batch"),
-            "global_step": payload.get("global_step"),
-            "metrics": {str(k): _finite(v) for k, v in metrics.items()},
-        }
+        metrics = {str(k): _finite(v) for k, v in metrics.items()}
+        return DiffSide(str(ref.path), ref.label, payload.get("epoch"), payload.get("batch"), payload.get("global_step"), metrics)
 
-    changed = [r for r in rows if r.status != "same"]
-    return {
-        "a": side(a, pa),
-        "b": side(b, pb),
-        "atol": atol,
-        "identical": not changed,
-        "bit_identical": all(r.bit_identical for r in rows),
-        "tensors": [r.to_json() for r in rows],
-        "changed": len(changed),
-        "compared": len(rows),
-    }
+    return DiffReport(side(a, pa), side(b, pb), atol, tuple(rows))
 
 
 # --------------------------------------------------------------------------- resume-info
 
 
-def resume_info(run_dir: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ResumeInfo:
+    """What resume would load from one run (``checkpoint`` None: none), why, and the newer ones it would skip."""
+
+    run: str
+    path: str
+    checkpoint: dict[str, Any] | None
+    reason: str
+    skipped: tuple[dict[str, Any], ...]
+    index_problem: str | None
+
+    @property
+    def ok(self) -> bool:
+        """False when the run has checkpoints but none of them verifies (resume would fail)."""
+        return self.checkpoint is not None or not self.skipped
+
+    def to_json(self) -> dict[str, Any]:
+        """One run of ``resume-info --json``."""
+        return {
+            "run": self.run,
+            "path": self.path,
+            "checkpoint": self.checkpoint,
+            "reason": self.reason,
+            "skipped": list(self.skipped),
+            "index_problem": self.index_problem,
+        }
+
+
+@dataclass(frozen=True)
+class ResumeInfoReport:
+    """``resume-info`` over the runs at a path."""
+
+    runs: tuple[ResumeInfo, ...]
+
+    @property
+    def ok(self) -> bool:
+        """False when some run has checkpoints but none that verifies."""
+        return all(info.ok for info in self.runs)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``resume-info --json`` document."""
+        return {"runs": [info.to_json() for info in self.runs]}
+
+
+def resume_info(run_dir: Path) -> ResumeInfo:
     """What ``ModelPersistence.resume`` (and ``trainloop --resume``) would load from ``run_dir``, read-only.
 
     Walks the checkpoints newest first, as resume does: checksum against the index, then a
     safe trial load. Checkpoint files missing from the index (which resume adopts) are
-    checked by loading. Returns ``{"run", "path", "checkpoint": {...} | None, "reason", "skipped": [...]}``.
+    checked by loading.
     """
     guide = None
     try:
@@ -431,17 +561,25 @@ def resume_info(run_dir: Path) -> dict[str, Any]:
             reason = f"checkpoint {chosen['id']} is the newest that loads safely (it is not in the index; resume adopts it)"
         if skipped:
             reason += f"; skipped {len(skipped)} newer one(s) that do not verify"
-    return {
-        "run": run_dir.name,
-        "path": str(run_dir),
-        "checkpoint": chosen,
-        "reason": reason,
-        "skipped": skipped,
-        "index_problem": index_problem,
-    }
+    return ResumeInfo(run_dir.name, str(run_dir), chosen, reason, tuple(skipped), index_problem)
 
 
 # --------------------------------------------------------------------------- promote
+
+
+@dataclass(frozen=True)
+class PromoteReport:
+    """What ``promote`` did: the run's new best model and whether its checkpoint was pinned."""
+
+    run: str
+    best: BestInfo
+    pinned: bool
+
+    ok = True
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``promote --json`` document."""
+        return {"run": self.run, "best": self.best.to_dict(), "pinned": self.pinned}
 
 
 def promote(run_dir: Path, checkpoint_id: int, *, pin: bool = False) -> BestInfo:

@@ -1,14 +1,15 @@
-"""Everything the CLI prints: rich tables for people, JSON for scripts, progress bars on a terminal.
+"""The human views of the CLI's reports: tables on stdout, warning lines and progress bars on stderr.
 
-Data goes to stdout, warnings and progress to stderr. Bytes are humanized only here; the
-JSON modes print raw numbers. No torch, no file IO of runs.
+Each ``render_*`` takes the report a command got from the library; most draw its
+``to_json()`` document, so people and scripts see the same data. Which view (human, JSON
+or nothing) is printed is decided in :mod:`ckptctl.output`. Bytes are humanized only
+here; JSON carries raw numbers. No torch, no file IO of runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import math
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
@@ -53,12 +54,6 @@ def heading(name: str, rest: str = "") -> "Text":
     if rest:
         text.append(f"  {rest}")
     return text
-
-
-def print_json(data: Any) -> None:
-    """Write ``data`` to stdout as indented JSON (raw numbers, NaN refused)."""
-    sys.stdout.write(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    sys.stdout.flush()
 
 
 def warn(message: str) -> None:
@@ -161,13 +156,14 @@ def plain_table(headers: list[str], rows: list[list[str]], right: set[int]) -> s
     return "\n".join([line(headers, " ┃ "), rule] + [line(r, " │ ") for r in rows])
 
 
-def render_ls(doc: dict[str, Any]) -> None:
-    """Tables of ``ls``: one per run, marks for latest / best source / Drive / pinned, then totals.
+def render_ls(listing: Any) -> None:
+    """Tables of ``ls`` (a :class:`~ckptctl.storage.listing.Listing`): one per run, marks for latest / best source / Drive / pinned, then totals.
 
     Plain text written in one go (bold run names on a terminal): a folder of 100 runs
-    prints in milliseconds, and names are never parsed as markup.
+    prints in milliseconds, and names are never parsed as markup. The runs' problems are
+    the report's warnings, printed by the output object.
     """
-    runs = doc["runs"]
+    runs = listing.to_json()["runs"]
     if not runs:
         sys.stdout.write("No runs found.\n")
         return
@@ -202,8 +198,6 @@ def render_ls(doc: dict[str, Any]) -> None:
         lines.append(f"  {len(rows)} checkpoint(s), {size(run['total_bytes'])} in total")
         lines.extend(drive_lines(run.get("drive"), latest_id=max((r["id"] for r in rows), default=None)))
         lines.append("")
-        for problem in run.get("problems") or []:
-            warn(f"{run['name']}: {problem}")
     if len(runs) > 1:
         lines.append(f"{len(runs)} runs, {total_checkpoints} checkpoints, {size(total_bytes)} in total")
     sys.stdout.write("\n".join(lines) + "\n")
@@ -269,8 +263,9 @@ def _ls_cells(row: dict[str, Any], metrics: list[str]) -> list[str]:
 _STATUS_STYLE = {"ok": "green", "corrupt": "red", "missing": "red", "unsafe": "magenta", "nonfinite": "yellow"}
 
 
-def render_verify(doc: dict[str, Any]) -> None:
-    """The ``verify`` table and a one-line summary."""
+def render_verify(report: Any) -> None:
+    """The ``verify`` table (of a :class:`~ckptctl.ops.VerifyReport`) and a one-line summary."""
+    doc = report.to_json()
     out = console()
     table = _table(show_edge=False, pad_edge=False)
     for name in ("Run", "ID", "Status", "Path", "Detail"):
@@ -294,8 +289,9 @@ def render_verify(doc: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- show
 
 
-def render_show(d: dict[str, Any]) -> None:
-    """``show``: one checkpoint in depth."""
+def render_show(report: Any) -> None:
+    """``show``: one checkpoint in depth (a :class:`~ckptctl.ops.CheckpointDescription`)."""
+    d = report.to_json()
     out = console()
     out.print(heading(d["label"], d["path"]))
     out.print(f"  size {size(d['size_bytes'])}, saved {age(d['timestamp'])} ({d['timestamp']})")
@@ -319,8 +315,9 @@ def render_show(d: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- diff
 
 
-def render_diff(d: dict[str, Any], show_all: bool = False) -> None:
-    """``diff``: positions and metrics side by side, then the tensors that differ."""
+def render_diff(report: Any, show_all: bool = False) -> None:
+    """``diff`` (a :class:`~ckptctl.ops.DiffReport`): positions and metrics side by side, then the tensors that differ (all with ``show_all``)."""
+    d = report.to_json()
     out = console()
     a, b = d["a"], d["b"]
     head = _table(show_edge=False, pad_edge=False)
@@ -365,8 +362,13 @@ def _max_abs_diff(t: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- resume-info
 
 
-def render_resume_info(d: dict[str, Any]) -> None:
-    """``resume-info``: what resume would load, and what it would skip."""
+def render_resume_info(report: Any) -> None:
+    """``resume-info`` (a :class:`~ckptctl.ops.ResumeInfoReport`): per run, what resume would load and what it would skip."""
+    for info in report.runs:
+        _render_resume_info_run(info.to_json())
+
+
+def _render_resume_info_run(d: dict[str, Any]) -> None:
     out = console()
     out.print(heading(d["run"], d["path"]))
     if d.get("index_problem"):
@@ -389,12 +391,11 @@ def render_resume_info(d: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- prune
 
 
-def render_prune_plans(plans: list[Any], dry_run: bool) -> None:
-    """The delete plan of each run: what goes, what stays and why, bytes freed."""
+def render_prune_plans(report: Any) -> None:
+    """The delete plan of each run (a :class:`~ckptctl.storage.plans.PruneReport`): what goes, what stays and why, bytes freed."""
     out = console()
-    freed = 0
-    count = 0
-    for plan in plans:
+    dry_run = report.dry_run
+    for plan in report.plans:
         out.print(heading(plan.run_dir.name, str(plan.run_dir)))
         for entry in plan.delete:
             out.print(f"  delete checkpoint {entry.id:>4}  {size(plan.sizes.get(entry.id, 0)):>9}  {entry.path}")
@@ -406,32 +407,63 @@ def render_prune_plans(plans: list[Any], dry_run: bool) -> None:
         out.print(f"  frees {size(plan.bytes_freed)}; {size(plan.bytes_after)} of checkpoints stay")
         if not plan.fits:
             warn(f"{plan.run_dir.name}: protected checkpoints alone take {size(plan.bytes_after)}, more than --max-size {size(plan.max_total_bytes)}")
-        freed += plan.bytes_freed
-        count += len(plan.delete)
     verb = "Would delete" if dry_run else "Plan: delete"
-    out.print(f"{verb} {count} checkpoint(s), freeing {size(freed)}." + (" (dry run: nothing deleted)" if dry_run else ""))
+    out.print(f"{verb} {report.delete_count} checkpoint(s), freeing {size(report.bytes_freed)}." + (" (dry run: nothing deleted)" if dry_run else ""))
 
 
-def prune_plan_json(plans: list[Any], dry_run: bool, deleted: dict[str, list[str]] | None = None) -> dict[str, Any]:
-    """The ``prune --json`` document."""
-    return {
-        "dry_run": dry_run,
-        "runs": [
-            {
-                "run": p.run_dir.name,
-                "path": str(p.run_dir),
-                "delete": [{"id": e.id, "path": str(p.run_dir / e.path), "size_bytes": p.sizes.get(e.id, 0)} for e in p.delete],
-                "keep": [{"id": e.id, "protected": p.protected.get(e.id)} for e in p.keep],
-                "skipped": list(p.skipped),
-                "bytes_freed": p.bytes_freed,
-                "bytes_after": p.bytes_after,
-                "fits": p.fits,
-                "deleted": (deleted or {}).get(str(p.run_dir), []),
-            }
-            for p in plans
-        ],
-        "bytes_freed": sum(p.bytes_freed for p in plans),
-    }
+def render_prune_done(report: Any) -> None:
+    """After ``prune`` executed its plan: how many files it deleted (a note on stderr; the plan was shown before)."""
+    info(f"Deleted {sum(len(v) for v in (report.deleted or {}).values())} checkpoint file(s).")
+
+
+# --------------------------------------------------------------------------- promote, restore, backup
+
+
+def render_promote(report: Any) -> None:
+    """``promote`` (a :class:`~ckptctl.ops.PromoteReport`): the run's new best model in one line."""
+    best = report.best
+    console().print(
+        f"{report.run}: best model is now checkpoint {best.source_id} "
+        f"(epoch {best.epoch}, batch {best.batch}, {size(best.size_bytes)})" + (", pinned" if report.pinned else "")
+    )
+
+
+def render_restore(report: Any) -> None:
+    """``restore`` (a :class:`~ckptctl.storage.restore.RestoreReport`): what was copied, kept, and where resume starts."""
+    out = console()
+    out.print(f"Restored {len(report.copied)} file(s) ({size(report.bytes_copied)}) into {report.dest}; {len(report.already)} already present.")
+    for rel in report.kept_local:
+        out.print(f"  kept local {rel}: newer than the mirror's (use --force to overwrite)")
+    for problem in report.problems:
+        warn(problem)
+    if report.resume_id is not None:
+        out.print(
+            f"Resume will start from checkpoint {report.resume_id}: "
+            f"python -m ckptctl.trainloop --resume --output-dir {report.dest.parent} --run-name {report.source.name}"
+        )
+
+
+def render_backup(report: Any) -> None:
+    """``backup`` (a :class:`~ckptctl.storage.restore.BackupReport`): per run, what was copied and what is not on the mirror."""
+    from ckptctl.storage.mirror import BUDGET_MARGIN
+
+    out = console()
+    for run in report.runs:
+        rep = run.sync
+        out.print(
+            f"{run.run_dir.name}: copied {len(rep.copied)} file(s) ({size(rep.bytes_copied)}), "
+            f"{len(rep.skipped)} already on the mirror, {len(rep.deleted)} old removed -> {run.mirror}"
+        )
+        if not report.budget_given and rep.budget_bytes is not None:
+            out.print(
+                f"  Drive budget {size(rep.budget_bytes)} (free space plus this run's mirror, "
+                f"less {BUDGET_MARGIN:.0%}; --max-size sets it)"
+            )
+        if rep.not_mirrored:
+            out.print(
+                f"  newest on the mirror: #{rep.newest_verified_id}; not mirrored: "
+                f"{', '.join(map(str, rep.not_mirrored))} ({size(rep.used_bytes)} used of {size(rep.budget_bytes)})"
+            )
 
 
 # --------------------------------------------------------------------------- bench
@@ -455,8 +487,9 @@ _BENCH_TIMES = [
 ]
 
 
-def render_bench(result: dict[str, Any]) -> None:
-    """The ``bench`` tables: timings, ratios against their goals, and the --save-every advice."""
+def render_bench(report: Any) -> None:
+    """The ``bench`` tables (a :class:`~ckptctl.bench.BenchReport`): timings, ratios against their goals, and the --save-every advice."""
+    result = report.to_json()
     out = console()
     m = result["measurements"]
     out.print(heading("ckptctl bench", f"{size(result['size_bytes'])} of float32 tensors"))

@@ -53,9 +53,9 @@ def test_recommendation_keeps_stall_under_one_percent():
 
 @pytest.mark.slow
 def test_full_bench_runs_every_section(tmp_path):
-    doc = run_bench(16 * 1024 * 1024, workdir=tmp_path, repeats=1)
-    measured = {name: r for name, r in doc["ratios"].items() if not name.startswith("scale_")}  # scale runs alone
-    assert all(r["value"] is not None for r in measured.values()), doc["ratios"]
+    report = run_bench(16 * 1024 * 1024, workdir=tmp_path, repeats=1)
+    measured = {name: r for name, r in report.ratios.items() if not name.startswith("scale_")}  # scale runs alone
+    assert all(r["value"] is not None for r in measured.values()), report.ratios
 
 
 def test_bench_scale_section_saves_and_verifies_one_checkpoint(tmp_path):

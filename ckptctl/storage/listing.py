@@ -1,8 +1,8 @@
 """What ``ckptctl ls`` shows, read cheaply: metadata and ``stat`` only, never a checkpoint payload.
 
-:func:`list_runs` turns the run directories at a path into frozen :class:`RunListing`
-records (raw ints for bytes, UTC ISO strings for times) and :func:`listing_to_json`
-gives the stable ``--json`` shape. No torch here.
+:func:`list_runs` turns the run directories at a path into a frozen :class:`Listing` of
+:class:`RunListing` records (raw ints for bytes, UTC ISO strings for times); their
+``to_json()`` gives the stable ``--json`` shape. No torch here.
 """
 
 from __future__ import annotations
@@ -91,6 +91,56 @@ class RunListing:
         """Timestamp of the newest checkpoint (by id), if known."""
         rows = [c for c in self.checkpoints if c.timestamp]
         return max(rows, key=lambda c: c.id).timestamp if rows else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``ls --json`` form of this run (raw bytes, ISO timestamps, paths joined to the run path)."""
+        best = None
+        if self.best is not None:
+            b = self.best
+            best = {
+                "source_id": b.source_id,
+                "epoch": b.epoch,
+                "batch": b.batch,
+                "metrics": _json_metrics(b.metrics),
+                "size_bytes": b.size_bytes,
+                "path": str(self.path / b.path),
+                "metric": b.metric,
+                "value": b.value if b.value is None or math.isfinite(b.value) else None,
+                "promoted_by_hand": b.promoted_by_hand,
+                "present": b.present,
+            }
+        latest = self.latest_id
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "total_bytes": self.total_bytes,
+            "indexed": self.indexed,
+            "locked": self.locked,
+            "status": self.status,
+            "drive": self.drive,
+            "checkpoints": [
+                {
+                    "id": c.id,
+                    "epoch": c.epoch,
+                    "batch": c.batch,
+                    "global_step": c.global_step,
+                    "metrics": _json_metrics(c.metrics),
+                    "size_bytes": c.size_bytes,
+                    "timestamp": c.timestamp,
+                    "path": str(self.path / c.path),
+                    "checksum": c.checksum,
+                    "pinned": c.pinned,
+                    "mirrored": c.mirrored,
+                    "indexed": c.indexed,
+                    "present": c.present,
+                    "latest": c.id == latest,
+                    "best_source": best is not None and c.id == self.best.source_id,
+                }
+                for c in self.checkpoints
+            ],
+            "best": best,
+            "problems": list(self.problems),
+        }
 
 
 def _mtime_iso(path: Path) -> str | None:
@@ -218,70 +268,35 @@ def listing_from_scan(scan: RunScan) -> RunListing:
     )
 
 
-def list_runs(path: str | os.PathLike) -> list[RunListing]:
+def _json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What ``ckptctl ls`` reports: every run at a path (none for an existing folder without runs)."""
+
+    runs: tuple[RunListing, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """Always True: a damaged run is listed with its problems, which are warnings."""
+        return True
+
+    @property
+    def warnings(self) -> list[str]:
+        """Each run's problems, as ``RUN: problem`` lines."""
+        return [f"{run.name}: {problem}" for run in self.runs for problem in run.problems]
+
+    def to_json(self) -> dict[str, Any]:
+        """The whole ``ls --json`` document: ``{"runs": [...]}``."""
+        return {"runs": [run.to_json() for run in self.runs]}
+
+
+def list_runs(path: str | os.PathLike) -> Listing:
     """List every run at ``path`` (a run, a folder of runs, or a Drive mirror root).
 
     Raises FileNotFoundError / NotADirectoryError for a bad ``path``; a damaged run is
     still listed, with its problems.
     """
-    return [listing_from_scan(scan_run(run)) for run in find_runs(path)]
-
-
-def _json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
-    return {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in metrics.items()}
-
-
-def run_to_json(run: RunListing) -> dict[str, Any]:
-    """The ``--json`` form of one run (raw bytes, ISO timestamps, paths joined to the run path)."""
-    best = None
-    if run.best is not None:
-        b = run.best
-        best = {
-            "source_id": b.source_id,
-            "epoch": b.epoch,
-            "batch": b.batch,
-            "metrics": _json_metrics(b.metrics),
-            "size_bytes": b.size_bytes,
-            "path": str(run.path / b.path),
-            "metric": b.metric,
-            "value": b.value if b.value is None or math.isfinite(b.value) else None,
-            "promoted_by_hand": b.promoted_by_hand,
-            "present": b.present,
-        }
-    latest = run.latest_id
-    return {
-        "name": run.name,
-        "path": str(run.path),
-        "total_bytes": run.total_bytes,
-        "indexed": run.indexed,
-        "locked": run.locked,
-        "status": run.status,
-        "drive": run.drive,
-        "checkpoints": [
-            {
-                "id": c.id,
-                "epoch": c.epoch,
-                "batch": c.batch,
-                "global_step": c.global_step,
-                "metrics": _json_metrics(c.metrics),
-                "size_bytes": c.size_bytes,
-                "timestamp": c.timestamp,
-                "path": str(run.path / c.path),
-                "checksum": c.checksum,
-                "pinned": c.pinned,
-                "mirrored": c.mirrored,
-                "indexed": c.indexed,
-                "present": c.present,
-                "latest": c.id == latest,
-                "best_source": best is not None and c.id == run.best.source_id,
-            }
-            for c in run.checkpoints
-        ],
-        "best": best,
-        "problems": list(run.problems),
-    }
-
-
-def listing_to_json(runs: list[RunListing]) -> dict[str, Any]:
-    """The whole ``ls --json`` document: ``{"runs": [...]}``."""
-    return {"runs": [run_to_json(r) for r in runs]}
+    return Listing(tuple(listing_from_scan(scan_run(run)) for run in find_runs(path)))

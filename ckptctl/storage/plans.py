@@ -3,24 +3,31 @@
 The rule itself is the pure :func:`ckptctl.core.retention.ids_to_delete`; this module
 gathers its inputs from disk (sizes, the best model's source, the newest checkpoint
 whose checksum verifies) and carries out a plan: index first, files after. No torch.
+
+The whole workflow over several runs is :func:`open_prune`: it takes each run's lock
+(not for a dry run), finishes what an interrupted prune left, plans, and hands back a
+:class:`PruneSession` whose :meth:`~PruneSession.execute` deletes while the locks are
+still held. The caller only shows the plan and asks before executing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator, Mapping
 
 from ckptctl.core.format import INDEX_FILE, checkpoint_relpath
 from ckptctl.core.manifest import CheckpointEntry
 from ckptctl.core.resume import choose_resume_checkpoint
 from ckptctl.core.retention import RetentionItem, ids_to_delete, protected_ids
-from ckptctl.errors import CkptctlError, CorruptIndexError, UnsafePathError
+from ckptctl.errors import CkptctlError, CorruptIndexError, RunLockedError, UnsafePathError
 from ckptctl.storage import legacy
 from ckptctl.storage.atomic import atomic_write_bytes, resolve_inside, verify_checksum
+from ckptctl.storage.lock import RunLock, is_locked
 from ckptctl.storage.runfiles import (
     checkpoint_file_for_deletion,
     commit_removal,
@@ -62,6 +69,32 @@ class PrunePlan:
     def fits(self) -> bool:
         """False when ``--max-size`` cannot be met because protected checkpoints alone exceed it."""
         return self.max_total_bytes is None or self.bytes_after <= self.max_total_bytes
+
+    def to_json(self, deleted: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+        """One run of ``prune --json``; ``deleted``: the run-relative paths deleted when it was executed."""
+        return {
+            "run": self.run_dir.name,
+            "path": str(self.run_dir),
+            "delete": [{"id": e.id, "path": str(self.run_dir / e.path), "size_bytes": self.sizes.get(e.id, 0)} for e in self.delete],
+            "keep": [{"id": e.id, "protected": self.protected.get(e.id)} for e in self.keep],
+            "skipped": list(self.skipped),
+            "bytes_freed": self.bytes_freed,
+            "bytes_after": self.bytes_after,
+            "fits": self.fits,
+            "deleted": list(deleted),
+        }
+
+    def execute(self, *, lock_held: bool = False) -> list[str]:
+        """Carry out this plan (see :func:`execute_prune`); returns the run-relative paths deleted.
+
+        Takes the run lock for the deletion unless the caller holds it (``lock_held``);
+        raises RunLockedError while a trainer holds it, CkptctlError if the run changed
+        since the plan was made (then nothing is deleted).
+        """
+        if lock_held:
+            return execute_prune(self)
+        with RunLock(self.run_dir):
+            return execute_prune(self)
 
 
 def _size_on_disk(run_dir: Path, entry: CheckpointEntry) -> int:
@@ -264,3 +297,116 @@ def execute_prune(plan: PrunePlan) -> list[str]:
     deleted = delete_checkpoint_files(run_dir, plan.delete)
     finish_removal(run_dir, marked, doomed)
     return deleted
+
+
+# --------------------------------------------------------------------------- the prune workflow
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What ``prune`` planned over its runs and, once executed, deleted.
+
+    ``deleted`` maps a run's path to the run-relative paths deleted (None: not executed);
+    ``refused`` names the runs left out because a trainer held them (the command fails).
+    """
+
+    plans: tuple[PrunePlan, ...] = ()
+    dry_run: bool = False
+    deleted: Mapping[str, tuple[str, ...]] | None = None
+    refused: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """False when some run was refused (locked by a trainer)."""
+        return not self.refused
+
+    @property
+    def todo(self) -> tuple[PrunePlan, ...]:
+        """The plans that delete something."""
+        return tuple(p for p in self.plans if p.delete)
+
+    @property
+    def delete_count(self) -> int:
+        """Checkpoints the plans delete."""
+        return sum(len(p.delete) for p in self.plans)
+
+    @property
+    def bytes_freed(self) -> int:
+        """Bytes the plans free."""
+        return sum(p.bytes_freed for p in self.plans)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``prune --json`` document."""
+        deleted = self.deleted or {}
+        return {
+            "dry_run": self.dry_run,
+            "runs": [p.to_json(deleted.get(str(p.run_dir), ())) for p in self.plans],
+            "bytes_freed": self.bytes_freed,
+        }
+
+
+@dataclass(frozen=True)
+class PruneNote:
+    """Something to tell before the plan: ``level`` is ``"info"``, ``"warning"`` or ``"error"`` (``error`` set: a run refused)."""
+
+    level: str
+    message: str
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class PruneSession:
+    """Plans made by :func:`open_prune`, with the runs' locks held (unless a dry run) until its block ends."""
+
+    report: PruneReport
+    notes: tuple[PruneNote, ...] = ()
+
+    def execute(self) -> PruneReport:
+        """Delete what the plans say (not for a dry run); the report with what was deleted."""
+        if self.report.dry_run:
+            raise CkptctlError("a dry run deletes nothing")
+        deleted = {str(plan.run_dir): tuple(plan.execute(lock_held=True)) for plan in self.report.todo}
+        return PruneReport(self.report.plans, False, deleted, self.report.refused)
+
+
+@contextlib.contextmanager
+def open_prune(
+    run_dirs: list[Path],
+    *,
+    keep_last: int | None = None,
+    max_total_bytes: int | None = None,
+    dry_run: bool = False,
+    loads: Callable[[Path], bool] | None = None,
+) -> Iterator[PruneSession]:
+    """Plan pruning of ``run_dirs`` and hold their locks while the caller shows the plan and executes it.
+
+    Not a dry run: each run's lock is taken first (a run a trainer holds is refused: an
+    ``"error"`` note, left out of the plan), and what an interrupted prune left behind its
+    tombstones is deleted (an ``"info"`` note). A dry run takes no lock and only warns
+    when a trainer holds a run. ``loads`` is the safe trial load for runs without
+    checksums (see :func:`plan_prune`).
+    """
+    notes: list[PruneNote] = []
+    refused: list[str] = []
+    usable: list[Path] = []
+    with contextlib.ExitStack() as locks:
+        for run in run_dirs:
+            if dry_run:
+                if is_locked(run):
+                    notes.append(PruneNote("warning", f"{run.name}: a trainer holds this run; the plan may change before you prune"))
+                usable.append(run)
+                continue
+            try:
+                locks.enter_context(RunLock(run))
+            except RunLockedError as exc:
+                notes.append(PruneNote("error", str(exc), exc))
+                refused.append(str(run))
+                continue
+            usable.append(run)
+            finished = finish_interrupted_prune(run)  # an earlier prune killed before its last delete
+            if finished:
+                notes.append(
+                    PruneNote("info", f"{run.name}: finished deleting {len(finished)} checkpoint file(s) an interrupted prune left: {', '.join(finished)}")
+                )
+        plans = tuple(plan_prune(run, keep_last=keep_last, max_total_bytes=max_total_bytes, loads=loads) for run in usable)
+        yield PruneSession(PruneReport(plans, dry_run, None, tuple(refused)), tuple(notes))

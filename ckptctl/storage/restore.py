@@ -85,6 +85,25 @@ class RestoreReport:
         self.skipped.append({"path": relpath, "reason": reason})
         self.problems.append(f"{relpath} not restored: {reason}")
 
+    @property
+    def ok(self) -> bool:
+        """True when every mirror entry asked for was restored (or already present)."""
+        return not self.problems
+
+    def to_json(self) -> dict:
+        """The ``restore --json`` document."""
+        return {
+            "run": self.source.name,
+            "source": str(self.source),
+            "dest": str(self.dest),
+            "copied": self.copied,
+            "already_present": self.already,
+            "kept_local": self.kept_local,
+            "problems": self.problems,
+            "bytes_copied": self.bytes_copied,
+            "resume_id": self.resume_id,
+        }
+
 
 @dataclass
 class _Copy:
@@ -370,3 +389,71 @@ def backup_run(
             commit_index(local_run, updated)
         write_mirror_status(local_run, report, mirror_run=mirror_run)
     return report
+
+
+@dataclass(frozen=True)
+class RunBackup:
+    """One run pushed by ``ckptctl backup``: the local run, its mirror folder, and what the sync did."""
+
+    run_dir: Path
+    mirror: Path
+    sync: SyncReport
+
+    @property
+    def problems(self) -> list[str]:
+        """Damaged local checkpoints that were not backed up, and a newest checkpoint too big for the budget."""
+        lines = [f"checkpoint {item['id']} not backed up: {item['reason']}" for item in self.sync.damaged]
+        return lines + ([self.sync.too_big] if self.sync.too_big else [])
+
+    def to_json(self) -> dict:
+        """One run of ``backup --json``."""
+        rep = self.sync
+        return {
+            "run": self.run_dir.name, "path": str(self.run_dir), "mirror": str(self.mirror), "copied": rep.copied,
+            "unchanged": rep.skipped, "deleted": rep.deleted, "bytes_copied": rep.bytes_copied,
+            "newest_verified_id": rep.newest_verified_id, "not_mirrored": rep.not_mirrored,
+            "used_bytes": rep.used_bytes, "budget_bytes": rep.budget_bytes, "too_big": rep.too_big,
+            "damaged": rep.damaged,
+        }
+
+
+@dataclass(frozen=True)
+class BackupReport:
+    """What ``ckptctl backup`` did over its runs; ``budget_given``: the budget came from ``--max-size``, not Drive's free space."""
+
+    drive: Path
+    runs: tuple[RunBackup, ...]
+    budget_given: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """False when a local checkpoint was damaged or the newest did not fit."""
+        return not self.warnings
+
+    @property
+    def warnings(self) -> list[str]:
+        """Every run's problems, as ``RUN: problem`` lines."""
+        return [f"{run.run_dir.name}: {line}" for run in self.runs for line in run.problems]
+
+    def to_json(self) -> dict:
+        """The ``backup --json`` document."""
+        return {"drive": str(self.drive), "runs": [run.to_json() for run in self.runs]}
+
+
+def backup_to_drive(
+    local_run: str | os.PathLike,
+    drive: str | os.PathLike,
+    *,
+    max_size: int | str | None = None,
+    on_progress: ProgressCallback = None,
+) -> RunBackup:
+    """``ckptctl backup`` of one run: :func:`backup_run` within ``max_size``, by default the Drive budget.
+
+    The default (``max_size`` None) is :func:`ckptctl.storage.mirror.default_budget`: the
+    Drive folder's free space plus what the run's mirror holds, less a margin. When the
+    Drive folder is missing, :func:`backup_run` says Drive is not mounted.
+    """
+    local_run, drive = Path(local_run), Path(drive)
+    mirror = drive / local_run.resolve().name
+    budget = resolve_budget(max_size, mirror) if drive.is_dir() else None
+    return RunBackup(local_run, mirror, backup_run(local_run, drive, max_bytes=budget, on_progress=on_progress))
