@@ -11,6 +11,7 @@ inside the command, so ``ckptctl --help`` and ``ckptctl ls`` start fast without 
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
@@ -21,7 +22,7 @@ from typer.core import TyperGroup
 from ckptctl import __version__
 from ckptctl.errors import CkptctlError, NotFoundError
 from ckptctl.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, debug_enabled, error_line
-from ckptctl.output import JSON_HELP, QUIET_HELP, Output
+from ckptctl.output import JSON_HELP, LIBRARY_LOGGER, QUIET_HELP, Output
 
 
 def _lossless_output() -> None:
@@ -75,14 +76,22 @@ class _Group(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
     def invoke(self, ctx):
-        """Run the command; what it raises goes to :func:`handle_error` here, before click turns Ctrl-C into "Aborted"."""
+        """Run the command; what it raises goes to :func:`handle_error` here, before click turns Ctrl-C into "Aborted".
+
+        The library loggers' level (``--quiet`` raises it) is put back afterwards, for a
+        process that runs several commands (tests, a notebook).
+        """
         _lossless_output()
+        library_log = logging.getLogger(LIBRARY_LOGGER)
+        level = library_log.level
         try:
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except (Exception, KeyboardInterrupt) as exc:
             raise typer.Exit(handle_error(exc)) from None
+        finally:
+            library_log.setLevel(level)
 
 
 app = typer.Typer(

@@ -4,8 +4,9 @@
   stdout; notes, warnings and (on a terminal) progress bars go to stderr.
 - ``json`` (``--json``): ``report.to_json()`` as one JSON document on stdout; notes and
   warnings still go to stderr; no progress bars.
-- ``quiet`` (``--quiet``/``-q``): nothing on stdout and no notes or warnings; the exit code
-  alone carries the result. ``Error: …`` lines still go to stderr.
+- ``quiet`` (``--quiet``/``-q``): nothing on stdout and no notes or warnings (the library's
+  logged warnings included); the exit code alone carries the result. ``Error: …`` lines
+  still go to stderr.
 
 A report is any object with ``to_json()`` and ``ok`` (False makes the command exit 1); it
 may also have ``warnings`` (lines for stderr, printed after the data in human and JSON
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import sys
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -56,6 +58,15 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+#: The library's loggers (``ckptctl``, ``ckptctl.mirror``, ...): quiet mode raises their level to ERROR.
+LIBRARY_LOGGER = "ckptctl"
+
+
+def _silence_library_warnings() -> None:
+    """Keep the library's logged warnings off stderr (errors still show); the CLI's group restores the level afterwards."""
+    logging.getLogger(LIBRARY_LOGGER).setLevel(logging.ERROR)
+
+
 @dataclass(frozen=True)
 class Output:
     """Prints reports, notes and errors for one command run in one :class:`Mode`."""
@@ -67,6 +78,8 @@ class Output:
         """The output for ``--json`` / ``--quiet`` (a usage error when both are given)."""
         if json_out and quiet:
             raise typer.BadParameter("--json and --quiet exclude each other", param_hint="'--json' / '--quiet'")
+        if quiet:
+            _silence_library_warnings()
         return cls(Mode.JSON if json_out else Mode.QUIET if quiet else Mode.HUMAN)
 
     def emit(self, report: Report, human: Callable[[Any], None] | None = None) -> None:
