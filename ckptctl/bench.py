@@ -21,7 +21,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from ckptctl.core.format import CHECKPOINT_DIR, checkpoint_relpath, utc_now_iso
 from ckptctl.core.manifest import CheckpointEntry, Index
@@ -438,7 +438,7 @@ class BenchReport:
     ratios: dict[str, dict[str, Any]]
     recommendation: dict[str, Any] | None
 
-    ok = True  # a goal missed is reported, not a failure
+    ok: ClassVar[bool] = True  # a goal missed is reported, not a failure
 
     def to_json(self) -> dict[str, Any]:
         """The ``bench --json`` document."""

@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 
 from ckptctl.core.format import BEST_METADATA_FILE, BEST_MODEL_FILE, INDEX_FILE, TRAINING_STATE_FILE
@@ -313,7 +313,7 @@ class CheckpointDescription:
     extra: Any
     resume: dict[str, Any] | None
 
-    ok = True
+    ok: ClassVar[bool] = True  # a file that fails to load raises instead
 
     def to_json(self) -> dict[str, Any]:
         """The ``show --json`` document."""
@@ -414,7 +414,10 @@ class DiffReport:
         """True when every tensor is byte for byte the same (whatever ``atol``)."""
         return all(r.bit_identical for r in self.rows)
 
-    ok = identical
+    @property
+    def ok(self) -> bool:
+        """Identical (``diff`` exits 1 otherwise, like diff(1))."""
+        return self.identical
 
     def to_json(self) -> dict[str, Any]:
         """The ``diff --json`` document."""
@@ -575,7 +578,7 @@ class PromoteReport:
     best: BestInfo
     pinned: bool
 
-    ok = True
+    ok: ClassVar[bool] = True  # a refusal raises instead
 
     def to_json(self) -> dict[str, Any]:
         """The ``promote --json`` document."""
