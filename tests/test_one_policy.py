@@ -41,7 +41,7 @@ def test_resume_resume_info_and_prune_agree_on_the_checkpoint_resume_uses(tmp_pa
     run = tmp_path / "run"
     _run(run, 4)
     (run / "checkpoints" / "checkpoint_00003.pt").write_bytes(b"damaged")  # the newest no longer verifies
-    assert resume_info(run)["checkpoint"]["id"] == 2
+    assert resume_info(run).checkpoint["id"] == 2
     plan = plan_prune(run, keep_last=1)
     assert 2 not in {e.id for e in plan.delete} and "newest" in plan.protected[2]
     with ModelPersistence(run) as p:
