@@ -28,7 +28,9 @@ from ckptctl.exit_codes import (
     error_line,
     error_message,
 )
-from tests.cli_helpers import REPO, ckpt, flip_byte, invoke, run_cli, write_run
+from tests.cli_helpers import REPO, invoke, run_cli
+from tests.damage import flip_byte
+from tests.runs import ckpt
 
 
 def _params(command_name: str) -> set[str]:
@@ -61,10 +63,10 @@ def _quiet(*args: str, code: int):
     return result
 
 
-def test_quiet_on_a_good_run_prints_nothing_and_exits_0(tmp_path):
+def test_quiet_on_a_good_run_prints_nothing_and_exits_0(tmp_path, make_run):
     drive = tmp_path / "drive"
     drive.mkdir()
-    run = write_run(tmp_path / "runs", "run_a", n=3)
+    run = make_run(n=3)
     for args in (
         ["ls"],
         ["verify"],
@@ -82,11 +84,10 @@ def test_quiet_on_a_good_run_prints_nothing_and_exits_0(tmp_path):
     assert (tmp_path / "restored" / "run_a" / "checkpoint_metadata.json").exists()  # restore -q did restore
 
 
-def test_quiet_on_a_damaged_run_prints_nothing_and_exits_1(tmp_path):
+def test_quiet_on_a_damaged_run_prints_nothing_and_exits_1(tmp_path, make_run):
     drive = tmp_path / "drive"
     drive.mkdir()
-    run = write_run(tmp_path / "runs", "run_a", n=3)
-    flip_byte(ckpt(run, 2))
+    run = make_run(n=3, corrupt=[2])
     _quiet("ls", code=EXIT_OK)  # listing reads no payload: a flipped byte is not its business
     _quiet("verify", code=EXIT_PROBLEMS)
     _quiet("verify", "--deep", code=EXIT_PROBLEMS)
@@ -99,9 +100,8 @@ def test_quiet_on_a_damaged_run_prints_nothing_and_exits_1(tmp_path):
     _quiet("resume-info", "runs/run_a", code=EXIT_PROBLEMS)  # none verifies
 
 
-def test_quiet_still_prints_errors(tmp_path):
-    run = write_run(tmp_path / "runs", "run_a", n=3)
-    flip_byte(ckpt(run, 1))
+def test_quiet_still_prints_errors(make_run):
+    run = make_run(n=3, corrupt=[1])
     for args, code in ((["ls", "missing"], EXIT_USAGE), (["show", "runs/run_a", "1"], EXIT_PROBLEMS), (["promote", "runs/run_a", "7"], EXIT_USAGE)):
         result = invoke(*args, "--quiet")
         assert result.exit_code == code, (args, result.stderr)
@@ -112,9 +112,8 @@ def test_quiet_still_prints_errors(tmp_path):
     assert ckpt(run, 0).exists()
 
 
-def test_quiet_drops_warnings_that_json_and_tables_print(tmp_path):
-    run = write_run(tmp_path / "runs", "run_a", n=2)
-    ckpt(run, 0).unlink()  # the listing warns: file missing
+def test_quiet_drops_warnings_that_json_and_tables_print(make_run):
+    make_run(n=2, drop=[0])  # the listing warns: file missing
     shown = invoke("ls")
     as_json = invoke("ls", "--json")
     assert "warning: run_a: checkpoint 0" in shown.stderr and shown.stderr == as_json.stderr

@@ -101,48 +101,41 @@ def test_prune_refuses_while_a_trainer_holds_the_lock(make_run):
     assert _ids(run) == [3]
 
 
-def test_prune_plan_execute_takes_the_run_lock_itself(tmp_path):
+def test_prune_plan_execute_takes_the_run_lock_itself(make_run):
     """The library's plan -> execute without the CLI: execute() refuses while a trainer holds the run, deletes after."""
-    from ckptctl import ModelPersistence
     from ckptctl.errors import RunLockedError
     from ckptctl.storage.plans import plan_prune
 
-    run = write_run(tmp_path / "runs", "run_a", n=4)
+    run = make_run(n=4)
     plan = plan_prune(run, keep_last=1)
     assert [e.id for e in plan.delete] == [0, 1, 2]
-    trainer = ModelPersistence(run)
-    try:
-        with pytest.raises(RunLockedError):
-            plan.execute()
-        assert len(_files(run)) == 4
-    finally:
-        trainer.close()
+    make_run.lock(run)
+    with pytest.raises(RunLockedError):
+        plan.execute()
+    assert len(_files(run)) == 4
+    make_run.unlock(run)
     assert sorted(plan.execute()) == [f"checkpoints/checkpoint_0000{i}.pt" for i in range(3)]
     assert _ids(run) == [3] and _files(run) == ["checkpoint_00003.pt"]
 
 
-def test_open_prune_holds_the_locks_from_plan_to_execute(tmp_path):
+def test_open_prune_holds_the_locks_from_plan_to_execute(make_run):
     """open_prune locks every run before planning; a locked run is an error note, left out, and the report is not ok."""
-    from ckptctl import ModelPersistence
     from ckptctl.errors import CkptctlError, RunLockedError
     from ckptctl.storage.lock import is_locked
     from ckptctl.storage.plans import open_prune
 
-    a = write_run(tmp_path / "runs", "run_a", n=3)
-    b = write_run(tmp_path / "runs", "run_b", n=3)
-    trainer = ModelPersistence(b)
-    try:
-        with open_prune([a, b], keep_last=1) as session:
-            assert is_locked(a)  # held while the caller shows the plan and asks
-            (note,) = session.notes
-            assert note.level == "error" and isinstance(note.error, RunLockedError)
-            assert [p.run_dir for p in session.report.plans] == [a] and not session.report.ok
-            done = session.execute()
-        assert not is_locked(a)
-        assert done.to_json()["runs"][0]["deleted"] == ["checkpoints/checkpoint_00000.pt", "checkpoints/checkpoint_00001.pt"]
-        assert not done.ok and len(_files(b)) == 3
-    finally:
-        trainer.close()
+    a = make_run("run_a", n=3)
+    b = make_run("run_b", n=3, lock=True)
+    with open_prune([a, b], keep_last=1) as session:
+        assert is_locked(a)  # held while the caller shows the plan and asks
+        (note,) = session.notes
+        assert note.level == "error" and isinstance(note.error, RunLockedError)
+        assert [p.run_dir for p in session.report.plans] == [a] and not session.report.ok
+        done = session.execute()
+    assert not is_locked(a)
+    assert done.to_json()["runs"][0]["deleted"] == ["checkpoints/checkpoint_00000.pt", "checkpoints/checkpoint_00001.pt"]
+    assert not done.ok and len(_files(b)) == 3
+    make_run.unlock(b)
     with open_prune([a, b], keep_last=1, dry_run=True) as dry:
         assert not is_locked(b) and dry.notes == ()
         with pytest.raises(CkptctlError):
