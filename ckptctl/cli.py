@@ -20,6 +20,7 @@ import typer
 from typer.core import TyperGroup
 
 from ckptctl import __version__
+from ckptctl.config import DRIVE_OPTION_HELP, default_drive
 from ckptctl.errors import CkptctlError, NotFoundError
 from ckptctl.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, debug_enabled, error_line
 from ckptctl.output import JSON_HELP, LIBRARY_LOGGER, QUIET_HELP, Output
@@ -141,7 +142,6 @@ def complete_run_paths(incomplete: str) -> List[str]:
 
 def complete_drive_runs(ctx: typer.Context, incomplete: str) -> List[str]:
     """Run names on the Drive mirror (``--drive`` if already typed, else the default) for ``--run``."""
-    from ckptctl.storage.restore import default_drive
     from ckptctl.storage.scan import find_runs
 
     drive = ctx.params.get("drive") or default_drive()
@@ -399,7 +399,7 @@ def promote_command(
 @app.command("restore")
 def restore_command(
     from_drive: bool = typer.Option(False, "--from-drive", help="Restore from the Drive mirror (required)."),
-    drive: Optional[Path] = typer.Option(None, "--drive", metavar="PATH", help="Drive mirror root [default: $CKPTCTL_DRIVE, else /content/drive/MyDrive/ARC-EFE-Backups]."),
+    drive: Optional[Path] = typer.Option(None, "--drive", metavar="PATH", help=DRIVE_OPTION_HELP),
     run: Optional[str] = typer.Option(None, "--run", metavar="NAME", help="Run name on the mirror [default: the run with the newest checkpoint].", autocompletion=complete_drive_runs),
     checkpoint_id: Optional[int] = typer.Option(None, "--id", metavar="N", help="Restore only this checkpoint (plus the best model)."),
     to: Path = typer.Option(Path("runs"), "--to", metavar="DIR", help="Local folder of runs; the run lands in DIR/<run name>."),
@@ -421,7 +421,7 @@ def restore_command(
         ckptctl restore --from-drive --drive /mnt/drive/backups --run my_run --to runs
     """
     from ckptctl import render
-    from ckptctl.storage.restore import choose_mirror_run, default_drive, restore_run
+    from ckptctl.storage.restore import choose_mirror_run, restore_run
 
     out = Output.from_flags(json_out, quiet)
     if not from_drive:
@@ -441,7 +441,7 @@ def restore_command(
 @app.command("backup")
 def backup_command(
     path: Path = typer.Argument(Path("runs"), help="A run directory or a folder of runs.", autocompletion=complete_run_paths),
-    drive: Optional[Path] = typer.Option(None, "--drive", metavar="PATH", help="Drive mirror root [default: $CKPTCTL_DRIVE, else /content/drive/MyDrive/ARC-EFE-Backups]."),
+    drive: Optional[Path] = typer.Option(None, "--drive", metavar="PATH", help=DRIVE_OPTION_HELP),
     max_size: Optional[str] = typer.Option(None, "--max-size", metavar="SIZE", help="Per run, the most the mirror may hold, e.g. 14GB, 500MiB [default: Drive's free space plus the run's mirror, less 5%]."),
     json_out: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -462,7 +462,7 @@ def backup_command(
         ckptctl backup runs/ --max-size 14GB
     """
     from ckptctl import render
-    from ckptctl.storage.restore import BackupReport, backup_to_drive, default_drive
+    from ckptctl.storage.restore import BackupReport, backup_to_drive
 
     out = Output.from_flags(json_out, quiet)
     if max_size is not None:

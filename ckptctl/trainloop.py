@@ -48,7 +48,18 @@ import torch
 
 from ckptctl.arcdata import PairSet, copy_baseline_accuracy, load_arc
 from ckptctl.core.units import parse_size
+from ckptctl.config import DRIVE_ENV, drive_from_env
 from ckptctl.errors import BackgroundSaveError, CkptctlError
+from ckptctl.exit_codes import (
+    ERROR_TABLE,
+    EXIT_INTERRUPTED,
+    EXIT_PROBLEMS,
+    EXIT_USAGE,
+    ErrorRule,
+    debug_enabled,
+    error_line,
+    signal_exit_code,
+)
 from ckptctl.persistence import (
     ModelPersistence,
     latest_run,
@@ -70,7 +81,6 @@ from ckptctl.train_model import Components, train_step, validate
 
 log = logging.getLogger("ckptctl.trainloop")
 
-DRIVE_ENV = "CKPTCTL_DRIVE"
 
 
 class TrainloopError(CkptctlError):
@@ -122,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also save when this many minutes have passed since the last save")
     parser.add_argument("--max-checkpoints", type=int, default=5,
                         help="keep the newest N checkpoints (plus the best model's source and pinned ones)")
-    parser.add_argument("--drive-backup", default=os.environ.get(DRIVE_ENV) or None, metavar="PATH",
+    parser.add_argument("--drive-backup", default=drive_from_env(), metavar="PATH",
                         help=f"mirror the run to PATH/<run name>/ in the background, verified (default: ${DRIVE_ENV} "
                              "if set); Drive faults are retried and never stop training")
     parser.add_argument("--drive-max-size", default=None, metavar="SIZE",
@@ -612,7 +622,7 @@ def _finish_interrupted(s: _Session, step: _Step, signum: int) -> int:
     _say(line)
     s.closed = True
     p.close(mirror_timeout=_MIRROR_WAIT_INTERRUPTED)
-    return 128 + signum
+    return signal_exit_code(signum)
 
 
 def _close_after_error(s: _Session, exc: BaseException) -> None:
@@ -632,13 +642,28 @@ def _close_after_error(s: _Session, exc: BaseException) -> None:
         _say(f"warning: while closing after an error: {close_exc}")
 
 
-def _folder_fault_line(exc: OSError) -> str:
-    """The one line for a run folder that was moved, deleted, made read-only or filled under the loop."""
-    where = f"{exc.filename}: " if exc.filename else ""
-    return (
-        f"Error: {where}{exc.strerror or exc}; checkpoints committed before this are intact: "
-        "check the folder (moved, deleted, read-only or full?) and run again with --resume"
-    )
+#: What to do after the run folder was moved, deleted, made read-only or filled under the loop.
+FOLDER_FAULT_HINT = (
+    "checkpoints committed before this are intact: check the folder (moved, deleted, read-only or full?) "
+    "and run again with --resume"
+)
+
+#: The training loop's rows of the one error table (:mod:`ckptctl.exit_codes`): a refused start
+#: is a usage error; any other ckptctl error exits 1; a folder fault says what to do next.
+TRAINLOOP_ERRORS = (
+    ErrorRule(TrainloopError, EXIT_USAGE),
+    ErrorRule(CkptctlError, EXIT_PROBLEMS),
+    ErrorRule(OSError, EXIT_PROBLEMS, FOLDER_FAULT_HINT),
+    *ERROR_TABLE,
+)
+
+
+def _failure(exc: BaseException) -> BaseException:
+    """A background save that failed because the folder went away is reported as that OSError."""
+    cause = exc.__cause__
+    if isinstance(exc, BackgroundSaveError) and isinstance(cause, OSError) and not isinstance(cause, CkptctlError):
+        return cause
+    return exc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -648,22 +673,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="ckptctl: %(message)s", stream=sys.stderr)
     try:
         return run(args)
-    except TrainloopError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
-    except CkptctlError as exc:
-        cause = exc.__cause__
-        if isinstance(exc, BackgroundSaveError) and isinstance(cause, OSError) and not isinstance(cause, CkptctlError):
-            print(_folder_fault_line(cause), file=sys.stderr)  # a save failed because the folder went away
-        else:
-            print(f"Error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # the run folder moved, deleted or made read-only under a running loop
-        print(_folder_fault_line(exc), file=sys.stderr)
-        return 1
+    except (CkptctlError, OSError) as exc:
+        if debug_enabled():
+            raise
+        line, code = error_line(_failure(exc), TRAINLOOP_ERRORS)
+        print(line, file=sys.stderr)
+        return code
     except KeyboardInterrupt:  # a signal before the handlers were installed
         print("Error: interrupted before training started", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -39,14 +39,6 @@ from ckptctl.storage.mirror import SyncReport, apply_sync_report, resolve_budget
 from ckptctl.storage.runfiles import commit_index, replace_best, set_aside, settled_best
 from ckptctl.storage.scan import checkpoint_files_on_disk, find_runs, newest_of, read_best_record, read_index
 
-#: Where Colab mounts Drive, and the folder the trainloop mirrors to by default.
-COLAB_DRIVE_DEFAULT = "/content/drive/MyDrive/ARC-EFE-Backups"
-
-
-def default_drive() -> Path:
-    """The Drive mirror root: ``$CKPTCTL_DRIVE`` if set, else the Colab default."""
-    return Path(os.environ.get("CKPTCTL_DRIVE") or COLAB_DRIVE_DEFAULT)
-
 
 def choose_mirror_run(drive: str | os.PathLike, run: str | None = None) -> Path:
     """The mirror run to restore: the one named ``run``, else the newest (:func:`ckptctl.storage.scan.newest_of`, never file times)."""
