@@ -140,6 +140,14 @@ def complete_run_paths(incomplete: str) -> List[str]:
     return [p for p in found if p.startswith(incomplete)]
 
 
+def split_ref(spec: str) -> tuple[str, str | None]:
+    """``diff``'s argument form as (path, which): a file or a run (its newest), or ``RUN:ID`` / ``RUN:best``."""
+    if not Path(spec).exists() and ":" in spec:
+        run, _, which = spec.rpartition(":")
+        return run, which
+    return spec, None
+
+
 def complete_drive_runs(ctx: typer.Context, incomplete: str) -> List[str]:
     """Run names on the Drive mirror (``--drive`` if already typed, else the default) for ``--run``."""
     from ckptctl.storage.scan import find_runs
@@ -502,10 +510,10 @@ def diff_command(
         ckptctl diff runs/a/checkpoints/checkpoint_00003.pt runs/b --json
     """
     from ckptctl import render
-    from ckptctl.storage.select import parse_ref
+    from ckptctl.storage.select import select_checkpoint
 
     out = Output.from_flags(json_out, quiet)
-    ref_a, ref_b = parse_ref(a), parse_ref(b)
+    ref_a, ref_b = select_checkpoint(*split_ref(a)), select_checkpoint(*split_ref(b))
     from ckptctl.ops import diff_checkpoints
 
     out.finish(diff_checkpoints(ref_a, ref_b, atol=atol), lambda report: render.render_diff(report, show_all=show_all))

@@ -106,10 +106,3 @@ def select_checkpoint(path: str | os.PathLike, which: str | None = None) -> Chec
         raise NotFoundError(f"{path}: no such file or directory")
     return _ref_in_run(single_run(path), which)
 
-
-def parse_ref(spec: str) -> CheckpointRef:
-    """Parse ``diff``'s argument form: a file, a run (newest), or ``RUN:ID`` / ``RUN:best``."""
-    if not Path(spec).exists() and ":" in spec:
-        run, _, which = spec.rpartition(":")
-        return select_checkpoint(run, which)
-    return select_checkpoint(spec)
