@@ -151,6 +151,37 @@ def mirrored_record(checksum: str, size_bytes: int, at: str, mirror: str) -> dic
     return {"checksum": checksum, "size_bytes": size_bytes, "at": at, "mirror": mirror}
 
 
+def _read_file_record(data: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """The fields every file record (an index entry, the best model's) shares: position, metrics, time, size, checksum."""
+    checksum = _require(data, "checksum", str, what)
+    try:
+        parse_checksum(checksum)
+    except ValueError as exc:
+        raise CorruptIndexError(f"{what}: {exc}") from None
+    return {
+        "epoch": _require(data, "epoch", int, what),
+        "batch": _require(data, "batch", int, what),
+        "global_step": _require(data, "global_step", int, what),
+        "metrics": _read_metrics(data.get("metrics"), what),
+        "timestamp": _require(data, "timestamp", str, what),
+        "size_bytes": _require(data, "size_bytes", int, what),
+        "checksum": checksum,
+    }
+
+
+def _file_record_dict(record: Any) -> dict[str, Any]:
+    """The JSON form of the fields :func:`_read_file_record` reads (non-finite metrics as null)."""
+    return {
+        "epoch": record.epoch,
+        "batch": record.batch,
+        "global_step": record.global_step,
+        "metrics": _json_metrics(record.metrics),
+        "timestamp": record.timestamp,
+        "size_bytes": record.size_bytes,
+        "checksum": record.checksum,
+    }
+
+
 @dataclass(frozen=True)
 class CheckpointEntry:
     """One checkpoint as recorded in the index."""
@@ -173,13 +204,7 @@ class CheckpointEntry:
         return {
             "id": self.id,
             "path": self.path,
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "global_step": self.global_step,
-            "metrics": _json_metrics(self.metrics),
-            "timestamp": self.timestamp,
-            "size_bytes": self.size_bytes,
-            "checksum": self.checksum,
+            **_file_record_dict(self),
             "pinned": self.pinned,
             "mirrored": self.mirrored,
             "extra": self.extra,
@@ -197,23 +222,12 @@ class CheckpointEntry:
         path = check_relative_path(data.get("path"))
         if path != checkpoint_relpath(entry_id):  # the file name carries the id: never another checkpoint's file
             raise UnsafePathError(f"{what}: path {path!r} is not the file of checkpoint {entry_id} ({checkpoint_relpath(entry_id)})")
-        checksum = _require(data, "checksum", str, what)
-        try:
-            parse_checksum(checksum)
-        except ValueError as exc:
-            raise CorruptIndexError(f"{what}: {exc}") from None
         mirrored = data.get("mirrored")
         extra = data.get("extra") or {}
         return cls(
             id=entry_id,
             path=path,
-            epoch=_require(data, "epoch", int, what),
-            batch=_require(data, "batch", int, what),
-            global_step=_require(data, "global_step", int, what),
-            metrics=_read_metrics(data.get("metrics"), what),
-            timestamp=_require(data, "timestamp", str, what),
-            size_bytes=_require(data, "size_bytes", int, what),
-            checksum=checksum,
+            **_read_file_record(data, what),
             pinned=bool(data.get("pinned", False)),
             mirrored=mirrored if isinstance(mirrored, dict) else None,
             extra=extra if isinstance(extra, dict) else {},
@@ -297,13 +311,7 @@ class BestInfo:
             "format_version": FORMAT_VERSION,
             "path": self.path,
             "source_id": self.source_id,
-            "epoch": self.epoch,
-            "batch": self.batch,
-            "global_step": self.global_step,
-            "metrics": _json_metrics(self.metrics),
-            "timestamp": self.timestamp,
-            "size_bytes": self.size_bytes,
-            "checksum": self.checksum,
+            **_file_record_dict(self),
             "metric": self.metric,
             "mode": self.mode,
             "value": value,
@@ -320,22 +328,12 @@ class BestInfo:
         source_id = data.get("source_id")
         if source_id is not None and (not isinstance(source_id, int) or isinstance(source_id, bool)):
             raise CorruptIndexError(f"{what}: 'source_id' is not an integer")
-        checksum = _require(data, "checksum", str, what)
-        try:
-            parse_checksum(checksum)
-        except ValueError as exc:
-            raise CorruptIndexError(f"{what}: {exc}") from None
+        record = _read_file_record(data, what)
         value = data.get("value")
         return cls(
             path=check_relative_path(data.get("path")),
             source_id=source_id,
-            epoch=_require(data, "epoch", int, what),
-            batch=_require(data, "batch", int, what),
-            global_step=_require(data, "global_step", int, what),
-            metrics=_read_metrics(data.get("metrics"), what),
-            timestamp=_require(data, "timestamp", str, what),
-            size_bytes=_require(data, "size_bytes", int, what),
-            checksum=checksum,
+            **record,
             metric=data.get("metric") if isinstance(data.get("metric"), str) else None,
             mode=data.get("mode") if data.get("mode") in ("max", "min") else "max",
             value=float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None,

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from ckptctl.storage import legacy
 from ckptctl.storage.atomic import resolve_inside
 from ckptctl.storage.lock import is_locked
 from ckptctl.storage.mirror import read_mirror_status
-from ckptctl.storage.scan import RunScan, find_runs, scan_run
+from ckptctl.storage.scan import RunScan, find_runs, mtime_iso, scan_run
 
 
 @dataclass(frozen=True)
@@ -143,14 +142,6 @@ class RunListing:
         }
 
 
-def _mtime_iso(path: Path) -> str | None:
-    try:
-        mtime = path.stat().st_mtime
-    except OSError:
-        return None
-    return _dt.datetime.fromtimestamp(mtime, _dt.timezone.utc).isoformat(timespec="microseconds")
-
-
 def _file_size(run_dir: Path, relpath: str) -> int | None:
     """Size of a run file named in metadata, or None if absent or unsafe (never follows an escape)."""
     try:
@@ -215,7 +206,7 @@ def listing_from_scan(scan: RunScan) -> RunListing:
                 batch=guide.batch,
                 global_step=steps.get(checkpoint_id),
                 metrics=dict(guide.metrics),
-                timestamp=guide.timestamp or (_mtime_iso(on_disk[checkpoint_id]) if checkpoint_id in on_disk else None),
+                timestamp=guide.timestamp or (mtime_iso(on_disk[checkpoint_id]) if checkpoint_id in on_disk else None),
                 indexed=False,
             )
         )

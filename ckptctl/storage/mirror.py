@@ -21,7 +21,6 @@ between the steps leaves an unindexed file that the next sync removes.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import errno
 import logging
 import os
@@ -58,7 +57,7 @@ from ckptctl.storage.atomic import (
     resolve_inside,
 )
 from ckptctl.storage.runfiles import checkpoint_file_for_deletion, replace_best, settled_best
-from ckptctl.storage.scan import checkpoint_files_on_disk, is_run_dir, read_best_record, read_index, read_json_file
+from ckptctl.storage.scan import checkpoint_files_on_disk, is_run_dir, mtime_iso, read_best_record, read_index, read_json_file
 
 log = logging.getLogger("ckptctl.mirror")
 
@@ -246,14 +245,6 @@ def tree_bytes(path: str | os.PathLike) -> int:
             if stat.S_ISREG(st.st_mode):
                 total += st.st_size
     return total
-
-
-def _mtime_iso(path: Path) -> str | None:
-    try:
-        mtime = path.stat().st_mtime
-    except OSError:
-        return None
-    return _dt.datetime.fromtimestamp(mtime, _dt.timezone.utc).isoformat(timespec="microseconds")
 
 
 def _read_mirror_index(mirror_run: Path, run_name: str) -> Index:
@@ -503,7 +494,7 @@ class _Sync:
             elif mine is not None and entry is None:
                 if size == mine.size_bytes and self._matches(path, mine.checksum):
                     self.verified[checkpoint_id] = replace(mine, mirrored=None)  # adopted: no re-upload
-                    self.verified_at[checkpoint_id] = _mtime_iso(path) or utc_now_iso()
+                    self.verified_at[checkpoint_id] = mtime_iso(path) or utc_now_iso()
                     changed = True
                 else:
                     _truncate_and_unlink(path, keep_if_same_as=self.local_run / mine.path)
@@ -706,7 +697,7 @@ class _Sync:
             report.newest_verified_at = (
                 self.verified_at.get(newest)
                 or (info or {}).get("at")
-                or _mtime_iso(self.mirror_run / self.verified[newest].path)
+                or mtime_iso(self.mirror_run / self.verified[newest].path)
             )
         report.mirror_ids = sorted(set(self.verified) | set(checkpoint_files_on_disk(self.mirror_run)))
         report.used_bytes = self.used()

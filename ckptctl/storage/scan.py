@@ -270,3 +270,12 @@ def newest_run(path: str | os.PathLike) -> Path | None:
 def newest_of(runs: list[Path]) -> Path | None:
     """The newest of ``runs`` by the policy of :func:`newest_run`; None for none."""
     return max(runs, key=lambda run: (_run_activity(run), run.name), default=None)
+
+
+def mtime_iso(path: Path) -> str | None:
+    """``path``'s modification time as UTC ISO text, for display only (never to order anything); None if unreadable."""
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return None
+    return _dt.datetime.fromtimestamp(mtime, _dt.timezone.utc).isoformat(timespec="microseconds")
