@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field, replace
+from typing import Any
 from pathlib import Path
 
 from ckptctl.core.format import (
@@ -176,125 +177,165 @@ def restore_run(
     RunLockedError while a trainer holds ``dest_run``. ``lock_held``: the caller (a
     ModelPersistence opening the run) already holds the run lock.
     """
-    mirror_run, dest_run = Path(mirror_run), Path(dest_run)
-    report = RestoreReport(source=mirror_run, dest=dest_run)
-    mirror_guide = None
-    try:
-        mirror_index = read_index(mirror_run)
-    except FileNotFoundError:
-        mirror_index = Index(run_name=mirror_run.name, next_id=0)
-    except CorruptIndexError as exc:
-        mirror_guide = legacy.read_guide_index(mirror_run)  # other code's index: copy its files by name, no problem
-        if mirror_guide is None:
-            report.problems.append(f"mirror index unreadable ({exc}); copying its checkpoint files by name")
-        mirror_index = Index(run_name=mirror_run.name, next_id=0)
-    for raw_id, reason in mirror_index.skipped:
-        report.problems.append(f"mirror index entry {raw_id!r} skipped: {reason}")
-    mirror_entries = mirror_index.by_id()
-    mirror_files = {i: p for i, p in checkpoint_files_on_disk(mirror_run).items() if i not in mirror_entries}
-    if only_id is not None:
-        if only_id not in mirror_entries and only_id not in mirror_files:
-            have = ", ".join(map(str, sorted(set(mirror_entries) | set(mirror_files)))) or "none"
-            raise NotFoundError(f"{mirror_run}: no checkpoint {only_id} on the mirror (it has {have})")
-        mirror_entries = {k: v for k, v in mirror_entries.items() if k == only_id}
-        mirror_files = {k: v for k, v in mirror_files.items() if k == only_id}
+    job = _Restore(Path(mirror_run), Path(dest_run), force)
+    job.read_mirror(only_id)
+    (job.dest_run / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    with contextlib.nullcontext() if lock_held else RunLock(job.dest_run):
+        cleanup_temporaries(job.dest_run)
+        cleanup_temporaries(job.dest_run / CHECKPOINT_DIR)
+        job.read_local()
+        copies = job.plan_checkpoints() + job.plan_best()
+        job.copy_all(copies, on_progress)
+        job.finish()
+    return job.report
 
-    (dest_run / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-    with contextlib.nullcontext() if lock_held else RunLock(dest_run):
-        cleanup_temporaries(dest_run)
-        cleanup_temporaries(dest_run / CHECKPOINT_DIR)
-        local_indexed = True  # the local run has a ckptctl index
+
+@dataclass
+class _Restore:
+    """One restore, in the order it runs: read the mirror, read the local run, plan, copy, commit."""
+
+    mirror_run: Path
+    dest_run: Path
+    force: bool
+    report: RestoreReport = field(init=False)
+    mirror_index: Index = field(init=False)
+    mirror_guide: Any = None  # the mirror's index, when other code (the guide) wrote it
+    mirror_entries: dict[int, CheckpointEntry] = field(default_factory=dict)
+    mirror_files: dict[int, Path] = field(default_factory=dict)  # unindexed checkpoint files on the mirror
+    local_index: Index = field(init=False)
+    local_indexed: bool = True  # the local run has a ckptctl index
+    local: dict[int, CheckpointEntry] = field(default_factory=dict)
+    guide_best: Any = None
+
+    def __post_init__(self) -> None:
+        self.report = RestoreReport(source=self.mirror_run, dest=self.dest_run)
+
+    def read_mirror(self, only_id: int | None) -> None:
+        """The mirror's index (other code's, or none: its files by name) and which of its checkpoints to restore."""
         try:
-            local_index = read_index(dest_run)
+            self.mirror_index = read_index(self.mirror_run)
         except FileNotFoundError:
-            local_indexed = False
-            local_index = Index(run_name=mirror_index.run_name or mirror_run.name, next_id=0)
+            self.mirror_index = Index(run_name=self.mirror_run.name, next_id=0)
         except CorruptIndexError as exc:
-            if legacy.read_guide_index(dest_run) is not None:  # other code's index: its bytes kept before it is replaced
-                legacy.keep_legacy_copy(dest_run / INDEX_FILE)
-                local_indexed = False
-            elif not force:
-                raise CkptctlError(f"{dest_run}: local index unreadable ({exc}); use --force to set it aside and restore") from None
-            else:
-                set_aside(dest_run / "checkpoint_metadata.json", "unreadable; replaced by restore --force")
-            local_index = Index(run_name=mirror_index.run_name or mirror_run.name, next_id=0)
-        local = local_index.by_id()
-        local_files = checkpoint_files_on_disk(dest_run)
-        copies: list[_Copy] = []
+            self.mirror_guide = legacy.read_guide_index(self.mirror_run)  # other code's index: copy its files by name, no problem
+            if self.mirror_guide is None:
+                self.report.problems.append(f"mirror index unreadable ({exc}); copying its checkpoint files by name")
+            self.mirror_index = Index(run_name=self.mirror_run.name, next_id=0)
+        for raw_id, reason in self.mirror_index.skipped:
+            self.report.problems.append(f"mirror index entry {raw_id!r} skipped: {reason}")
+        entries = self.mirror_index.by_id()
+        files = {i: p for i, p in checkpoint_files_on_disk(self.mirror_run).items() if i not in entries}
+        if only_id is not None:
+            if only_id not in entries and only_id not in files:
+                have = ", ".join(map(str, sorted(set(entries) | set(files)))) or "none"
+                raise NotFoundError(f"{self.mirror_run}: no checkpoint {only_id} on the mirror (it has {have})")
+            entries = {k: v for k, v in entries.items() if k == only_id}
+            files = {k: v for k, v in files.items() if k == only_id}
+        self.mirror_entries, self.mirror_files = entries, files
 
-        for checkpoint_id, m in sorted(mirror_entries.items()):
-            try:
-                src = resolve_inside(mirror_run, m.path)
-                dst = resolve_inside(dest_run, m.path)
-            except UnsafePathError as exc:
-                report.problems.append(f"checkpoint {checkpoint_id}: {exc}")
-                continue
-            if not src.is_file():
-                report.problems.append(f"checkpoint {checkpoint_id}: {m.path} is listed on the mirror but missing")
-                continue
-            mine = local.get(checkpoint_id)
-            if mine is not None and dst.is_file() and _local_ok(dst, mine.checksum):
-                if mine.checksum == m.checksum:
-                    report.already.append(m.path)
-                    continue
-                if mine.timestamp > m.timestamp and not force:
-                    report.kept_local.append(m.path)
-                    continue
-            elif mine is None and checkpoint_id in local_files and dst.is_file():
-                if hash_file(dst)[1] == m.checksum:
-                    local[checkpoint_id] = m
-                    report.already.append(m.path)
-                    continue
-                if not force:
-                    report.kept_local.append(m.path)
-                    continue
-            copies.append(_Copy(m.path, src, dst, m.checksum, _size(src), entry=m))
-        for checkpoint_id, src in sorted(mirror_files.items()):
+    def read_local(self) -> None:
+        """The local index; other code's is kept as ``.legacy``, an unreadable one refused unless ``force``."""
+        fresh = Index(run_name=self.mirror_index.run_name or self.mirror_run.name, next_id=0)
+        try:
+            self.local_index = read_index(self.dest_run)
+        except FileNotFoundError:
+            self.local_indexed, self.local_index = False, fresh
+        except CorruptIndexError as exc:
+            if legacy.read_guide_index(self.dest_run) is not None:  # other code's index: its bytes kept before it is replaced
+                legacy.keep_legacy_copy(self.dest_run / INDEX_FILE)
+                self.local_indexed = False
+            elif not self.force:
+                raise CkptctlError(f"{self.dest_run}: local index unreadable ({exc}); use --force to set it aside and restore") from None
+            else:
+                set_aside(self.dest_run / INDEX_FILE, "unreadable; replaced by restore --force")
+            self.local_index = fresh
+        self.local = self.local_index.by_id()
+
+    def plan_checkpoints(self) -> list[_Copy]:
+        """The checkpoint copies to make: the mirror's entries, then its unindexed files."""
+        local_files = checkpoint_files_on_disk(self.dest_run)
+        copies = [c for i, m in sorted(self.mirror_entries.items()) if (c := self._plan_entry(i, m, local_files)) is not None]
+        for checkpoint_id, src in sorted(self.mirror_files.items()):
             rel = f"{CHECKPOINT_DIR}/{src.name}"
             try:
-                dst = resolve_inside(dest_run, rel)
+                dst = resolve_inside(self.dest_run, rel)
             except UnsafePathError as exc:
-                report.problems.append(f"checkpoint {checkpoint_id}: {exc}")
+                self.report.problems.append(f"checkpoint {checkpoint_id}: {exc}")
                 continue
-            if dst.exists() and not force:
-                (report.already if _same_file(src, dst) else report.kept_local).append(rel)
+            if dst.exists() and not self.force:
+                (self.report.already if _same_file(src, dst) else self.report.kept_local).append(rel)
                 continue
             copies.append(_Copy(rel, src, dst, None, _size(src)))
+        return copies
 
-        guide_best = None
+    def _plan_entry(self, checkpoint_id: int, m: CheckpointEntry, local_files: dict[int, Path]) -> _Copy | None:
+        """The copy of one indexed mirror checkpoint, or None when the local one stays (same, newer, or kept)."""
+        report = self.report
         try:
-            mirror_best = read_best_record(mirror_run)
+            src, dst = resolve_inside(self.mirror_run, m.path), resolve_inside(self.dest_run, m.path)
+        except UnsafePathError as exc:
+            report.problems.append(f"checkpoint {checkpoint_id}: {exc}")
+            return None
+        if not src.is_file():
+            report.problems.append(f"checkpoint {checkpoint_id}: {m.path} is listed on the mirror but missing")
+            return None
+        mine = self.local.get(checkpoint_id)
+        if mine is not None and dst.is_file() and _local_ok(dst, mine.checksum):
+            if mine.checksum == m.checksum:
+                report.already.append(m.path)
+                return None
+            if mine.timestamp > m.timestamp and not self.force:
+                report.kept_local.append(m.path)
+                return None
+        elif mine is None and checkpoint_id in local_files and dst.is_file():
+            if hash_file(dst)[1] == m.checksum:
+                self.local[checkpoint_id] = m
+                report.already.append(m.path)
+                return None
+            if not self.force:
+                report.kept_local.append(m.path)
+                return None
+        return _Copy(m.path, src, dst, m.checksum, _size(src), entry=m)
+
+    def plan_best(self) -> list[_Copy]:
+        """The best model's copy, if the mirror's is to replace the local one (other code's is copied by name)."""
+        report = self.report
+        try:
+            mirror_best = read_best_record(self.mirror_run)
             if mirror_best is not None:  # the record the mirror's file matches (after a crash mid-replace, by its bytes)
-                mirror_best = mirror_best.current if mirror_best.pending is None else settled_best(mirror_run)
+                mirror_best = mirror_best.current if mirror_best.pending is None else settled_best(self.mirror_run)
         except (CorruptIndexError, UnsafePathError) as exc:
             mirror_best = None
-            guide_best = legacy.read_guide_best(mirror_run)
-            if guide_best is None:
+            self.guide_best = legacy.read_guide_best(self.mirror_run)
+            if self.guide_best is None:
                 report.problems.append(f"mirror best model not restored: {exc}")
-        src, dst = mirror_run / BEST_MODEL_FILE, dest_run / BEST_MODEL_FILE
-        if guide_best is not None and src.is_file() and not src.is_symlink():  # no checksum: copied by name
-            if dst.exists() and not force:
+        src, dst = self.mirror_run / BEST_MODEL_FILE, self.dest_run / BEST_MODEL_FILE
+        if self.guide_best is not None and src.is_file() and not src.is_symlink():  # no checksum: copied by name
+            if dst.exists() and not self.force:
                 (report.already if _same_file(src, dst) else report.kept_local).append(BEST_MODEL_FILE)
-            else:
-                copies.append(_Copy(BEST_MODEL_FILE, src, dst, None, _size(src)))
-        if mirror_best is not None:
-            try:
-                src = resolve_inside(mirror_run, mirror_best.path)
-                dst = resolve_inside(dest_run, mirror_best.path)
-            except UnsafePathError as exc:
-                report.problems.append(f"mirror best model not restored: {exc}")
-            else:
-                local_best = settled_best(dest_run)
-                local_good = local_best is not None and dst.is_file() and _local_ok(dst, local_best.checksum)
-                if not src.is_file():
-                    report.problems.append(f"mirror best model {mirror_best.path} is missing")
-                elif local_good and local_best.checksum == mirror_best.checksum:
-                    report.already.append(mirror_best.path)
-                elif local_good and local_best.timestamp > mirror_best.timestamp and not force:
-                    report.kept_local.append(mirror_best.path)
-                else:
-                    copies.append(_Copy(mirror_best.path, src, dst, mirror_best.checksum, _size(src), best=mirror_best))
+                return []
+            return [_Copy(BEST_MODEL_FILE, src, dst, None, _size(src))]
+        if mirror_best is None:
+            return []
+        try:
+            src, dst = resolve_inside(self.mirror_run, mirror_best.path), resolve_inside(self.dest_run, mirror_best.path)
+        except UnsafePathError as exc:
+            report.problems.append(f"mirror best model not restored: {exc}")
+            return []
+        local_best = settled_best(self.dest_run)
+        local_good = local_best is not None and dst.is_file() and _local_ok(dst, local_best.checksum)
+        if not src.is_file():
+            report.problems.append(f"mirror best model {mirror_best.path} is missing")
+        elif local_good and local_best.checksum == mirror_best.checksum:
+            report.already.append(mirror_best.path)
+        elif local_good and local_best.timestamp > mirror_best.timestamp and not self.force:
+            report.kept_local.append(mirror_best.path)
+        else:
+            return [_Copy(mirror_best.path, src, dst, mirror_best.checksum, _size(src), best=mirror_best)]
+        return []
 
+    def copy_all(self, copies: list[_Copy], on_progress: ProgressCallback) -> None:
+        """Copy each file checked against its checksum; the index is committed after each checkpoint (a cut restore resumes there)."""
         total = sum(c.size for c in copies)
         done = 0
         for c in copies:
@@ -305,41 +346,39 @@ def restore_run(
                     on_progress(min(base + d, total), total)
 
             try:
-                size, checksum = _copy_file(c, dest_run, progress)
+                size, checksum = _copy_file(c, self.dest_run, progress)
             except FileNotFoundError:
-                report.skip(c.relpath, "listed on the mirror but missing there")
+                self.report.skip(c.relpath, "listed on the mirror but missing there")
                 continue
             except CheckpointIntegrityError as exc:  # damaged on Drive: skip it, the others still restore
-                report.skip(c.relpath, str(exc))
+                self.report.skip(c.relpath, str(exc))
                 continue
             finally:
                 done = base + c.size
-            report.copied.append(c.relpath)
-            report.bytes_copied += size
+            self.report.copied.append(c.relpath)
+            self.report.bytes_copied += size
             if c.entry is not None:
-                local[c.entry.id] = replace(
-                    c.entry,
-                    mirrored=mirrored_record(checksum, size, utc_now_iso(), str(mirror_run)),
-                )
-                local_index = local_index.with_entries(list(local.values()))
-                commit_index(dest_run, local_index)  # after each file: an interrupted restore resumes here
-        final = local_index.with_entries(list(local.values()))
+                self.local[c.entry.id] = replace(c.entry, mirrored=mirrored_record(checksum, size, utc_now_iso(), str(self.mirror_run)))
+                self.local_index = self.local_index.with_entries(list(self.local.values()))
+                commit_index(self.dest_run, self.local_index)
+
+    def finish(self) -> None:
+        """The final index (or other code's metadata, kept in its format), then the training state and log."""
+        final = self.local_index.with_entries(list(self.local.values()))
         # replace, not a new Index: the local index's retired ids (and unreadable entries) stay;
         # an id restored here is listed again, so it is no longer retired
-        final = replace(final, next_id=max(final.next_id, mirror_index.next_id)).forget_retired(final.by_id())
-        if mirror_guide is not None and not local_indexed and not final.checkpoints:
-            _copy_guide_metadata(mirror_run, dest_run, report, guide_best is not None)  # the run stays in the other code's format
+        final = replace(final, next_id=max(final.next_id, self.mirror_index.next_id)).forget_retired(final.by_id())
+        if self.mirror_guide is not None and not self.local_indexed and not final.checkpoints:
+            _copy_guide_metadata(self.mirror_run, self.dest_run, self.report, self.guide_best is not None)  # stays in the other code's format
         else:
-            commit_index(dest_run, final)
-
+            commit_index(self.dest_run, final)
         for name in (TRAINING_STATE_FILE, TRAINING_LOG_FILE):
-            src, dst = mirror_run / name, dest_run / name
-            if src.is_file() and not src.is_symlink() and (force or not dst.exists()):
+            src, dst = self.mirror_run / name, self.dest_run / name
+            if src.is_file() and not src.is_symlink() and (self.force or not dst.exists()):
                 atomic_copy(src, dst)
-                report.copied.append(name)
-        ids = set(final.by_id()) | set(checkpoint_files_on_disk(dest_run))
-        report.resume_id = max(ids) if ids else None
-    return report
+                self.report.copied.append(name)
+        ids = set(final.by_id()) | set(checkpoint_files_on_disk(self.dest_run))
+        self.report.resume_id = max(ids) if ids else None
 
 
 def backup_run(
