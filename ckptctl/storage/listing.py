@@ -166,37 +166,62 @@ def mirrored_for_this_run(mirrored: dict | None, run_dir: Path) -> bool:
 
 def listing_from_scan(scan: RunScan) -> RunListing:
     """Build the listing of one scanned run (stat calls only)."""
-    rows: list[CheckpointRow] = []
     problems = list(scan.problems)
-    if scan.index is not None:
-        for e in scan.index.checkpoints:
-            # the scan already saw a regular file by that name; anything else takes the careful path
-            size = scan.sizes.get(e.id) if e.path == checkpoint_relpath(e.id) else None
-            if size is None:
-                size = _file_size(scan.path, e.path)
-            if size is None:
-                problems.append(f"checkpoint {e.id}: file {e.path} is missing or outside the run")
-            rows.append(
-                CheckpointRow(
-                    id=e.id,
-                    path=e.path,
-                    size_bytes=e.size_bytes,
-                    epoch=e.epoch,
-                    batch=e.batch,
-                    global_step=e.global_step,
-                    metrics=dict(e.metrics),
-                    timestamp=e.timestamp,
-                    checksum=e.checksum,
-                    pinned=e.pinned,
-                    mirrored=mirrored_for_this_run(e.mirrored, scan.path),
-                    present=size is not None,
-                )
+    rows = _indexed_rows(scan, problems) + _unindexed_rows(scan)
+    if scan.index is not None and scan.unindexed:
+        problems.append(f"{len(scan.unindexed)} checkpoint file(s) not in the index")
+    rows.sort(key=lambda r: r.id)
+    status = scan.training_state.get("status") if scan.training_state else None
+    return RunListing(
+        name=scan.name,
+        path=scan.path,
+        checkpoints=tuple(rows),
+        best=_best_row(scan, problems),
+        problems=tuple(problems),
+        indexed=scan.index is not None,
+        locked=is_locked(scan.path),
+        status=status if isinstance(status, str) else None,
+        drive=read_mirror_status(scan.path),
+    )
+
+
+def _indexed_rows(scan: RunScan, problems: list[str]) -> list[CheckpointRow]:
+    """A row per index entry; a missing file is a problem (the row says not present)."""
+    rows = []
+    for e in scan.index.checkpoints if scan.index is not None else ():
+        # the scan already saw a regular file by that name; anything else takes the careful path
+        size = scan.sizes.get(e.id) if e.path == checkpoint_relpath(e.id) else None
+        if size is None:
+            size = _file_size(scan.path, e.path)
+        if size is None:
+            problems.append(f"checkpoint {e.id}: file {e.path} is missing or outside the run")
+        rows.append(
+            CheckpointRow(
+                id=e.id,
+                path=e.path,
+                size_bytes=e.size_bytes,
+                epoch=e.epoch,
+                batch=e.batch,
+                global_step=e.global_step,
+                metrics=dict(e.metrics),
+                timestamp=e.timestamp,
+                checksum=e.checksum,
+                pinned=e.pinned,
+                mirrored=mirrored_for_this_run(e.mirrored, scan.path),
+                present=size is not None,
             )
-    on_disk = scan.on_disk
+        )
+    return rows
+
+
+def _unindexed_rows(scan: RunScan) -> list[CheckpointRow]:
+    """A row per checkpoint file the index lacks, described by other code's index when it wrote one."""
     described = scan.legacy_entries  # an index other code wrote: its positions and metrics, for display
     steps = legacy.guide_global_steps(described, scan.training_state) if described else {}
+    rows = []
     for checkpoint_id, size in sorted(scan.unindexed.items()):
         guide = described.get(checkpoint_id) or legacy.LegacyEntry()
+        on_disk = scan.on_disk.get(checkpoint_id)
         rows.append(
             CheckpointRow(
                 id=checkpoint_id,
@@ -206,21 +231,21 @@ def listing_from_scan(scan: RunScan) -> RunListing:
                 batch=guide.batch,
                 global_step=steps.get(checkpoint_id),
                 metrics=dict(guide.metrics),
-                timestamp=guide.timestamp or (mtime_iso(on_disk[checkpoint_id]) if checkpoint_id in on_disk else None),
+                timestamp=guide.timestamp or (mtime_iso(on_disk) if on_disk is not None else None),
                 indexed=False,
             )
         )
-    if scan.index is not None and scan.unindexed:
-        problems.append(f"{len(scan.unindexed)} checkpoint file(s) not in the index")
-    rows.sort(key=lambda r: r.id)
+    return rows
 
-    best: BestRow | None = None
-    if scan.best is not None:
-        b = scan.best
+
+def _best_row(scan: RunScan, problems: list[str]) -> BestRow | None:
+    """``best_model.pt`` as listed: from its record, else from the file (and other code's metadata, if any)."""
+    b = scan.best
+    if b is not None:
         size = _file_size(scan.path, b.path)
         if size is None:
             problems.append(f"best model file {b.path} is missing")
-        best = BestRow(
+        return BestRow(
             path=b.path,
             size_bytes=b.size_bytes,
             source_id=b.source_id,
@@ -232,30 +257,18 @@ def listing_from_scan(scan: RunScan) -> RunListing:
             promoted_by_hand=b.promoted_by_hand,
             present=size is not None,
         )
-    else:
-        size = _file_size(scan.path, BEST_MODEL_FILE)
-        guide = scan.legacy_best or legacy.LegacyEntry()  # best_metadata.json other code wrote, if any
-        if size is not None:
-            best = BestRow(
-                path=BEST_MODEL_FILE,
-                size_bytes=size,
-                epoch=guide.epoch,
-                batch=guide.batch,
-                metrics=dict(guide.metrics),
-                metric=guide.metric,
-                value=guide.value,
-            )
-    status = scan.training_state.get("status") if scan.training_state else None
-    return RunListing(
-        name=scan.name,
-        path=scan.path,
-        checkpoints=tuple(rows),
-        best=best,
-        problems=tuple(problems),
-        indexed=scan.index is not None,
-        locked=is_locked(scan.path),
-        status=status if isinstance(status, str) else None,
-        drive=read_mirror_status(scan.path),
+    size = _file_size(scan.path, BEST_MODEL_FILE)
+    if size is None:
+        return None
+    guide = scan.legacy_best or legacy.LegacyEntry()  # best_metadata.json other code wrote, if any
+    return BestRow(
+        path=BEST_MODEL_FILE,
+        size_bytes=size,
+        epoch=guide.epoch,
+        batch=guide.batch,
+        metrics=dict(guide.metrics),
+        metric=guide.metric,
+        value=guide.value,
     )
 
 
