@@ -65,3 +65,14 @@ def test_exhaustive_invariants_on_small_cases():
                     keep = should_keep(items(ids, pinned=pinned), keep_last=k, best_source_id=best)
                     expected = set(ids[-k:]) | pinned | ({best} if best is not None else set())
                     assert {i for i, kept in zip(ids, keep) if kept} == expected
+
+
+def test_protection_reasons_say_why_each_protected_id_stays():
+    from ckptctl.core.retention import protection_reasons
+
+    items = [RetentionItem(1, pinned=True), RetentionItem(2), RetentionItem(3), RetentionItem(4)]
+    assert protection_reasons(items, best_source_id=1, newest_good_id=3) == {
+        1: "pinned, best model's source",
+        3: "newest verified",
+    }
+    assert protection_reasons(items) == {1: "pinned", 4: "newest (none verifies)"}

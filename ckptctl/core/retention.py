@@ -41,6 +41,27 @@ def protected_ids(
     return keep
 
 
+def protection_reasons(
+    items: Sequence[RetentionItem],
+    *,
+    best_source_id: int | None = None,
+    newest_good_id: int | None = None,
+) -> dict[int, str]:
+    """Why each id of :func:`protected_ids` is kept (``"pinned, best model's source"``), for the plan shown to the user."""
+    newest = newest_good_id if newest_good_id is not None else max((i.id for i in items), default=None)
+    reasons: dict[int, str] = {}
+    for item in items:
+        if item.id not in protected_ids(items, best_source_id=best_source_id, newest_good_id=newest_good_id):
+            continue
+        why = ["pinned"] if item.pinned else []
+        if item.id == best_source_id:
+            why.append("best model's source")
+        if item.id == newest:
+            why.append("newest verified" if newest_good_id is not None else "newest (none verifies)")
+        reasons[item.id] = ", ".join(why)
+    return reasons
+
+
 def should_keep(
     items: Sequence[RetentionItem],
     *,

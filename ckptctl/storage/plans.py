@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from ckptctl.core.format import INDEX_FILE, checkpoint_relpath
-from ckptctl.core.manifest import CheckpointEntry
+from ckptctl.core.manifest import CheckpointEntry, Index
 from ckptctl.core.resume import choose_resume_checkpoint
-from ckptctl.core.retention import RetentionItem, ids_to_delete, protected_ids
+from ckptctl.core.retention import RetentionItem, ids_to_delete, protected_ids, protection_reasons
 from ckptctl.errors import CkptctlError, CorruptIndexError, RunLockedError, UnsafePathError
 from ckptctl.storage import legacy
 from ckptctl.storage.atomic import atomic_write_bytes, resolve_inside, verify_checksum
@@ -138,46 +138,14 @@ def plan_prune(
             return _plan_prune_legacy(run_dir, keep_last, max_total_bytes, loads)
         return PrunePlan(run_dir, skipped=(f"index unreadable, nothing pruned: {exc}",), max_total_bytes=max_total_bytes)
     skipped = [f"index entry {raw_id!r}: {reason}" for raw_id, reason in index.skipped]
-    usable: list[CheckpointEntry] = []
-    for entry in index.checkpoints:
-        try:
-            checkpoint_file_for_deletion(run_dir, entry)
-        except UnsafePathError as exc:
-            skipped.append(f"checkpoint {entry.id}: {exc}")
-            continue
-        usable.append(entry)
-    try:
-        best = read_best(run_dir)
-    except (CorruptIndexError, UnsafePathError) as exc:
-        best = None
-        skipped.append(f"best metadata unreadable ({exc}); best model's source unknown")
-    else:
-        best = settled_best(run_dir)  # after a crash mid-replace: the record the file matches
-    best_source = best.source_id if best else None
+    usable = _deletable_entries(run_dir, index, skipped)
+    best_source = _best_source(run_dir, skipped)
     newest_good = _newest_verified(run_dir, list(index.checkpoints))
     sizes = {e.id: _size_on_disk(run_dir, e) for e in usable}
     items = [RetentionItem(id=e.id, size_bytes=sizes[e.id], pinned=e.pinned) for e in usable]
-    victims = set(
-        ids_to_delete(
-            items,
-            keep_last=keep_last,
-            max_total_bytes=max_total_bytes,
-            best_source_id=best_source,
-            newest_good_id=newest_good,
-        )
-    )
-    protected: dict[int, str] = {}
-    never = protected_ids(items, best_source_id=best_source, newest_good_id=newest_good)
-    for item in items:
-        if item.id in never:
-            reasons = []
-            if item.pinned:
-                reasons.append("pinned")
-            if item.id == best_source:
-                reasons.append("best model's source")
-            if item.id == (newest_good if newest_good is not None else max(i.id for i in items)):
-                reasons.append("newest verified" if newest_good is not None else "newest (none verifies)")
-            protected[item.id] = ", ".join(reasons)
+    rule = {"best_source_id": best_source, "newest_good_id": newest_good}
+    victims = set(ids_to_delete(items, keep_last=keep_last, max_total_bytes=max_total_bytes, **rule))
+    protected = protection_reasons(items, **rule)
     return PrunePlan(
         run_dir=run_dir,
         delete=tuple(e for e in usable if e.id in victims),
@@ -188,6 +156,30 @@ def plan_prune(
         max_total_bytes=max_total_bytes,
         fingerprint=tuple((e.id, e.checksum) for e in index.checkpoints),
     )
+
+
+def _deletable_entries(run_dir: Path, index: Index, skipped: list[str]) -> list[CheckpointEntry]:
+    """The index entries prune may act on; one whose file could not be safely deleted is noted in ``skipped``."""
+    usable = []
+    for entry in index.checkpoints:
+        try:
+            checkpoint_file_for_deletion(run_dir, entry)
+        except UnsafePathError as exc:
+            skipped.append(f"checkpoint {entry.id}: {exc}")
+            continue
+        usable.append(entry)
+    return usable
+
+
+def _best_source(run_dir: Path, skipped: list[str]) -> int | None:
+    """The checkpoint the best model came from (after a crash mid-replace, the record its file matches)."""
+    try:
+        read_best(run_dir)
+    except (CorruptIndexError, UnsafePathError) as exc:
+        skipped.append(f"best metadata unreadable ({exc}); best model's source unknown")
+        return None
+    best = settled_best(run_dir)
+    return best.source_id if best else None
 
 
 def _legacy_fingerprint(run_dir: Path) -> tuple[tuple[int, str], ...]:
