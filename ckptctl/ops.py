@@ -509,25 +509,14 @@ def resume_info(run_dir: Path) -> ResumeInfo:
     """
     guide = None
     try:
-        index = read_index(run_dir)
-        index_problem = None
+        index, index_problem = read_index(run_dir), None
     except FileNotFoundError:
         index, index_problem = None, None
     except CorruptIndexError as exc:
         guide = legacy.read_guide_index(run_dir)  # other code's index: not a problem, it describes the files
         index, index_problem = None, (None if guide is not None else str(exc))
-    candidates: dict[int, tuple[Path | None, str | None, str, Any]] = {}
-    if index is not None:
-        for entry in index.checkpoints:
-            try:
-                path = resolve_inside(run_dir, entry.path)
-                candidates[entry.id] = (path, entry.checksum, str(run_dir / entry.path), entry)
-            except UnsafePathError as exc:
-                candidates[entry.id] = (None, None, str(run_dir / entry.path), str(exc))
-    deleting = set(index.deleting) if index is not None else set()  # never adopted: the next open deletes them
-    for checkpoint_id, path in checkpoint_files_on_disk(run_dir).items():
-        if checkpoint_id not in deleting:
-            candidates.setdefault(checkpoint_id, (path, None, str(path), None))
+    candidates = _resume_candidates(run_dir, index)
+
     def check(checkpoint_id: int) -> dict[str, Any]:
         path, checksum, _, entry = candidates[checkpoint_id]
         if path is None:
@@ -535,36 +524,59 @@ def resume_info(run_dir: Path) -> ResumeInfo:
         return verify_file(path, checksum)
 
     choice = choose_resume_checkpoint(candidates, check)
-    skipped = [
+    skipped = tuple(
         {"id": i, "path": candidates[i][2], "status": getattr(exc, "status", "corrupt"), "detail": str(exc)} for i, exc in choice.skipped
-    ]
+    )
     chosen = None
     if choice.chosen_id is not None:
-        checkpoint_id, payload = choice.chosen_id, choice.result
-        _, checksum, shown, _ = candidates[checkpoint_id]
-        chosen = {
-            "id": checkpoint_id,
-            "path": shown,
-            "epoch": payload.get("epoch"),
-            "batch": payload.get("batch"),
-            "global_step": payload.get("global_step"),
-            "metrics": {str(k): _finite(v) for k, v in (payload.get("metrics") or {}).items()},
-            "timestamp": payload.get("timestamp"),
-            "checksum_verified": checksum is not None,
-            "indexed": checksum is not None,
-        }
+        _, checksum, shown, _ = candidates[choice.chosen_id]
+        chosen = _chosen_checkpoint(choice.chosen_id, choice.result, shown, checksum is not None)
         if chosen["global_step"] is None and guide:  # the step resume's index will give it
-            chosen["global_step"] = legacy.guide_global_steps(guide, read_training_state(run_dir)).get(checkpoint_id)
+            chosen["global_step"] = legacy.guide_global_steps(guide, read_training_state(run_dir)).get(choice.chosen_id)
+    return ResumeInfo(run_dir.name, str(run_dir), chosen, _resume_reason(chosen, skipped), skipped, index_problem)
+
+
+def _resume_candidates(run_dir: Path, index: Any) -> dict[int, tuple[Path | None, str | None, str, Any]]:
+    """id -> (file or None when unsafe, index checksum or None, path shown, entry or the reason it is unsafe)."""
+    candidates: dict[int, tuple[Path | None, str | None, str, Any]] = {}
+    for entry in index.checkpoints if index is not None else ():
+        try:
+            candidates[entry.id] = (resolve_inside(run_dir, entry.path), entry.checksum, str(run_dir / entry.path), entry)
+        except UnsafePathError as exc:
+            candidates[entry.id] = (None, None, str(run_dir / entry.path), str(exc))
+    deleting = set(index.deleting) if index is not None else set()  # never adopted: the next open deletes them
+    for checkpoint_id, path in checkpoint_files_on_disk(run_dir).items():
+        if checkpoint_id not in deleting:
+            candidates.setdefault(checkpoint_id, (path, None, str(path), None))
+    return candidates
+
+
+def _chosen_checkpoint(checkpoint_id: int, payload: Mapping[str, Any], shown: str, indexed: bool) -> dict[str, Any]:
+    """resume-info's description of the checkpoint resume would load."""
+    return {
+        "id": checkpoint_id,
+        "path": shown,
+        "epoch": payload.get("epoch"),
+        "batch": payload.get("batch"),
+        "global_step": payload.get("global_step"),
+        "metrics": {str(k): _finite(v) for k, v in (payload.get("metrics") or {}).items()},
+        "timestamp": payload.get("timestamp"),
+        "checksum_verified": indexed,
+        "indexed": indexed,
+    }
+
+
+def _resume_reason(chosen: dict[str, Any] | None, skipped: tuple[dict[str, Any], ...]) -> str:
+    """Why resume would load ``chosen`` (or nothing), in one sentence."""
     if chosen is None:
-        reason = "no checkpoint verifies: resume would fail" if skipped else "no checkpoints: resume would start fresh"
+        return "no checkpoint verifies: resume would fail" if skipped else "no checkpoints: resume would start fresh"
+    if chosen["checksum_verified"]:
+        reason = f"checkpoint {chosen['id']} is the newest whose checksum matches the index and that loads safely"
     else:
-        if chosen["checksum_verified"]:
-            reason = f"checkpoint {chosen['id']} is the newest whose checksum matches the index and that loads safely"
-        else:
-            reason = f"checkpoint {chosen['id']} is the newest that loads safely (it is not in the index; resume adopts it)"
-        if skipped:
-            reason += f"; skipped {len(skipped)} newer one(s) that do not verify"
-    return ResumeInfo(run_dir.name, str(run_dir), chosen, reason, tuple(skipped), index_problem)
+        reason = f"checkpoint {chosen['id']} is the newest that loads safely (it is not in the index; resume adopts it)"
+    if skipped:
+        reason += f"; skipped {len(skipped)} newer one(s) that do not verify"
+    return reason
 
 
 # --------------------------------------------------------------------------- promote
