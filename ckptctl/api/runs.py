@@ -118,4 +118,4 @@ def restore_from_drive(drive_root: str | os.PathLike, run_name: str, output_dir:
     except CorruptIndexError as exc:
         raise CkptctlError(f"{mirror}: mirror index unreadable ({exc})") from None
     report = restore_run(mirror, Path(output_dir) / run_name)
-    return {"path": report.dest, "copied": report.copied, "skipped": report.skipped}
+    return {"path": report.dest, "copied": list(report.copied), "skipped": list(report.skipped)}

@@ -59,24 +59,19 @@ def choose_mirror_run(drive: str | os.PathLike, run: str | None = None) -> Path:
     return newest_of(runs)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RestoreReport:
     """What one restore did (run-relative paths)."""
 
     source: Path
     dest: Path
-    copied: list[str] = field(default_factory=list)
-    already: list[str] = field(default_factory=list)
-    kept_local: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    copied: tuple[str, ...] = ()
+    already: tuple[str, ...] = ()
+    kept_local: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
     bytes_copied: int = 0
     resume_id: int | None = None
-    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} of files not restored
-
-    def skip(self, relpath: str, reason: str) -> None:
-        """Record a mirror file that could not be restored (the rest of the restore goes on)."""
-        self.skipped.append({"path": relpath, "reason": reason})
-        self.problems.append(f"{relpath} not restored: {reason}")
+    skipped: tuple[dict[str, str], ...] = ()  # {"path", "reason"} of files not restored
 
     @property
     def ok(self) -> bool:
@@ -89,13 +84,38 @@ class RestoreReport:
             "run": self.source.name,
             "source": str(self.source),
             "dest": str(self.dest),
-            "copied": self.copied,
-            "already_present": self.already,
-            "kept_local": self.kept_local,
-            "problems": self.problems,
+            "copied": list(self.copied),
+            "already_present": list(self.already),
+            "kept_local": list(self.kept_local),
+            "problems": list(self.problems),
             "bytes_copied": self.bytes_copied,
             "resume_id": self.resume_id,
         }
+
+
+@dataclass
+class _RestoreLog:
+    """What a restore has done so far, built up while it runs; :meth:`freeze` makes its :class:`RestoreReport`."""
+
+    copied: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    kept_local: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    bytes_copied: int = 0
+    resume_id: int | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def skip(self, relpath: str, reason: str) -> None:
+        """Record a mirror file that could not be restored (the rest of the restore goes on)."""
+        self.skipped.append({"path": relpath, "reason": reason})
+        self.problems.append(f"{relpath} not restored: {reason}")
+
+    def freeze(self, source: Path, dest: Path) -> RestoreReport:
+        """The report of this restore."""
+        return RestoreReport(
+            source, dest, tuple(self.copied), tuple(self.already), tuple(self.kept_local), tuple(self.problems),
+            self.bytes_copied, self.resume_id, tuple(self.skipped),
+        )
 
 
 @dataclass
@@ -132,7 +152,7 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _copy_guide_metadata(mirror_run: Path, dest_run: Path, report: RestoreReport, with_best: bool) -> None:
+def _copy_guide_metadata(mirror_run: Path, dest_run: Path, report: _RestoreLog, with_best: bool) -> None:
     """Copy the metadata files other code wrote (the Colab guide's) as they are, where the local run lacks them.
 
     The local run then is what the mirror holds: ``ls``/``verify`` describe it by them,
@@ -187,7 +207,7 @@ def restore_run(
         copies = job.plan_checkpoints() + job.plan_best()
         job.copy_all(copies, on_progress)
         job.finish()
-    return job.report
+    return job.log.freeze(job.mirror_run, job.dest_run)
 
 
 @dataclass
@@ -197,7 +217,7 @@ class _Restore:
     mirror_run: Path
     dest_run: Path
     force: bool
-    report: RestoreReport = field(init=False)
+    log: _RestoreLog = field(default_factory=_RestoreLog)
     mirror_index: Index = field(init=False)
     mirror_guide: Any = None  # the mirror's index, when other code (the guide) wrote it
     mirror_entries: dict[int, CheckpointEntry] = field(default_factory=dict)
@@ -206,9 +226,6 @@ class _Restore:
     local_indexed: bool = True  # the local run has a ckptctl index
     local: dict[int, CheckpointEntry] = field(default_factory=dict)
     guide_best: Any = None
-
-    def __post_init__(self) -> None:
-        self.report = RestoreReport(source=self.mirror_run, dest=self.dest_run)
 
     def read_mirror(self, only_id: int | None) -> None:
         """The mirror's index (other code's, or none: its files by name) and which of its checkpoints to restore."""
@@ -219,10 +236,10 @@ class _Restore:
         except CorruptIndexError as exc:
             self.mirror_guide = legacy.read_guide_index(self.mirror_run)  # other code's index: copy its files by name, no problem
             if self.mirror_guide is None:
-                self.report.problems.append(f"mirror index unreadable ({exc}); copying its checkpoint files by name")
+                self.log.problems.append(f"mirror index unreadable ({exc}); copying its checkpoint files by name")
             self.mirror_index = Index(run_name=self.mirror_run.name, next_id=0)
         for raw_id, reason in self.mirror_index.skipped:
-            self.report.problems.append(f"mirror index entry {raw_id!r} skipped: {reason}")
+            self.log.problems.append(f"mirror index entry {raw_id!r} skipped: {reason}")
         entries = self.mirror_index.by_id()
         files = {i: p for i, p in checkpoint_files_on_disk(self.mirror_run).items() if i not in entries}
         if only_id is not None:
@@ -260,17 +277,17 @@ class _Restore:
             try:
                 dst = resolve_inside(self.dest_run, rel)
             except UnsafePathError as exc:
-                self.report.problems.append(f"checkpoint {checkpoint_id}: {exc}")
+                self.log.problems.append(f"checkpoint {checkpoint_id}: {exc}")
                 continue
             if dst.exists() and not self.force:
-                (self.report.already if _same_file(src, dst) else self.report.kept_local).append(rel)
+                (self.log.already if _same_file(src, dst) else self.log.kept_local).append(rel)
                 continue
             copies.append(_Copy(rel, src, dst, None, _size(src)))
         return copies
 
     def _plan_entry(self, checkpoint_id: int, m: CheckpointEntry, local_files: dict[int, Path]) -> _Copy | None:
         """The copy of one indexed mirror checkpoint, or None when the local one stays (same, newer, or kept)."""
-        report = self.report
+        report = self.log
         try:
             src, dst = resolve_inside(self.mirror_run, m.path), resolve_inside(self.dest_run, m.path)
         except UnsafePathError as exc:
@@ -299,7 +316,7 @@ class _Restore:
 
     def plan_best(self) -> list[_Copy]:
         """The best model's copy, if the mirror's is to replace the local one (other code's is copied by name)."""
-        report = self.report
+        report = self.log
         try:
             mirror_best = read_best_record(self.mirror_run)
             if mirror_best is not None:  # the record the mirror's file matches (after a crash mid-replace, by its bytes)
@@ -348,15 +365,15 @@ class _Restore:
             try:
                 size, checksum = _copy_file(c, self.dest_run, progress)
             except FileNotFoundError:
-                self.report.skip(c.relpath, "listed on the mirror but missing there")
+                self.log.skip(c.relpath, "listed on the mirror but missing there")
                 continue
             except CheckpointIntegrityError as exc:  # damaged on Drive: skip it, the others still restore
-                self.report.skip(c.relpath, str(exc))
+                self.log.skip(c.relpath, str(exc))
                 continue
             finally:
                 done = base + c.size
-            self.report.copied.append(c.relpath)
-            self.report.bytes_copied += size
+            self.log.copied.append(c.relpath)
+            self.log.bytes_copied += size
             if c.entry is not None:
                 self.local[c.entry.id] = replace(c.entry, mirrored=mirrored_record(checksum, size, utc_now_iso(), str(self.mirror_run)))
                 self.local_index = self.local_index.with_entries(list(self.local.values()))
@@ -369,16 +386,16 @@ class _Restore:
         # an id restored here is listed again, so it is no longer retired
         final = replace(final, next_id=max(final.next_id, self.mirror_index.next_id)).forget_retired(final.by_id())
         if self.mirror_guide is not None and not self.local_indexed and not final.checkpoints:
-            _copy_guide_metadata(self.mirror_run, self.dest_run, self.report, self.guide_best is not None)  # stays in the other code's format
+            _copy_guide_metadata(self.mirror_run, self.dest_run, self.log, self.guide_best is not None)  # stays in the other code's format
         else:
             commit_index(self.dest_run, final)
         for name in (TRAINING_STATE_FILE, TRAINING_LOG_FILE):
             src, dst = self.mirror_run / name, self.dest_run / name
             if src.is_file() and not src.is_symlink() and (self.force or not dst.exists()):
                 atomic_copy(src, dst)
-                self.report.copied.append(name)
+                self.log.copied.append(name)
         ids = set(final.by_id()) | set(checkpoint_files_on_disk(self.dest_run))
-        self.report.resume_id = max(ids) if ids else None
+        self.log.resume_id = max(ids) if ids else None
 
 
 def backup_run(
