@@ -56,7 +56,7 @@ from ckptctl.storage.atomic import (
     remove_file,
     resolve_inside,
 )
-from ckptctl.storage.runfiles import checkpoint_file_for_deletion, replace_best, settled_best
+from ckptctl.storage.runfiles import checkpoint_file_for_deletion, replace_best, settle, settled_best
 from ckptctl.storage.scan import checkpoint_files_on_disk, is_run_dir, mtime_iso, read_best_record, read_index, read_json_file
 
 log = logging.getLogger("ckptctl.mirror")
@@ -590,10 +590,8 @@ class _Sync:
         except (CorruptIndexError, UnsafePathError) as exc:
             log.warning("not mirroring the best model: %s", exc)
             return
-        if record is None:
-            return
         # during the trainer's replace (or after a crash in one): the record the file matches now
-        best = record.current if record.pending is None else settled_best(self.local_run)
+        best = settle(self.local_run, record)
         if best is None:
             return
         mirror_best = settled_best(self.mirror_run)

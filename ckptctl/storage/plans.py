@@ -34,9 +34,9 @@ from ckptctl.storage.runfiles import (
     delete_checkpoint_files,
     finish_pending_removal,
     finish_removal,
-    settled_best,
+    settle,
 )
-from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index, read_json_file
+from ckptctl.storage.scan import checkpoint_files_on_disk, read_best_record, read_index, read_json_file
 
 
 @dataclass(frozen=True)
@@ -174,11 +174,11 @@ def _deletable_entries(run_dir: Path, index: Index, skipped: list[str]) -> list[
 def _best_source(run_dir: Path, skipped: list[str]) -> int | None:
     """The checkpoint the best model came from (after a crash mid-replace, the record its file matches)."""
     try:
-        read_best(run_dir)
+        record = read_best_record(run_dir)
     except (CorruptIndexError, UnsafePathError) as exc:
         skipped.append(f"best metadata unreadable ({exc}); best model's source unknown")
         return None
-    best = settled_best(run_dir)
+    best = settle(run_dir, record)
     return best.source_id if best else None
 
 

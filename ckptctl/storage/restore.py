@@ -37,7 +37,7 @@ from ckptctl.storage.atomic import (
 from ckptctl.storage import legacy
 from ckptctl.storage.lock import RunLock
 from ckptctl.storage.mirror import SyncReport, apply_sync_report, resolve_budget, sync_run, write_mirror_status
-from ckptctl.storage.runfiles import commit_index, replace_best, set_aside, settled_best
+from ckptctl.storage.runfiles import commit_index, replace_best, set_aside, settle, settled_best
 from ckptctl.storage.scan import checkpoint_files_on_disk, find_runs, newest_of, read_best_record, read_index
 
 
@@ -318,9 +318,8 @@ class _Restore:
         """The best model's copy, if the mirror's is to replace the local one (other code's is copied by name)."""
         report = self.log
         try:
-            mirror_best = read_best_record(self.mirror_run)
-            if mirror_best is not None:  # the record the mirror's file matches (after a crash mid-replace, by its bytes)
-                mirror_best = mirror_best.current if mirror_best.pending is None else settled_best(self.mirror_run)
+            # the record the mirror's file matches (after a crash mid-replace, by its bytes)
+            mirror_best = settle(self.mirror_run, read_best_record(self.mirror_run))
         except (CorruptIndexError, UnsafePathError) as exc:
             mirror_best = None
             self.guide_best = legacy.read_guide_best(self.mirror_run)

@@ -83,15 +83,23 @@ def settled_best(run_dir: str | os.PathLike) -> BestInfo | None:
     Outside a replace that is the committed record. After a crash inside one, the file is
     hashed to tell whether the rename happened.
     """
-    run_dir = Path(run_dir)
     try:
         record = read_best_record(run_dir)
     except (CorruptIndexError, UnsafePathError):
         return None
+    return settle(run_dir, record)
+
+
+def settle(run_dir: str | os.PathLike, record: BestRecord | None) -> BestInfo | None:
+    """The record of ``record`` (read by the caller) that describes the ``best_model.pt`` there now; None if none does.
+
+    The committed one outside a replace; after a crash inside one, the one the file's bytes
+    match (the file is hashed only then).
+    """
     if record is None or record.pending is None:
         return record.current if record is not None else None
     try:
-        return record.describing(matching_checksum(run_dir / BEST_MODEL_FILE, record.checksums()))
+        return record.describing(matching_checksum(Path(run_dir) / BEST_MODEL_FILE, record.checksums()))
     except CheckpointIntegrityError:
         return None
 
