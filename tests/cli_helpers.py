@@ -44,6 +44,22 @@ def ckptctl_cmd() -> list[str]:
     return [found] if found else [sys.executable, "-m", "ckptctl"]
 
 
+def modules_imported_by(first: list[str], watched: tuple[str, ...], then: list[str]) -> tuple[list[str], bool]:
+    """In a fresh interpreter: which of ``watched`` importing the modules ``first`` pulls in, and whether
+    importing ``then`` as well pulls in torch (the layer checks of the import graph)."""
+    probe = (
+        "import sys, importlib\n"
+        f"for m in {first!r}: importlib.import_module(m)\n"
+        f"bad = sorted(m for m in {watched!r} if m in sys.modules)\n"
+        f"for m in {then!r}: importlib.import_module(m)\n"
+        "print(','.join(bad) or '-', 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    found, torch_loaded = proc.stdout.split()
+    return ([] if found == "-" else found.split(",")), torch_loaded == "True"
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ckptctl in a real subprocess."""
     full_env = {**os.environ, **(env or {})}

@@ -13,7 +13,7 @@ import pytest
 
 from ckptctl.cli import app
 from ckptctl.completions_gen import FILES, completion_script
-from tests.cli_helpers import REPO, ckptctl_cmd, invoke, run_cli
+from tests.cli_helpers import REPO, ckptctl_cmd, invoke, modules_imported_by, run_cli
 from tests.damage import flip_byte
 from tests.runs import ckpt, write_run
 
@@ -267,12 +267,5 @@ def test_verify_on_a_terminal_draws_progress_and_still_reports(tmp_path):
 
 def test_layers_import_only_what_they_may():
     """Storage modules the CLI added import neither torch nor the CLI libraries; render imports no torch."""
-    probe = (
-        "import sys\n"
-        "import ckptctl.storage.listing, ckptctl.storage.plans, ckptctl.storage.restore, ckptctl.storage.select, ckptctl.core.units\n"
-        "bad = sorted(m for m in ('torch', 'typer', 'rich', 'humanize') if m in sys.modules)\n"
-        "import ckptctl.render\n"
-        "print(','.join(bad) or 'clean', 'torch' in sys.modules)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert proc.stdout.split() == ["clean", "False"], proc.stdout + proc.stderr
+    storage = ["ckptctl.storage.listing", "ckptctl.storage.plans", "ckptctl.storage.restore", "ckptctl.storage.select", "ckptctl.core.units"]
+    assert modules_imported_by(storage, ("torch", "typer", "rich", "humanize"), ["ckptctl.render"]) == ([], False)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -28,7 +26,7 @@ from ckptctl.exit_codes import (
     error_line,
     error_message,
 )
-from tests.cli_helpers import REPO, invoke, run_cli
+from tests.cli_helpers import invoke, modules_imported_by, run_cli
 from tests.damage import flip_byte
 from tests.runs import ckpt
 
@@ -180,12 +178,5 @@ def test_subclasses_come_before_their_bases_in_the_table():
 
 def test_exit_codes_and_output_import_no_torch():
     """The trainloop and the CLI share exit_codes: it imports neither torch nor the CLI libraries."""
-    probe = (
-        "import sys\n"
-        "import ckptctl.exit_codes\n"
-        "bad = sorted(m for m in ('torch', 'typer', 'click', 'rich', 'humanize') if m in sys.modules)\n"
-        "import ckptctl.output\n"
-        "print(','.join(bad) or 'clean', 'torch' in sys.modules)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert proc.stdout.split() == ["clean", "False"], proc.stdout + proc.stderr
+    found = modules_imported_by(["ckptctl.exit_codes"], ("torch", "typer", "click", "rich", "humanize"), ["ckptctl.output"])
+    assert found == ([], False)
