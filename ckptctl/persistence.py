@@ -22,6 +22,7 @@ from ckptctl.api.best import BestKeeper, is_better
 from ckptctl.api.index_state import IndexState
 from ckptctl.api.loading import Loader
 from ckptctl.api.mirroring import MIRROR_LAG_WARN_SAVES, MirrorBook
+from ckptctl.api.packs import RunPacks
 from ckptctl.api.runs import (
     latest_run,
     newest_checkpoint_id,
@@ -153,7 +154,9 @@ class ModelPersistence:
         self._drive = MirrorBook(self.run_dir, self._index)
         best = opening.load_or_repair_best(self.run_dir, self._index.current, self.best_metric, self.best_mode)
         self._best = BestKeeper(self.run_dir, self._index, best, self.best_metric, self.best_mode, self._drive.request)
-        self._saver = Saver(self.run_dir, policy, self._index, self._worker, self._best, self._drive)
+        self._best.packs = RunPacks(self.run_dir, self._index, lambda: self._best.info)
+        self._best.packs.collect()  # what a kill left: packs of removed checkpoints, a save never committed
+        self._saver = Saver(self.run_dir, policy, self._index, self._worker, self._best, self._drive, self._best.packs)
         latest = self._index.current.latest
         self._global_step = latest.global_step if latest else 0
         self._training_state = opening.load_training_state(self.run_dir)

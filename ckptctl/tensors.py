@@ -14,9 +14,11 @@ within ``atol`` (NaN equal to NaN at the same position), integers exactly in int
 
 from __future__ import annotations
 
+import copy
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Union
+from typing import Any, Callable, Iterator, Mapping, Union
 
 import torch
 
@@ -41,6 +43,31 @@ def iter_tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from iter_tensors(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def map_nested(obj: Any, fn: Callable[[Any, tuple], tuple[bool, Any]], key: tuple = ()) -> Any:
+    """Rebuild ``obj`` (nested dicts, lists, tuples) with ``fn`` applied top-down.
+
+    ``fn(value, key)`` returns ``(True, replacement)`` to replace ``value`` (not descending
+    into it) or ``(False, None)`` to keep it and descend. ``key`` is the path of dict keys
+    and list indices. OrderedDicts keep their type and their ``_metadata`` (module state
+    dicts' versions); named tuples and other objects are kept as they are.
+    """
+    replaced, value = fn(obj, key)
+    if replaced:
+        return value
+    if isinstance(obj, OrderedDict):
+        rebuilt = OrderedDict((k, map_nested(v, fn, key + (k,))) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            rebuilt._metadata = copy.deepcopy(obj._metadata)
+        return rebuilt
+    if isinstance(obj, dict):
+        return {k: map_nested(v, fn, key + (k,)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [map_nested(v, fn, key + (i,)) for i, v in enumerate(obj)]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(map_nested(v, fn, key + (i,)) for i, v in enumerate(obj))
+    return obj
 
 
 def flat_tensors(obj: Any) -> dict[str, torch.Tensor]:

@@ -7,16 +7,14 @@ verifying it, and capturing/restoring RNG states.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import pickle
-from collections import OrderedDict
 import random
 import threading
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -32,6 +30,8 @@ from ckptctl.storage.atomic import (
     read_failure,
 )
 from ckptctl import tensors as _tensors
+from ckptctl.packs_io import Deduplicated, check_objects, deduplicate, references_objects, resolve_objects
+from ckptctl.storage.objects import PackChecks, PackTable
 
 log = logging.getLogger("ckptctl")
 
@@ -76,7 +76,9 @@ def restore_rng(rng: Mapping[str, Any]) -> list[str]:
         py = rng["python"]
         random.setstate((int(py["version"]), tuple(int(x) for x in py["state"].tolist()), py["gauss_next"]))
         restored.append("python")
-        torch.set_rng_state(rng["torch_cpu"].to(torch.uint8))
+        # clone: set_rng_state reads from the start of the tensor's storage, ignoring its offset,
+        # and a state loaded from a pack is a view into the pack's memory map
+        torch.set_rng_state(rng["torch_cpu"].to(torch.uint8).clone())
         restored.append("torch_cpu")
         if "numpy" in rng:
             if _np is None:
@@ -91,7 +93,7 @@ def restore_rng(rng: Mapping[str, Any]) -> list[str]:
                 raise RestoreStateError(
                     f"checkpoint has CUDA RNG states for {len(states)} devices, this machine has {torch.cuda.device_count()}"
                 )
-            torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in states])
+            torch.cuda.set_rng_state_all([s.to(torch.uint8).clone() for s in states])
             restored.append("torch_cuda")
     except RestoreStateError:
         raise
@@ -126,20 +128,9 @@ class Stager:
 
     def stage(self, obj: Any, key: tuple = ()) -> Any:
         """Return a copy of ``obj`` whose tensors live in this stager's CPU buffers."""
-        if isinstance(obj, torch.Tensor):
-            return self._stage_tensor(obj, key)
-        if isinstance(obj, OrderedDict):  # model state_dicts; keep their version ``_metadata``
-            staged = OrderedDict((k, self.stage(v, key + (k,))) for k, v in obj.items())
-            if hasattr(obj, "_metadata"):
-                staged._metadata = copy.deepcopy(obj._metadata)
-            return staged
-        if isinstance(obj, dict):
-            return {k: self.stage(v, key + (k,)) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [self.stage(v, key + (i,)) for i, v in enumerate(obj)]
-        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-            return tuple(self.stage(v, key + (i,)) for i, v in enumerate(obj))
-        return obj  # ints, floats, strings, None, ... are immutable
+        return _tensors.map_nested(
+            obj, lambda value, path: (True, self._stage_tensor(value, key + path)) if isinstance(value, torch.Tensor) else (False, None)
+        )
 
     def _stage_tensor(self, tensor: torch.Tensor, key: tuple) -> torch.Tensor:
         tensor = tensor.detach()
@@ -281,6 +272,29 @@ def write_checkpoint_file(
     return atomic_write(path, lambda writer: _save_without_zip_crc(payload, writer), before_replace=before_replace)
 
 
+def write_deduplicated(
+    run_dir: str | os.PathLike,
+    path: str | os.PathLike,
+    payload: Mapping[str, Any],
+    table: PackTable,
+    *,
+    before_replace: BeforeReplace = None,
+    on_pack: Callable[[str], None] | None = None,
+) -> tuple[int, str, Deduplicated]:
+    """Save ``payload`` in format 2: its new tensors as one pack of ``run_dir``, then its skeleton to ``path``.
+
+    Returns the skeleton file's ``(size, checksum)`` and what it references. The pack is
+    durable before the skeleton is renamed into place, and both before the caller commits
+    the index, so a committed checkpoint never references a pack that is not on disk.
+    ``on_pack(name)`` is told the new pack as soon as it is durable.
+    """
+    dedup = deduplicate(run_dir, payload, table)
+    if dedup.new_pack is not None and on_pack is not None:
+        on_pack(dedup.new_pack)
+    size, checksum = write_checkpoint_file(path, dedup.skeleton, before_replace=before_replace)
+    return size, checksum, dedup
+
+
 #: How torch's zip writer reports a failed write (disk full, I/O error): the errors the Python IO redo is for.
 _TORCH_WRITE_FAILURES = ("file write failed", "unexpected pos")
 _fast_path_warned: set[str] = set()
@@ -349,7 +363,16 @@ def check_device(device: Any) -> None:
 
 
 def safe_load(path: str | os.PathLike, device: str | torch.device = "cpu", *, mmap: bool = True) -> dict[str, Any]:
-    """Load a checkpoint file with ``weights_only=True`` (never runs pickled code).
+    """Load a checkpoint file with ``weights_only=True`` (never runs pickled code): its full payload.
+
+    A format-2 skeleton's tensors come from the run's packs (memory-mapped, see
+    :func:`ckptctl.packs_io.resolve_objects`). Errors as :func:`load_skeleton`.
+    """
+    return resolve_objects(path, load_skeleton(path, device, mmap=mmap), device)
+
+
+def load_skeleton(path: str | os.PathLike, device: str | torch.device = "cpu", *, mmap: bool = True) -> dict[str, Any]:
+    """Load a checkpoint file as it is with ``weights_only=True`` (a format-2 file: its skeleton, references unresolved).
 
     Memory-mapped where the file allows it. Raises :class:`CheckpointIntegrityError` with
     status ``missing``, ``corrupt`` or ``unsafe``; anything but a regular file (a FIFO, a
@@ -387,17 +410,24 @@ def verify_file(
     *,
     deep: bool = False,
     on_progress: ProgressCallback = None,
+    checks: PackChecks | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Checksum (when known) + safe trial load (+ finite check when ``deep``) of one file.
 
     ``expected_checksum`` may be several checksums, any of which is good (the best model
-    during a replace). Returns the loaded payload. Raises :class:`CheckpointIntegrityError`
-    with status ``missing``/``corrupt``/``unsafe``/``nonfinite``.
+    during a replace). A format-2 file's packs are checked against their names too (each
+    once per ``checks``, shared by the caller across the files of a run; a damaged pack
+    fails every file that references it). Returns the loaded payload. Raises
+    :class:`CheckpointIntegrityError` with status ``missing``/``corrupt``/``unsafe``/``nonfinite``.
     """
     if expected_checksum is not None:
         candidates = (expected_checksum,) if isinstance(expected_checksum, str) else expected_checksum
         matching_checksum(path, candidates, on_progress)
-    payload = safe_load(path, "cpu", mmap=True)
+    skeleton = load_skeleton(path, device, mmap=True)
+    if references_objects(skeleton):
+        check_objects(path, skeleton, checks if checks is not None else PackChecks())
+    payload = resolve_objects(path, skeleton, device)
     if deep:
         bad = _tensors.find_nonfinite(payload)
         if bad:

@@ -23,6 +23,7 @@ from ckptctl.errors import (
 )
 from ckptctl.storage.scan import read_best, read_index
 from ckptctl.tensors import compare_states
+from ckptctl.torch_io import safe_load
 
 from .damage import damage
 from .runs import ckpt, fresh_components
@@ -118,13 +119,18 @@ def test_checkpoint_file_loads_with_weights_only_and_has_the_documented_keys(tmp
     rig = Rig()
     with ModelPersistence(run) as p:
         p.save_checkpoint(2, 7, {"loss": torch.tensor(0.25)}, global_step=42, **rig.components())
-    data = torch.load(run / "checkpoints" / "checkpoint_00000.pt", map_location="cpu", weights_only=True)
+    # format 2: the file is a skeleton (tensors replaced by references to packs), loadable with weights_only
+    skeleton = torch.load(run / "checkpoints" / "checkpoint_00000.pt", map_location="cpu", weights_only=True)
+    assert skeleton["format_version"] == 2 and skeleton["objects"] and not any(
+        isinstance(v, torch.Tensor) for v in skeleton["agent"].values()
+    )
+    data = safe_load(run / "checkpoints" / "checkpoint_00000.pt")
     for key in ("format_version", "epoch", "batch", "global_step", "metrics", "timestamp", "rng", "agent", "optimizer", "scheduler", "scaler", "loss_fn"):
         assert key in data, key
     assert (data["epoch"], data["batch"], data["global_step"], data["metrics"]) == (2, 7, 42, {"loss": 0.25})
     assert set(data["rng"]) >= {"python", "numpy", "torch_cpu"}
     index = json.loads((run / INDEX_FILE).read_text())
-    assert index["format_version"] == 1
+    assert index["format_version"] == 2
     (entry,) = index["checkpoints"]
     assert entry["path"] == "checkpoints/checkpoint_00000.pt"
     assert entry["size_bytes"] == os.path.getsize(run / entry["path"])
@@ -393,6 +399,6 @@ def test_every_staging_mode_saves_the_state_of_the_moment(tmp_path, staging):
             for param in rig.agent.parameters():
                 param.add_(100.0)  # training goes on right after the call returns
         p.flush()
-    saved = torch.load(run / "checkpoints" / "checkpoint_00000.pt", weights_only=True)["agent"]
+    saved = safe_load(run / "checkpoints" / "checkpoint_00000.pt")["agent"]
     for name, value in expected.items():
         assert torch.equal(saved[name], value), name

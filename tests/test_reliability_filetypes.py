@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from ckptctl.torch_io import safe_load
 from tests.cli_helpers import REPO, ckptctl_cmd
 from tests.runs import ckpt, fresh_components, write_run
 
@@ -453,7 +454,7 @@ def test_a_trailing_newline_name_does_not_shadow_checkpoint_2_after_an_index_reb
     (run / "checkpoint_metadata.json").unlink()
     assert checkpoint_files_on_disk(run) == {i: ckpt(run, i) for i in range(3)}
     assert checkpoint_names_present(run) == {0, 1, 2}
-    real = torch.load(ckpt(run, 2), weights_only=True)
+    real = safe_load(ckpt(run, 2))
     with ModelPersistence(run, background=False) as p:
         assert p.checkpoints[2]["path"] == "checkpoints/checkpoint_00002.pt"
         components = fresh_components()

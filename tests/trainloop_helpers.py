@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from ckptctl.tensors import compare_states, flat_tensors
+from ckptctl.torch_io import safe_load
 
 #: Small, fast settings: 64 training pairs in batches of 8 (8 batches per epoch).
 FAST_FLAGS = (
@@ -135,7 +135,7 @@ def newest_checkpoint(run_dir: Path) -> tuple[dict, Path]:
 
 
 def load_payload(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_load(path)
 
 
 def tensor_differences(a: dict, b: dict) -> list[str]:

@@ -17,9 +17,11 @@ from ckptctl.core.manifest import BestInfo
 from ckptctl.errors import CkptctlError
 from ckptctl.storage.atomic import atomic_copy, resolve_inside
 from ckptctl.storage.runfiles import replace_best
+from ckptctl.packs_io import deduplicate
 from ckptctl.torch_io import write_checkpoint_file
 
 from ckptctl.api.index_state import IndexState
+from ckptctl.api.packs import RunPacks
 
 
 def is_better(value: float, best: float | None, mode: str) -> bool:
@@ -39,6 +41,8 @@ class BestKeeper:
 
     def __init__(self, run_dir: Path, index: IndexState, info: BestInfo | None, metric: str, mode: str, on_written: Callable[[], None]):
         self.run_dir = run_dir
+        #: The run's packs (set by the owner once both exist): a best model's tensors are deduplicated like a checkpoint's.
+        self.packs: RunPacks | None = None
         self.index = index
         self.info = info
         self.metric = metric
@@ -75,10 +79,17 @@ class BestKeeper:
             lambda before: atomic_copy(src, self.run_dir / BEST_MODEL_FILE, expected_checksum=entry.checksum, before_replace=before),
             lambda size, checksum: BestInfo.of_checkpoint(judged, size, checksum, self.metric, self.mode),
         )
+        self._written()
+
+    def _written(self) -> None:
+        """After a replace: the old best model's packs go if nothing else references them; the mirror is asked to sync."""
+        if self.packs is not None:
+            self.packs.collect()
         self._on_written()
 
     def write_payload_job(self, payload: dict[str, Any]) -> None:
         """Background job: ``best_model.pt`` is written from a snapshot ``payload`` (no checkpoint of that step)."""
+        dedup = deduplicate(self.run_dir, payload, self.packs.table)  # its pack is kept: collected only after the replace
 
         def describe(size: int, checksum: str) -> BestInfo:
             return BestInfo.of_model(
@@ -92,9 +103,13 @@ class BestKeeper:
                 checksum=checksum,
                 metric=self.metric,
                 mode=self.mode,
+                objects=dedup.objects,
+                state_bytes=size + dedup.tensor_bytes,
             )
 
         self.info = replace_best(
-            self.run_dir, lambda before: write_checkpoint_file(self.run_dir / BEST_MODEL_FILE, payload, before_replace=before), describe
+            self.run_dir,
+            lambda before: write_checkpoint_file(self.run_dir / BEST_MODEL_FILE, dedup.skeleton, before_replace=before),
+            describe,
         )
-        self._on_written()
+        self._written()

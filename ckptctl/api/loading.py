@@ -17,7 +17,8 @@ from ckptctl.core.resume import choose_resume_checkpoint
 from ckptctl.errors import CheckpointIntegrityError, CkptctlError, NoValidCheckpointError, RestoreStateError, UnsafePathError
 from ckptctl.storage import legacy
 from ckptctl.storage.atomic import resolve_inside, verify_checksum
-from ckptctl.torch_io import apply_components, payload_metadata, restore_rng, safe_load
+from ckptctl.storage.objects import PackChecks, check_record_objects
+from ckptctl.torch_io import apply_components, payload_metadata, restore_rng, verify_file
 
 log = logging.getLogger("ckptctl")
 
@@ -37,8 +38,7 @@ class Loader:
             path = resolve_inside(self.run_dir, entry.path)
         except UnsafePathError as exc:
             raise CheckpointIntegrityError(str(exc)) from None
-        verify_checksum(path, entry.checksum)
-        return safe_load(path, device)
+        return verify_file(path, entry.checksum, device=device)
 
     def apply(self, index: Index, payload: Mapping[str, Any], components: Mapping[str, Any], with_rng: bool) -> dict[str, Any]:
         """Load ``payload`` into ``components`` (and restore its RNG states when ``with_rng``); return its metadata."""
@@ -66,9 +66,13 @@ class Loader:
     def resume_info(self, index: Index) -> dict[str, Any] | None:
         """What a resume would load (checksums only); see ``ModelPersistence.get_resume_info``."""
         entries = index.by_id()
-        choice = choose_resume_checkpoint(
-            entries, lambda i: verify_checksum(resolve_inside(self.run_dir, entries[i].path), entries[i].checksum)
-        )
+        checks = PackChecks()
+
+        def check(i: int) -> None:
+            verify_checksum(resolve_inside(self.run_dir, entries[i].path), entries[i].checksum)
+            check_record_objects(self.run_dir, entries[i], checks)
+
+        choice = choose_resume_checkpoint(entries, check)
         skipped = [{"checkpoint_id": i, "reason": str(exc)} for i, exc in choice.skipped]
         if choice.chosen_id is None:
             if skipped:
@@ -114,5 +118,4 @@ class Loader:
         if best is None:
             raise CkptctlError(f"{self.run_dir}: no best model yet")
         path = resolve_inside(self.run_dir, best.path)
-        verify_checksum(path, best.checksum)
-        return self.apply(index, safe_load(path, device), components, False)
+        return self.apply(index, verify_file(path, best.checksum, device=device), components, False)

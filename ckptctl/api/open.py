@@ -33,7 +33,9 @@ from ckptctl.storage.scan import (
     read_index,
     read_training_state,
 )
-from ckptctl.torch_io import safe_load
+from ckptctl.packs_io import objects_of
+from ckptctl.storage.objects import objects_dir
+from ckptctl.torch_io import load_skeleton
 
 log = logging.getLogger("ckptctl")
 
@@ -84,9 +86,10 @@ def unregister_writer(writer_key: str, writer: Writer) -> None:
 
 
 def cleanup_run_temporaries(run_dir: Path) -> None:
-    """Remove temporaries a crash left in the run folder and in ``checkpoints/``."""
+    """Remove temporaries a crash left in the run folder, ``checkpoints/`` and ``objects/``."""
     cleanup_temporaries(run_dir)
     cleanup_temporaries(run_dir / CHECKPOINT_DIR)
+    cleanup_temporaries(objects_dir(run_dir))
 
 
 # ---------------------------------------------------------------------- the index
@@ -153,7 +156,8 @@ def _adopt_unindexed_files(
 def entry_from_file(checkpoint_id: int, path: Path, guide: Mapping[int, legacy.LegacyEntry] | None = None) -> CheckpointEntry:
     """The index entry of the committed checkpoint file ``path`` (read from its payload; other code's via the guide's index)."""
     size, checksum = hash_file(path)
-    payload = safe_load(path, "cpu", mmap=True)
+    payload = load_skeleton(path, "cpu", mmap=True)
+    objects, tensor_bytes = objects_of(path, payload)  # format 2: its packs must all be there
     if legacy.is_foreign_payload(payload):  # written by other code; global_step assigned by the caller
         entry = legacy.entry_from_payload(
             checkpoint_id, checkpoint_relpath(checkpoint_id), payload, (guide or {}).get(checkpoint_id), size, checksum, utc_now_iso()
@@ -173,6 +177,8 @@ def entry_from_file(checkpoint_id: int, path: Path, guide: Mapping[int, legacy.L
             size_bytes=size,
             checksum=checksum,
             extra=salvaged_extra(path, payload.get("extra")),
+            objects=objects,
+            state_bytes=size + tensor_bytes if objects else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptIndexError(f"{path.name}: not a ckptctl checkpoint ({exc})") from None
@@ -248,7 +254,8 @@ def _rebuild_best_record(run_dir: Path, index: Index, metric: str, mode: str) ->
         log.warning("%s: best_model.pt cannot be read (%s); it will be replaced by the next best", run_dir, exc)
         return None
     try:
-        payload = safe_load(best_path, "cpu", mmap=True)
+        payload = load_skeleton(best_path, "cpu", mmap=True)
+        objects, tensor_bytes = objects_of(best_path, payload)
     except CheckpointIntegrityError as exc:
         log.warning("%s: best_model.pt does not load (%s); it will be replaced by the next best", run_dir, exc)
         return None
@@ -264,6 +271,8 @@ def _rebuild_best_record(run_dir: Path, index: Index, metric: str, mode: str) ->
         checksum=checksum,
         metric=metric,
         mode=mode,
+        objects=objects,
+        state_bytes=size + tensor_bytes if objects else None,
     )
     commit_best(run_dir, repaired)
     return repaired

@@ -22,12 +22,14 @@ from ckptctl.core.manifest import CheckpointEntry, Index
 from ckptctl.core.retention import ids_to_delete, protected_ids
 from ckptctl.errors import DiskFullError
 from ckptctl.storage.runfiles import delete_checkpoint_files, retention_items
-from ckptctl.torch_io import Stager, available_memory_bytes, build_payload, tensor_bytes, write_checkpoint_file
+from ckptctl.packs_io import Deduplicated
+from ckptctl.torch_io import Stager, available_memory_bytes, build_payload, tensor_bytes, write_deduplicated
 
 from ckptctl.api.background import BackgroundWorker
 from ckptctl.api.best import BestKeeper
 from ckptctl.api.index_state import IndexState
 from ckptctl.api.mirroring import MirrorBook
+from ckptctl.api.packs import RunPacks
 
 log = logging.getLogger("ckptctl")
 
@@ -70,9 +72,17 @@ class Saver:
     """Schedules, snapshots and writes the checkpoints of one open run."""
 
     def __init__(
-        self, run_dir: Path, policy: SavePolicy, index: IndexState, worker: BackgroundWorker, best: BestKeeper, mirror: MirrorBook
+        self,
+        run_dir: Path,
+        policy: SavePolicy,
+        index: IndexState,
+        worker: BackgroundWorker,
+        best: BestKeeper,
+        mirror: MirrorBook,
+        packs: RunPacks,
     ):
         self.run_dir = run_dir
+        self.packs = packs
         self.policy = policy
         self.index = index
         self.worker = worker
@@ -83,6 +93,8 @@ class Saver:
         self.last_save: SaveRequest | None = None
         self._last_save_future: Future | None = None
         self._last_save_time = time.monotonic()
+        #: Packs written for the checkpoint being written, not referenced by the index yet.
+        self._in_flight: set[str] = set()
 
     # ------------------------------------------------------------------ the training thread
 
@@ -174,7 +186,7 @@ class Saver:
 
     def _write_checkpoint_job(self, request: SaveRequest, payload: dict[str, Any]) -> None:
         relpath = checkpoint_relpath(request.checkpoint_id)
-        size, checksum = self._write_making_room(relpath, payload)
+        size, checksum, dedup = self._write_making_room(relpath, payload)
         entry = CheckpointEntry(
             id=request.checkpoint_id,
             path=relpath,
@@ -186,6 +198,8 @@ class Saver:
             size_bytes=size,
             checksum=checksum,
             extra=dict(payload["extra"]),
+            objects=dedup.objects,
+            state_bytes=size + dedup.tensor_bytes,
         )
         with self.index.lock:
             grown = self.index.current.with_entries(list(self.index.current.checkpoints) + [entry])
@@ -205,11 +219,12 @@ class Saver:
         self.mirror.request()
 
     def _remove_files(self, victims: list[CheckpointEntry]) -> None:
-        """Delete the files of ``victims`` (committed as tombstones), then clear their tombstones."""
+        """Delete the files of ``victims`` (committed as tombstones), clear their tombstones, then the packs nothing references."""
         if not victims:
             return
         delete_checkpoint_files(self.run_dir, victims)
         self.index.finish_removal([v.id for v in victims])
+        self.packs.collect(self._in_flight)
 
     def _retire(self, index: Index, removed: Iterable[CheckpointEntry]) -> Index:
         """Record in ``index`` which of the ``removed`` checkpoints the Drive mirror may now delete too.
@@ -220,15 +235,25 @@ class Saver:
         retired = [e.id for e in removed if self.mirror.active or e.mirrored]
         return index.retire(retired) if retired else index
 
-    def _write_making_room(self, relpath: str, payload: dict[str, Any]) -> tuple[int, str]:
-        """Write a checkpoint file; on a full disk free the oldest unprotected checkpoint and retry.
+    def _write_making_room(self, relpath: str, payload: dict[str, Any]) -> tuple[int, str, Deduplicated]:
+        """Write a checkpoint (its new pack, then its file); on a full disk free the oldest unprotected checkpoint and retry.
 
         The newest checkpoint, the best model's source and pinned ones are never freed, so
         the run stays resumable; when nothing else is left, :class:`DiskFullError` says so.
+        A pack written before the disk filled is kept for the retry (not yet referenced).
         """
+        self._in_flight = set()
+        try:
+            return self._write_retrying(relpath, payload)
+        finally:
+            self._in_flight = set()
+
+    def _write_retrying(self, relpath: str, payload: dict[str, Any]) -> tuple[int, str, Deduplicated]:
         while True:
             try:
-                return write_checkpoint_file(self.run_dir / relpath, payload)
+                return write_deduplicated(
+                    self.run_dir, self.run_dir / relpath, payload, self.packs.table, on_pack=self._in_flight.add
+                )
             except OSError as exc:
                 if exc.errno not in _DISK_FULL:
                     raise

@@ -4,6 +4,7 @@ A run directory looks like::
 
     <output_dir>/<run_name>/
       checkpoints/checkpoint_00000.pt   one file per checkpoint; the name carries the id
+      objects/<xxh3 hex>.safetensors    format 2: tensor packs the checkpoints share (see core/objects.py)
       best_model.pt                     best so far by a metric
       best_metadata.json
       checkpoint_metadata.json          the index used for listing and resuming
@@ -22,7 +23,9 @@ import re
 
 from ckptctl.errors import UnsafePathError
 
-FORMAT_VERSION = 1
+#: 2: tensors live in content-addressed packs under ``objects/`` (see :mod:`ckptctl.core.objects`);
+#: 1: each checkpoint file holds its whole payload. Readers understand both.
+FORMAT_VERSION = 2
 
 CHECKPOINT_DIR = "checkpoints"
 INDEX_FILE = "checkpoint_metadata.json"
@@ -53,6 +56,8 @@ RESERVED_CHECKPOINT_KEYS = frozenset(
         "components",
         "extra",
         "checkpoint_id",
+        "objects",
+        "component_order",
     }
 )
 

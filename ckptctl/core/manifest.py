@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from ckptctl.core.format import BEST_MODEL_FILE, FORMAT_VERSION, check_relative_path, checkpoint_relpath
+from ckptctl.core.objects import read_objects_field
 from ckptctl.errors import CorruptIndexError, UnsafePathError
 
 #: Checksum algorithms the readers understand; writers use the first. xxh3_128 detects
@@ -158,6 +159,11 @@ def _read_file_record(data: Mapping[str, Any], what: str) -> dict[str, Any]:
         parse_checksum(checksum)
     except ValueError as exc:
         raise CorruptIndexError(f"{what}: {exc}") from None
+    try:
+        objects = read_objects_field(data.get("objects"), what)
+    except ValueError as exc:
+        raise CorruptIndexError(str(exc)) from None
+    state_bytes = data.get("state_bytes")
     return {
         "epoch": _require(data, "epoch", int, what),
         "batch": _require(data, "batch", int, what),
@@ -166,6 +172,8 @@ def _read_file_record(data: Mapping[str, Any], what: str) -> dict[str, Any]:
         "timestamp": _require(data, "timestamp", str, what),
         "size_bytes": _require(data, "size_bytes", int, what),
         "checksum": checksum,
+        "objects": objects,
+        "state_bytes": state_bytes if type(state_bytes) is int and state_bytes >= 0 else None,
     }
 
 
@@ -179,6 +187,7 @@ def _file_record_dict(record: Any) -> dict[str, Any]:
         "timestamp": record.timestamp,
         "size_bytes": record.size_bytes,
         "checksum": record.checksum,
+        **({"objects": dict(record.objects), "state_bytes": record.state_bytes} if record.objects else {}),
     }
 
 
@@ -198,6 +207,15 @@ class CheckpointEntry:
     pinned: bool = False
     mirrored: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Format 2: the packs (``objects/<name>.safetensors``) the file references, name -> size.
+    objects: dict[str, int] = field(default_factory=dict)
+    #: Format 2: bytes of the full state the checkpoint restores (its file plus the tensors it references).
+    state_bytes: int | None = None
+
+    @property
+    def full_bytes(self) -> int:
+        """Bytes of the full state this checkpoint restores (its file's size in format 1)."""
+        return self.state_bytes if self.state_bytes is not None else self.size_bytes
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form, as stored in ``checkpoint_metadata.json``."""
@@ -251,6 +269,14 @@ class BestInfo:
     mode: str
     value: float | None
     promoted_by_hand: bool = False
+    #: Format 2: the packs ``best_model.pt`` references (name -> size); see :class:`CheckpointEntry`.
+    objects: dict[str, int] = field(default_factory=dict)
+    state_bytes: int | None = None
+
+    @property
+    def full_bytes(self) -> int:
+        """Bytes of the full state the best model restores."""
+        return self.state_bytes if self.state_bytes is not None else self.size_bytes
 
     @classmethod
     def of_model(
@@ -267,6 +293,8 @@ class BestInfo:
         metric: str | None,
         mode: str,
         promoted_by_hand: bool = False,
+        objects: Mapping[str, int] | None = None,
+        state_bytes: int | None = None,
     ) -> "BestInfo":
         """The record for a freshly written ``best_model.pt``; ``value`` is ``metrics[metric]`` when there."""
         return cls(
@@ -283,6 +311,8 @@ class BestInfo:
             mode=mode,
             value=metrics.get(metric) if metric else None,
             promoted_by_hand=promoted_by_hand,
+            objects=dict(objects or {}),
+            state_bytes=state_bytes,
         )
 
     @classmethod
@@ -302,6 +332,8 @@ class BestInfo:
             metric=metric,
             mode=mode,
             promoted_by_hand=promoted_by_hand,
+            objects=entry.objects,
+            state_bytes=entry.state_bytes,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -200,6 +200,37 @@ def atomic_write(
     return writer.bytes_written, writer.checksum()
 
 
+def atomic_write_named(
+    directory: str | os.PathLike, name_for: Callable[[str], str], write_body: Callable[[HashingWriter], None]
+) -> tuple[Path, int, str]:
+    """Like :func:`atomic_write`, for a file named after its own content: return ``(path, size, checksum)``.
+
+    The data goes to a temporary in ``directory``, is fsynced, and is renamed to
+    ``name_for(checksum)`` (an existing file of that name has the same bytes, so the rename
+    may replace it); then the directory is fsynced.
+    """
+    directory = Path(directory)
+    tmp = temporary_path_for(directory / "object")
+    writer = None
+    try:
+        with open(tmp, "xb") as raw:
+            writer = HashingWriter(raw)
+            write_body(writer)
+            raw.flush()
+            os.fsync(raw.fileno())
+        final_path = directory / name_for(writer.checksum())
+        os.replace(tmp, final_path)
+    except BaseException as exc:
+        _remove_quietly(tmp)
+        if writer is not None and writer.error is not None and writer.error is not exc:
+            raise _naming(writer.error, tmp) from None
+        if isinstance(exc, OSError) and not exc.filename:
+            raise _naming(exc, tmp) from None
+        raise
+    fsync_dir(directory)
+    return final_path, writer.bytes_written, writer.checksum()
+
+
 def _naming(exc: BaseException, path: Path) -> BaseException:
     """``exc``, or for an OSError that names no file (a failed write: ENOSPC, EIO), the same error naming ``path``."""
     if isinstance(exc, OSError) and not exc.filename and exc.errno is not None:

@@ -25,6 +25,8 @@ from ckptctl.core.manifest import BestInfo, BestRecord, CheckpointEntry, Index
 from ckptctl.core.retention import RetentionItem
 from ckptctl.errors import CheckpointIntegrityError, CorruptIndexError, UnsafePathError
 from ckptctl.storage.atomic import BeforeReplace, atomic_write_json, fsync_dir, matching_checksum, remove_file, resolve_inside
+from ckptctl.core.objects import referenced_packs
+from ckptctl.storage.objects import collect_garbage
 from ckptctl.storage.scan import read_best_record
 
 log = logging.getLogger("ckptctl")
@@ -216,3 +218,23 @@ def finish_pending_removal(run_dir: str | os.PathLike, index: Index) -> tuple[In
         fsync_dir(Path(run_dir) / CHECKPOINT_DIR)
         log.info("%s: finished deleting %d checkpoint file(s) an interrupted removal left: %s", run_dir, len(deleted), ", ".join(deleted))
     return finish_removal(run_dir, index, gone), deleted
+
+
+def collect_packs(run_dir: str | os.PathLike, records: Iterable[Any], keep: Iterable[str] = ()) -> list[str]:
+    """Delete the run's packs that none of ``records`` (index entries, best-model records) references; return their names.
+
+    The one way packs are deleted. Call it as the run's writer, after the index and
+    best-model record passed here are durable (and their tombstoned files deleted), so a
+    kill at any point leaves every referenced pack on disk; what a kill leaves behind is
+    collected by the next call. ``keep`` protects packs written for a save not committed yet.
+    """
+    live = set(referenced_packs(records)) | set(keep)
+    deleted = collect_garbage(run_dir, live)
+    if deleted:
+        log.info("%s: deleted %d tensor pack(s) no checkpoint references", run_dir, len(deleted))
+    return deleted
+
+
+def best_records(record: BestRecord | None) -> list[BestInfo]:
+    """Every best-model record that may describe ``best_model.pt`` (both during a replace): their packs are kept."""
+    return record.candidates() if record is not None else []

@@ -1,0 +1,241 @@
+"""The torch side of format 2: a payload's tensors into content-addressed packs, and back, memory-mapped.
+
+Same layer as :mod:`ckptctl.torch_io` (it imports torch); the layout is in
+:mod:`ckptctl.core.objects`, the files in :mod:`ckptctl.storage.objects`.
+
+:func:`deduplicate` runs on the background worker (hashing costs training no stall): it
+keys every tensor by the hash of its dtype, shape and bytes, writes the tensors the run
+does not hold yet as one pack, and returns the *skeleton* (the payload with references
+in place of tensors) that is saved as the checkpoint file. :func:`resolve_objects` is the
+way back: each pack is memory-mapped (private, copy-on-write) and every reference becomes
+a view of it, so loading costs no memory beyond the pages touched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ckptctl.core.format import CHECKPOINT_DIR
+from ckptctl.core.objects import DTYPE_SIZES, OBJECT_REF_KEY, OBJECTS_DIR, is_pack_name
+from ckptctl.errors import CheckpointIntegrityError
+from ckptctl.storage.atomic import new_hasher, open_regular, read_failure
+from ckptctl.storage.objects import PackChecks, PackTable, pack_path, read_pack_header, write_pack
+from ckptctl.tensors import map_nested
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _name):
+        _DTYPE_NAMES[getattr(torch, _name)] = _code
+_TORCH_DTYPES = {code: dtype for dtype, code in _DTYPE_NAMES.items()}
+assert set(_TORCH_DTYPES) <= set(DTYPE_SIZES)
+
+
+def packable(value: Any) -> bool:
+    """True for a tensor a pack can hold: a plain dense tensor of a dtype safetensors names (others stay in the skeleton)."""
+    return (
+        type(value) in (torch.Tensor, torch.nn.Parameter)
+        and value.layout == torch.strided
+        and not value.is_quantized
+        and value.dtype in _DTYPE_NAMES
+    )
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of ``tensor`` in C order (no copy for a contiguous CPU tensor)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def tensor_key(dtype: str, shape: tuple[int, ...], data: memoryview) -> str:
+    """The content key of a tensor: xxh3_128 of its dtype, shape and bytes."""
+    hasher = new_hasher("xxh3_128")
+    hasher.update(f"{dtype}|{','.join(map(str, shape))}|".encode())
+    hasher.update(data)
+    return hasher.hexdigest()
+
+
+@dataclass(frozen=True)
+class Deduplicated:
+    """A payload split for saving: the skeleton to write as the checkpoint file and what it references."""
+
+    skeleton: dict[str, Any]
+    #: Every pack the skeleton references, name -> size.
+    objects: dict[str, int]
+    #: The pack this save wrote (None when the run held every tensor already).
+    new_pack: str | None
+    #: Bytes of the tensors the skeleton references (what a load maps).
+    tensor_bytes: int
+
+
+def deduplicate(run_dir: str | os.PathLike, payload: Mapping[str, Any], table: PackTable) -> Deduplicated:
+    """Write the tensors of ``payload`` that ``table`` does not know as one pack; return the skeleton and its references.
+
+    ``table`` learns the new pack at once (the caller forgets it if the pack is deleted
+    before a checkpoint references it).
+    """
+    items: dict[str, tuple[str, tuple[int, ...], memoryview]] = {}
+    keys: dict[int, str] = {}
+    for tensor in _packable_tensors(payload):
+        if id(tensor) in keys:
+            continue
+        dtype, shape = _DTYPE_NAMES[tensor.dtype], tuple(tensor.shape)
+        data = _tensor_bytes(tensor)
+        key = tensor_key(dtype, shape, data)
+        keys[id(tensor)] = key
+        items.setdefault(key, (dtype, shape, data))
+    new = [(key, *items[key]) for key in items if key not in table.pack_of]
+    new_pack = None
+    if new:
+        new_pack, size = write_pack(run_dir, new)
+        table.add(new_pack, [key for key, *_ in new], size)
+    skeleton = map_nested(payload, lambda value, _: _reference(value, keys, table))
+    objects = {table.pack_of[key]: table.size_of[table.pack_of[key]] for key in items}
+    skeleton["objects"] = sorted(objects)
+    tensor_bytes = sum(len(data) for _, _, data in items.values())
+    return Deduplicated(skeleton, objects, new_pack, tensor_bytes)
+
+
+def _packable_tensors(payload: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    map_nested(payload, lambda value, _: (found.append(value), (True, value))[1] if packable(value) else (False, None))
+    return found
+
+
+def _reference(value: Any, keys: Mapping[int, str], table: PackTable) -> tuple[bool, Any]:
+    key = keys.get(id(value)) if packable(value) else None
+    if key is None:
+        return False, None
+    return True, {OBJECT_REF_KEY: key, "pack": table.pack_of[key]}
+
+
+def run_dir_of(path: str | os.PathLike) -> Path:
+    """The run a checkpoint file belongs to: the parent of ``checkpoints/``, else the file's folder (``best_model.pt``)."""
+    path = Path(path)
+    return path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
+
+
+def references_objects(payload: Mapping[str, Any]) -> bool:
+    """True for a format-2 skeleton (its tensors live in packs)."""
+    return isinstance(payload.get("objects"), list)
+
+
+def check_objects(path: str | os.PathLike, payload: Mapping[str, Any], checks: PackChecks) -> None:
+    """Checksum every pack the skeleton at ``path`` references (each once per ``checks``); raise on the first bad one."""
+    run_dir = run_dir_of(path)
+    for name in _pack_names(path, payload):
+        checks.check(run_dir, name)
+
+
+def _pack_names(path: str | os.PathLike, payload: Mapping[str, Any]) -> list[str]:
+    names = payload.get("objects")
+    if not isinstance(names, list) or not all(is_pack_name(n) for n in names):
+        raise CheckpointIntegrityError(f"{Path(path).name}: malformed list of objects")
+    return names
+
+
+def resolve_objects(path: str | os.PathLike, payload: dict[str, Any], device: Any = "cpu") -> dict[str, Any]:
+    """The full payload of the skeleton ``payload`` read from ``path``: every reference replaced by its tensor.
+
+    Packs are memory-mapped privately (writes to a loaded tensor never reach the file) from
+    the run's ``objects/``; a missing pack or a reference to a tensor a pack lacks raises
+    :class:`CheckpointIntegrityError` naming the shared object. A format-1 payload is returned as it is.
+    """
+    if not references_objects(payload):
+        return payload
+    run_dir = run_dir_of(path)
+    tensors: dict[tuple[str, str], torch.Tensor] = {}
+    for name in _pack_names(path, payload):
+        tensors.update(((name, key), t) for key, t in _map_pack(run_dir, name).items())
+    move = torch.device(device) if device is not None else torch.device("cpu")
+    handed_out: set[tuple[str, str]] = set()
+
+    def resolve(value: Any, _key: tuple) -> tuple[bool, Any]:
+        if not (isinstance(value, dict) and OBJECT_REF_KEY in value):
+            return False, None
+        ref = (value.get("pack"), value.get(OBJECT_REF_KEY))
+        tensor = tensors.get(ref)
+        if tensor is None:
+            raise CheckpointIntegrityError(f"{Path(path).name}: references tensor {ref[1]!r} that no listed object holds")
+        if ref in handed_out:  # equal tensors (two optimizer steps of 1.0...) must not share memory once loaded
+            tensor = tensor.clone()
+        handed_out.add(ref)
+        return True, tensor if move.type == "cpu" else tensor.to(move)
+
+    full = map_nested(payload, resolve)
+    del full["objects"]
+    return full
+
+
+def _map_pack(run_dir: Path, name: str) -> dict[str, torch.Tensor]:
+    """Every tensor of pack ``name``, as views of one private memory map of the file."""
+    path = pack_path(run_dir, name)
+    label = f"{OBJECTS_DIR}/{path.name}"
+    data_start, layout = read_pack_header(path)
+    try:
+        fd = open_regular(path)
+    except OSError as exc:
+        raise read_failure(label, exc) from None
+    try:
+        size = os.fstat(fd).st_size
+        proc = f"/proc/self/fd/{fd}"
+        storage = torch.UntypedStorage.from_file(proc if os.path.exists(proc) else str(path), False, size)
+    except RuntimeError as exc:
+        raise CheckpointIntegrityError(f"{label}: cannot map ({exc})") from None
+    finally:
+        os.close(fd)
+    out = {}
+    for key, spec in layout.items():
+        dtype = _TORCH_DTYPES.get(spec.dtype)
+        if dtype is None:
+            raise CheckpointIntegrityError(f"{label}: tensor {key!r} has a dtype this torch lacks ({spec.dtype})")
+        itemsize = DTYPE_SIZES[spec.dtype]
+        out[key] = torch.empty(0, dtype=dtype).set_(storage, (data_start + spec.start) // itemsize, spec.shape)
+    return out
+
+
+def objects_of(path: str | os.PathLike, skeleton: Mapping[str, Any]) -> tuple[dict[str, int], int]:
+    """What the skeleton at ``path`` references: ``({pack name: pack size}, bytes of the tensors it references)``.
+
+    For a file found on disk without an index entry (adopted on open, a best model whose
+    record is rebuilt). Raises :class:`CheckpointIntegrityError` for a missing or damaged pack.
+    """
+    if not references_objects(skeleton):
+        return {}, 0
+    run_dir = run_dir_of(path)
+    refs: set[tuple[str, str]] = set()
+
+    def collect(value: Any, _key: tuple) -> tuple[bool, Any]:
+        if isinstance(value, dict) and OBJECT_REF_KEY in value:
+            refs.add((value.get("pack"), value.get(OBJECT_REF_KEY)))
+            return True, value
+        return False, None
+
+    map_nested(skeleton, collect)
+    packs, layouts = {}, {}
+    for name in _pack_names(path, skeleton):
+        pack = pack_path(run_dir, name)
+        _, layouts[name] = read_pack_header(pack)
+        packs[name] = pack.stat().st_size
+    tensor_bytes = 0
+    for name, key in refs:
+        spec = layouts.get(name, {}).get(key)
+        if spec is None:
+            raise CheckpointIntegrityError(f"{Path(path).name}: references tensor {key!r} that no listed object holds")
+        tensor_bytes += spec.end - spec.start
+    return packs, tensor_bytes
