@@ -13,7 +13,8 @@ import signal
 #: The IO steps a save is made of, as the functions the storage layer calls.
 TARGETS = ("os.fsync", "os.replace", "os.unlink", "write")
 #: The model of the run these children save to (conftest's ``base_run``), as ``tests.runs`` options.
-MODEL = {"shape": (16, 16), "optimizer": "sgd"}
+#: The frozen ``encoder`` makes every save share a pack with the ones before it (format 2's deduplication).
+MODEL = {"shape": (16, 16), "optimizer": "sgd", "frozen": 32}
 
 
 def _arm(target: str, kill_at: int) -> None:
@@ -56,8 +57,8 @@ def save_cycles(run_dir: str, target: str, kill_at: int, cycles: int) -> None:
         model(torch.randn(2, 16)).sum().backward()
         opt.step()
         metrics = {"accuracy_delta": float(batch)}
-        p.maybe_save(0, batch, metrics, agent=model, optimizer=opt)
-        p.update_best(0, batch, metrics, agent=model, optimizer=opt)
+        p.maybe_save(0, batch, metrics, **components)
+        p.update_best(0, batch, metrics, **components)
     p.close()
 
 

@@ -22,12 +22,15 @@ class TinyModel:
 
     ``optimizer`` is ``"adam"``, ``"sgd"`` or None; with None only the model is a component
     and each step still moves its weights (so every checkpoint holds different tensors).
+    ``frozen=N`` adds a frozen component ``encoder`` (a ``Linear(N, N)`` that never changes:
+    every checkpoint shares its tensors).
     """
 
-    def __init__(self, shape: tuple[int, int] = (4, 2), optimizer: str | None = "adam"):
+    def __init__(self, shape: tuple[int, int] = (4, 2), optimizer: str | None = "adam", frozen: int = 0):
         import torch
 
         self.agent = torch.nn.Linear(*shape)
+        self.encoder = torch.nn.Linear(frozen, frozen).requires_grad_(False) if frozen else None
         self.optimizer = {
             "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
             "sgd": lambda params: torch.optim.SGD(params, lr=0.1),
@@ -36,7 +39,8 @@ class TinyModel:
 
     def components(self) -> dict:
         """The components a checkpoint of this model holds (the keyword arguments of save and resume)."""
-        return {"agent": self.agent} if self.optimizer is None else {"agent": self.agent, "optimizer": self.optimizer}
+        components = {"agent": self.agent} if self.optimizer is None else {"agent": self.agent, "optimizer": self.optimizer}
+        return components if self.encoder is None else {**components, "encoder": self.encoder}
 
     def step(self) -> float:
         """One training step on a batch of 3 random inputs; return its loss."""
@@ -67,6 +71,7 @@ def write_run(
     best: bool = True,
     shape: tuple[int, int] = (4, 2),
     optimizer: str | None = "adam",
+    frozen: int = 0,
     trainer=None,
     state: dict | None = None,
     log: str | None = None,
@@ -94,7 +99,7 @@ def write_run(
     run_dir = parent / name
     if trainer is None:
         torch.manual_seed(seed)
-        trainer = TinyModel(shape, optimizer)
+        trainer = TinyModel(shape, optimizer, frozen)
     p = ModelPersistence(run_dir, max_checkpoints=keep, save_every_n_batches=1, background=False, drive_backup=drive)
     try:
         if state is not None:
@@ -151,6 +156,6 @@ def checksum(path: Path) -> str:
     return hash_file(path)[1]
 
 
-def fresh_components(shape: tuple[int, int] = (4, 2), optimizer: str | None = "adam") -> dict:
+def fresh_components(shape: tuple[int, int] = (4, 2), optimizer: str | None = "adam", frozen: int = 0) -> dict:
     """New components of the shape :func:`write_run` saves by default, to resume or load a run into."""
-    return TinyModel(shape, optimizer).components()
+    return TinyModel(shape, optimizer, frozen).components()

@@ -16,7 +16,10 @@ import pytest
 from ckptctl import ModelPersistence
 from ckptctl.ops import verify_runs
 from ckptctl.storage.atomic import verify_checksum
-from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_index
+from ckptctl.core.objects import referenced_packs
+from ckptctl.storage.objects import stored_pack_names
+from ckptctl.storage.runfiles import best_records
+from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_best_record, read_index
 
 from . import crash_child
 from .runs import fresh_components
@@ -42,6 +45,9 @@ def _check_run_after_crash(run, last_durable_id):
             verify_checksum(run / best.path, best.checksum)
         # every committed file is listed (adopted if the crash hit before the index update)
         assert set(checkpoint_files_on_disk(run)) <= set(p.checkpoints)
+    # the packs a kill left unreferenced (a save never committed, a removal cut short) are gone after the open
+    referenced = referenced_packs([*read_index(run).checkpoints, *best_records(read_best_record(run))])
+    assert set(stored_pack_names(run)) <= set(referenced)
     return info["checkpoint_id"]
 
 
