@@ -13,6 +13,7 @@ a view of it, so loading costs no memory beyond the pages touched.
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,7 +184,11 @@ def resolve_objects(path: str | os.PathLike, payload: dict[str, Any], device: An
 
 
 def _map_pack(run_dir: Path, name: str) -> dict[str, torch.Tensor]:
-    """Every tensor of pack ``name``, as views of one private memory map of the file."""
+    """Every tensor of pack ``name``, each over its own range of one private (copy-on-write) memory map of the file.
+
+    Each tensor has a storage of its own (``torch.frombuffer``), so a loaded payload saves
+    with ``torch.save`` like any other (``export``), and writing to it never reaches the file.
+    """
     path = pack_path(run_dir, name)
     label = f"{OBJECTS_DIR}/{path.name}"
     data_start, layout = read_pack_header(path)
@@ -192,20 +197,23 @@ def _map_pack(run_dir: Path, name: str) -> dict[str, torch.Tensor]:
     except OSError as exc:
         raise read_failure(label, exc) from None
     try:
-        size = os.fstat(fd).st_size
-        proc = f"/proc/self/fd/{fd}"
-        storage = torch.UntypedStorage.from_file(proc if os.path.exists(proc) else str(path), False, size)
-    except RuntimeError as exc:
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError) as exc:
         raise CheckpointIntegrityError(f"{label}: cannot map ({exc})") from None
     finally:
         os.close(fd)
+    if len(mapped) < data_start + max((t.end for t in layout.values()), default=0):
+        raise CheckpointIntegrityError(f"{label}: shorter than its header says (changed while loading?)")
     out = {}
     for key, spec in layout.items():
         dtype = _TORCH_DTYPES.get(spec.dtype)
         if dtype is None:
             raise CheckpointIntegrityError(f"{label}: tensor {key!r} has a dtype this torch lacks ({spec.dtype})")
-        itemsize = DTYPE_SIZES[spec.dtype]
-        out[key] = torch.empty(0, dtype=dtype).set_(storage, (data_start + spec.start) // itemsize, spec.shape)
+        count = (spec.end - spec.start) // DTYPE_SIZES[spec.dtype]
+        if count == 0:
+            out[key] = torch.empty(spec.shape, dtype=dtype)
+        else:
+            out[key] = torch.frombuffer(mapped, dtype=dtype, count=count, offset=data_start + spec.start).view(spec.shape)
     return out
 
 

@@ -128,6 +128,7 @@ class ModelPersistence:
         (self.run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
         self._writer_key = str(self.run_dir.resolve())
         self._closed = False
+        self._saved_components: dict[str, Any] = {}
         self._closed_because = "it is closed"
         opening.take_over_earlier_writer(self._writer_key)
         self._lock = RunLock(self.run_dir).acquire()
@@ -220,6 +221,7 @@ class ModelPersistence:
         if global_step is not None:
             self._global_step = int(global_step)
         states = component_states(components)
+        self._saved_components = dict(components)  # what a best model holds too (see update_best)
         return self._saver.save(epoch, batch, self._global_step, metrics, states, extra)
 
     def update_best(
@@ -233,23 +235,29 @@ class ModelPersistence:
     ) -> bool:
         """Make this state the best model if ``metrics[best_metric]`` beats the best so far.
 
-        Returns True when it became best. If a checkpoint was just saved for the same
-        step, ``best_model.pt`` is a verified copy of that file (its source); otherwise the
-        state is snapshotted and written like a checkpoint. NaN never becomes best.
+        Returns True when it became best. The best model always holds one set of
+        components: every component of the latest save of this session, plus those given
+        here (which win), so ``load_best_model`` takes the same components as
+        ``load_checkpoint`` whatever the timing. If a checkpoint was just saved for the same
+        step (and no component given here is missing from it), ``best_model.pt`` is a copy of
+        that checkpoint (its source, costing no storage); otherwise that set is snapshotted
+        and written like a checkpoint. NaN never becomes best.
         """
         self._check_open()
         self._worker.raise_error()
         metrics = clean_metrics(metrics)
         if not self._best.beats(metrics):
             return False
+        chosen = {**self._saved_components, **components}
 
         def states() -> Mapping[str, Any]:
-            if not components:
+            if not chosen:
                 raise ValueError("update_best needs the components to save, e.g. agent=model")
-            return component_states(components)
+            return component_states(chosen)
 
         step = int(global_step) if global_step is not None else self._global_step
-        self._saver.save_best(SaveRequest(-1, int(epoch), int(batch), step), metrics, states)
+        same_set = set(components) <= set(self._saved_components)
+        self._saver.save_best(SaveRequest(-1, int(epoch), int(batch), step), metrics, states, may_copy=same_set)
         self._best.accept(metrics)
         return True
 

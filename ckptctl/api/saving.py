@@ -122,14 +122,17 @@ class Saver:
         self.mirror.warn_if_lags(checkpoint_id)
         return checkpoint_id
 
-    def save_best(self, request: SaveRequest, metrics: dict[str, float], states: Callable[[], Mapping[str, Any]]) -> None:
-        """Queue the best model's write: a copy of the checkpoint saved at ``request``'s position, else a snapshot of ``states()``.
+    def save_best(
+        self, request: SaveRequest, metrics: dict[str, float], states: Callable[[], Mapping[str, Any]], *, may_copy: bool = True
+    ) -> None:
+        """Queue the best model's write: a copy of the checkpoint saved at ``request``'s position (when ``may_copy``), else a snapshot of ``states()``.
 
         The copy depends on that checkpoint's write: if the write fails, the copy is skipped
         and the write's own error is what the caller sees.
         """
         last = self.last_save
-        if last is not None and (last.global_step, last.epoch, last.batch) == (request.global_step, request.epoch, request.batch):
+        same_step = last is not None and (last.global_step, last.epoch, last.batch) == (request.global_step, request.epoch, request.batch)
+        if may_copy and same_step:
             self.worker.submit(self.best.copy_checkpoint_job, last.checkpoint_id, metrics, after=self._last_save_future)
             return
         snapshot = states()
