@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional
 
 from ckptctl.core.format import CHECKPOINT_DIR, checkpoint_relpath, utc_now_iso
+from ckptctl.core.objects import PACK_SUFFIX, pack_relpath
 from ckptctl.core.manifest import CheckpointEntry, Index
 from ckptctl.storage.runfiles import commit_index
 
@@ -42,6 +43,11 @@ GOALS = [
     ("help_vs_import", 3.0, "<=", "ckptctl --help / import typer, rich, humanize"),
     ("resume_vs_plain_load", 1.5, "<=", "resume to first step / plain torch.load start-up"),
     ("scale_verify_rss_vs_file", 0.25, "<=", "scale: verify peak RSS above baseline / file size"),
+    ("dedup_disk_frozen_component", 1.0, "<=", "dedup: disk bytes, K=5 + best, frozen component / (1.3 x (frozen + 6 x trainable) + 1 MB)"),
+    ("dedup_disk_frozen_base", 1.0, "<=", "dedup: disk bytes, K=5 + best, frozen base in one module / (1.3 x (frozen + 6 x trainable) + 1 MB)"),
+    ("dedup_mirror_frozen_component", 1.0, "<=", "dedup: Drive mirror bytes, frozen component / the same bound"),
+    ("dedup_mirror_frozen_base", 1.0, "<=", "dedup: Drive mirror bytes, frozen base in one module / the same bound"),
+    ("upload_per_save_vs_trainable", 1.3, "<=", "dedup: bytes uploaded per save once the frozen part is on Drive / trainable state"),
 ]
 
 
@@ -163,6 +169,9 @@ def _bench_saves(work: Path, size_bytes: int, repeats: int, step: StepCallback) 
 
     for i in range(repeats):
         step and step(f"save: round {i + 1}/{repeats}: ckptctl, sync torch.save, raw write, DCP async_save")
+        with torch.no_grad():  # training changed every tensor (else the save would write nothing new)
+            for buffer in blob.buffers():
+                buffer.add_(1.0)
         start = time.perf_counter()
         p.save_checkpoint(0, i + 1, {"loss": float(i)}, agent=blob)
         returned = time.perf_counter()
@@ -178,13 +187,14 @@ def _bench_saves(work: Path, size_bytes: int, repeats: int, step: StepCallback) 
     latest = p.checkpoints[max(p.checkpoints)]
     out["checkpoint_path"] = str(run / latest["path"])
     out["checkpoint_checksum"] = latest["checksum"]
-    out["checkpoint_bytes"] = latest["size_bytes"]
+    out["checkpoint_bytes"] = latest.get("state_bytes") or latest["size_bytes"]
+    out["checkpoint_files"] = [str(run / latest["path"])] + [str(run / pack_relpath(name)) for name in latest.get("objects") or {}]
+    out["plain_path"] = str(sync_path)  # the resume anchor loads the same state saved by torch.save
     p.close()
     for key in ("stall_s", "background_save_s", "sync_save_s", "raw_write_s"):
         out[key] = statistics.median(times[key])
     out["dcp_async_blocking_s"] = statistics.median(times["dcp"]) if times["dcp"] else None
-    for path in (sync_path, raw_path):
-        path.unlink(missing_ok=True)
+    raw_path.unlink(missing_ok=True)
     return out
 
 
@@ -250,20 +260,24 @@ def _bench_verify(saves: dict[str, Any], repeats: int, step: StepCallback) -> di
     from ckptctl.torch_io import verify_file
 
     path = Path(saves["checkpoint_path"])
+    files = [Path(f) for f in saves["checkpoint_files"]]  # the checkpoint file and the packs it references
     checksum = saves["checkpoint_checksum"]
     step and step("verify: checksum + trial load, cold cache")
 
     def verify_cold() -> None:
-        _drop_cache(path)
+        for f in files:
+            _drop_cache(f)
         verify_file(path, checksum)
 
     def read_cold() -> None:
-        _drop_cache(path)
-        _read_all(path)
+        for f in files:
+            _drop_cache(f)
+            _read_all(f)
 
     out = _interleaved({"verify_s": verify_cold, "cold_read_s": read_cold}, repeats)
     step and step("verify: peak memory of a verify process")
-    _drop_cache(path)
+    for f in files:
+        _drop_cache(f)
     out["verify_peak_rss_bytes"] = _child_peak_rss(["verify", str(path), checksum])
     out["baseline_peak_rss_bytes"] = _child_peak_rss(["baseline"])
     return out
@@ -272,6 +286,7 @@ def _bench_verify(saves: dict[str, Any], repeats: int, step: StepCallback) -> di
 def _bench_restore(work: Path, saves: dict[str, Any], drive: Path | None, repeats: int, step: StepCallback) -> dict[str, Any]:
     from ckptctl.storage.mirror import sync_run
     from ckptctl.storage.restore import restore_run
+    from ckptctl.storage.objects import objects_dir
     from ckptctl.storage.scan import checkpoint_files_on_disk
 
     run = Path(saves["checkpoint_path"]).parent.parent
@@ -282,7 +297,7 @@ def _bench_restore(work: Path, saves: dict[str, Any], drive: Path | None, repeat
     start = time.perf_counter()
     sync_run(run, mirror)
     out: dict[str, Any] = {"backup_s": time.perf_counter() - start}
-    files = sorted(checkpoint_files_on_disk(mirror).values())
+    files = sorted(checkpoint_files_on_disk(mirror).values()) + sorted(objects_dir(mirror).glob(f"*{PACK_SUFFIX}"))
     out["restore_bytes"] = sum(f.stat().st_size for f in files)
 
     step and step("restore: copy + checksum back from the mirror")
@@ -367,7 +382,7 @@ _RESUME_CHILD = textwrap.dedent(
         p = ModelPersistence(sys.argv[2])
         p.resume(agent=blob)
     else:
-        blob.load_state_dict(torch.load(sys.argv[2], map_location="cpu", weights_only=True)["agent"])
+        blob.load_state_dict(torch.load(sys.argv[2], map_location="cpu", weights_only=True))
     next(iter(blob.buffers())).add_(1.0)  # the first step
     print(time.perf_counter() - start)
     if sys.argv[1] == "resume":
@@ -388,7 +403,7 @@ def _bench_resume(saves: dict[str, Any], repeats: int, step: StepCallback) -> di
         return time.perf_counter() - start
 
     resume = statistics.median(child("resume", run) for _ in range(repeats))
-    plain = statistics.median(child("plain", path) for _ in range(repeats))
+    plain = statistics.median(child("plain", Path(saves["plain_path"])) for _ in range(repeats))
     return {"resume_s": resume, "plain_load_s": plain}
 
 
@@ -413,12 +428,23 @@ def _ratios(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "help_vs_import": safe(m.get("help_s"), m.get("import_typer_rich_humanize_s")),
         "resume_vs_plain_load": safe(m.get("resume_s"), m.get("plain_load_s")),
         "scale_verify_rss_vs_file": safe(rss_above_baseline("scale_verify_peak_rss_bytes"), m.get("scale_bytes")),
+        **_dedup_ratios(m, safe),
     }
     out = {}
     for name, goal, direction, what in GOALS:
         value = values[name]
         ok = None if value is None else (value <= goal if direction == "<=" else value >= goal)
         out[name] = {"value": value, "goal": goal, "direction": direction, "ok": ok, "what": what}
+    return out
+
+
+def _dedup_ratios(m: dict[str, Any], safe: Callable[[Any, Any], float | None]) -> dict[str, float | None]:
+    out = {}
+    for case in ("frozen_component", "frozen_base"):
+        bound = m.get(f"dedup_{case}_bound_bytes")
+        out[f"dedup_disk_{case}"] = safe(m.get(f"dedup_{case}_disk_bytes"), bound)
+        out[f"dedup_mirror_{case}"] = safe(m.get(f"dedup_{case}_mirror_bytes"), bound)
+    out["upload_per_save_vs_trainable"] = safe(m.get("dedup_frozen_component_upload_per_save_bytes"), m.get("dedup_frozen_component_trainable_bytes"))
     return out
 
 
@@ -452,7 +478,7 @@ def run_bench(
     workdir: str | os.PathLike | None = None,
     repeats: int = 3,
     batch_time_s: float = 0.5,
-    sections: tuple[str, ...] = ("save", "verify", "restore", "cli", "resume"),
+    sections: tuple[str, ...] = ("save", "verify", "restore", "cli", "resume", "dedup"),
     on_step: StepCallback = None,
 ) -> BenchReport:
     """Run the benchmark and report its measurements, ratios and advice.
@@ -478,9 +504,13 @@ def run_bench(
             measurements.update(_bench_cli(work, repeats, on_step))
         if "resume" in sections:
             measurements.update(_bench_resume(saves, repeats, on_step))
+        if "dedup" in sections:
+            from ckptctl.bench_dedup import bench_dedup
+
+            measurements.update(bench_dedup(work, on_step))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for key in ("checkpoint_path", "checkpoint_checksum"):
+    for key in ("checkpoint_path", "checkpoint_checksum", "checkpoint_files", "plain_path"):
         measurements.pop(key, None)
     advice = {
         "batch_time_s": batch_time_s,

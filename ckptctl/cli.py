@@ -521,7 +521,7 @@ def diff_command(
 
 # --------------------------------------------------------------------------- bench
 
-BENCH_SECTIONS = ("save", "verify", "restore", "cli", "resume")
+BENCH_SECTIONS = ("save", "verify", "restore", "cli", "resume", "dedup")
 BENCH_ONLY_SECTIONS = ("scale",)
 
 
@@ -531,7 +531,7 @@ def bench_command(
     drive: Optional[Path] = typer.Option(None, "--drive", metavar="PATH", help="Folder to mirror to and restore from, e.g. the mounted Drive (default: a temporary folder)."),
     batch_time: float = typer.Option(0.5, "--batch-time", metavar="SECONDS", min=0.000001, help="Your seconds per training batch, for the --save-every advice."),
     repeats: int = typer.Option(3, "--repeats", min=1, max=50, help="Runs per timing; the median is reported."),
-    sections: str = typer.Option(",".join(BENCH_SECTIONS), "--sections", metavar="LIST", help="Comma-separated parts to run: save,verify,restore,cli,resume (save always runs); or 'scale' alone: save and verify one checkpoint of --size (e.g. more than half the RAM) with default settings."),
+    sections: str = typer.Option(",".join(BENCH_SECTIONS), "--sections", metavar="LIST", help="Comma-separated parts to run: save,verify,restore,cli,resume,dedup (save always runs; dedup: bytes on disk, on the mirror and uploaded per save with a frozen model); or 'scale' alone: save and verify one checkpoint of --size (e.g. more than half the RAM) with default settings."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", metavar="DIR", help="Where local files are written (default: the system temp folder); removed afterwards."),
     json_out: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
