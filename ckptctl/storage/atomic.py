@@ -15,6 +15,7 @@ import stat
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Optional
 
@@ -112,6 +113,21 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
+#: A write at least this large is hashed on a helper thread while it is written (xxhash and
+#: the write both release the GIL), so hashing adds no time to a large write.
+PARALLEL_HASH_BYTES = 1 << 20
+_hash_pool: ThreadPoolExecutor | None = None
+_hash_pool_lock = threading.Lock()
+
+
+def _hashing_pool() -> ThreadPoolExecutor:
+    global _hash_pool
+    with _hash_pool_lock:
+        if _hash_pool is None:
+            _hash_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptctl-hash")
+        return _hash_pool
+
+
 class HashingWriter:
     """A binary file wrapper that hashes and counts every byte written through it."""
 
@@ -127,14 +143,21 @@ class HashingWriter:
 
         An OSError (disk full, I/O error) is remembered in :attr:`error` before it is
         raised, because some callers (torch's zip writer) replace it with their own error.
+        A large ``data`` is hashed on a helper thread during the write.
         """
-        self._hasher.update(data)
+        size = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
+        hashing = _hashing_pool().submit(self._hasher.update, data) if size >= PARALLEL_HASH_BYTES else None
+        if hashing is None:
+            self._hasher.update(data)
         try:
             written = self._raw.write(data)
         except OSError as exc:
             self.error = exc
             raise
-        self.bytes_written += len(memoryview(data).cast("B")) if not isinstance(data, bytes) else len(data)
+        finally:
+            if hashing is not None:
+                hashing.result()
+        self.bytes_written += size
         return written
 
     def flush(self) -> None:
