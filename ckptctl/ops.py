@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Optional
 
 
-from ckptctl.core.format import BEST_METADATA_FILE, BEST_MODEL_FILE, INDEX_FILE, TRAINING_STATE_FILE
+from ckptctl.core.format import BEST_METADATA_FILE, BEST_MODEL_FILE, INDEX_FILE, RESERVED_CHECKPOINT_KEYS, TRAINING_STATE_FILE
 from ckptctl.core.manifest import BestInfo
 from ckptctl.core.resume import choose_resume_checkpoint
 from ckptctl.errors import CheckpointIntegrityError, CorruptIndexError, NotFoundError, UnsafePathError
@@ -326,9 +326,8 @@ def describe_checkpoint(ref: CheckpointRef) -> CheckpointDescription:
     Raises :class:`CheckpointIntegrityError` if the file fails its checksum or the safe load.
     """
     payload = _load(ref)
-    reserved = {"format_version", "checkpoint_id", "epoch", "batch", "global_step", "metrics", "timestamp", "rng", "components", "extra"}
     names = [n for n in (payload.get("components") or []) if n in payload]
-    names += [n for n in payload if n not in reserved and n not in names]
+    names += [n for n in payload if n not in RESERVED_CHECKPOINT_KEYS and n not in names]
     components = {name: summarize(payload[name]).to_json() for name in names}
     rng = payload.get("rng")
     metrics = payload.get("metrics") if isinstance(payload.get("metrics"), Mapping) else {}

@@ -54,6 +54,7 @@ RESERVED_CHECKPOINT_KEYS = frozenset(
         "timestamp",
         "rng",
         "components",
+        "component_order",
         "extra",
         "checkpoint_id",
         "objects",
