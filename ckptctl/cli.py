@@ -420,8 +420,9 @@ def restore_command(
     Only missing, older or damaged local files are copied; an interrupted restore continues
     where it stopped. A local checkpoint newer than the mirror's is kept unless --force.
     Exits 1 if some mirror entry could not be restored (each is listed).
-    Afterwards `python -m ckptctl.trainloop --resume --output-dir DIR --run-name NAME`
-    continues from it.
+    Afterwards it says how to continue: `python -m ckptctl.trainloop --resume --output-dir
+    DIR --run-name NAME` for a run the trainloop wrote, else `ModelPersistence("DIR/NAME",
+    ...).resume(...)` in your own training loop.
 
     \b
     Example:

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Mapping, Optional
 
 from ckptctl.core.format import BEST_METADATA_FILE, BEST_MODEL_FILE, INDEX_FILE, RESERVED_CHECKPOINT_KEYS, TRAINING_STATE_FILE
 from ckptctl.core.manifest import BestInfo
-from ckptctl.core.resume import choose_resume_checkpoint
+from ckptctl.core.resume import choose_resume_checkpoint, next_position
 from ckptctl.errors import CheckpointIntegrityError, CorruptIndexError, NotFoundError, UnsafePathError
 from ckptctl.storage import legacy
 from ckptctl.storage.atomic import atomic_copy, open_regular, resolve_inside
@@ -338,7 +338,7 @@ def describe_checkpoint(ref: CheckpointRef) -> CheckpointDescription:
             position["global_step"] = legacy.guide_global_steps(guide, read_training_state(ref.run_dir)).get(ref.checkpoint_id)
     resume = None
     if all(isinstance(v, int) for v in position.values()):
-        resume = {**position, "next_batch": position["batch"] + 1}
+        resume = {**position, **_continues_at(payload, read_training_state(ref.run_dir) if ref.run_dir is not None else None)}
     size = ref.path.stat().st_size
     return CheckpointDescription(
         path=str(ref.path),
@@ -529,9 +529,10 @@ def resume_info(run_dir: Path) -> ResumeInfo:
     chosen = None
     if choice.chosen_id is not None:
         _, checksum, shown, _ = candidates[choice.chosen_id]
-        chosen = _chosen_checkpoint(choice.chosen_id, choice.result, shown, checksum is not None)
+        state = read_training_state(run_dir)
+        chosen = _chosen_checkpoint(choice.chosen_id, choice.result, shown, checksum is not None, state)
         if chosen["global_step"] is None and guide:  # the step resume's index will give it
-            chosen["global_step"] = legacy.guide_global_steps(guide, read_training_state(run_dir)).get(choice.chosen_id)
+            chosen["global_step"] = legacy.guide_global_steps(guide, state).get(choice.chosen_id)
     return ResumeInfo(run_dir.name, str(run_dir), chosen, _resume_reason(chosen, skipped), skipped, index_problem)
 
 
@@ -550,8 +551,10 @@ def _resume_candidates(run_dir: Path, index: Any) -> dict[int, tuple[Path | None
     return candidates
 
 
-def _chosen_checkpoint(checkpoint_id: int, payload: Mapping[str, Any], shown: str, indexed: bool) -> dict[str, Any]:
-    """resume-info's description of the checkpoint resume would load."""
+def _chosen_checkpoint(
+    checkpoint_id: int, payload: Mapping[str, Any], shown: str, indexed: bool, training_state: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """resume-info's description of the checkpoint resume would load, and where training continues after it."""
     return {
         "id": checkpoint_id,
         "path": shown,
@@ -562,7 +565,17 @@ def _chosen_checkpoint(checkpoint_id: int, payload: Mapping[str, Any], shown: st
         "timestamp": payload.get("timestamp"),
         "checksum_verified": indexed,
         "indexed": indexed,
+        **_continues_at(payload, training_state),
     }
+
+
+def _continues_at(payload: Mapping[str, Any], training_state: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``next_epoch`` / ``next_batch`` after a checkpoint, and ``batches_per_epoch`` when known (all None when unknown)."""
+    extra = payload.get("extra") if isinstance(payload.get("extra"), Mapping) else None
+    after = next_position(payload.get("epoch"), payload.get("batch"), extra, training_state)
+    if after is None:
+        return {"next_epoch": None, "next_batch": None, "batches_per_epoch": None}
+    return {"next_epoch": after.epoch, "next_batch": after.batch, "batches_per_epoch": after.batches_per_epoch}
 
 
 def _resume_reason(chosen: dict[str, Any] | None, skipped: tuple[dict[str, Any], ...]) -> str:
