@@ -397,6 +397,7 @@ class DiffReport:
     b: DiffSide
     atol: float
     rows: tuple[TensorDiff, ...]
+    rng_ignored: bool = False  # the ``rng`` subtree was left out of the comparison (``--ignore-rng``)
 
     @property
     def changed(self) -> int:
@@ -429,11 +430,12 @@ class DiffReport:
             "tensors": [r.to_json() for r in self.rows],
             "changed": self.changed,
             "compared": len(self.rows),
+            "rng_ignored": self.rng_ignored,
         }
 
 
-def diff_checkpoints(a: CheckpointRef, b: CheckpointRef, *, atol: float = 0.0) -> DiffReport:
-    """Compare every tensor (model, optimizer, RNG, ...) of two checkpoints.
+def diff_checkpoints(a: CheckpointRef, b: CheckpointRef, *, atol: float = 0.0, ignore_rng: bool = False) -> DiffReport:
+    """Compare every tensor (model, optimizer, RNG, ...) of two checkpoints; with ``ignore_rng`` not the ``rng`` subtree.
 
     With ``atol == 0`` (the default) tensors match only when dtype, shape and every byte
     agree (:func:`ckptctl.tensors.compare_tensors`). ``identical`` is True when both hold the
@@ -442,14 +444,17 @@ def diff_checkpoints(a: CheckpointRef, b: CheckpointRef, *, atol: float = 0.0) -
     either fails to load.
     """
     pa, pb = _load(a), _load(b)
-    rows = compare_states(pa, pb, atol)
+    if ignore_rng:  # unseeded runs differ there by design
+        rows = compare_states({k: v for k, v in pa.items() if k != "rng"}, {k: v for k, v in pb.items() if k != "rng"}, atol)
+    else:
+        rows = compare_states(pa, pb, atol)
 
     def side(ref: CheckpointRef, payload: Mapping[str, Any]) -> DiffSide:
         metrics = payload.get("metrics") if isinstance(payload.get("metrics"), Mapping) else {}
         metrics = {str(k): _finite(v) for k, v in metrics.items()}
         return DiffSide(str(ref.path), ref.label, payload.get("epoch"), payload.get("batch"), payload.get("global_step"), metrics)
 
-    return DiffReport(side(a, pa), side(b, pb), atol, tuple(rows))
+    return DiffReport(side(a, pa), side(b, pb), atol, tuple(rows), ignore_rng)
 
 
 # --------------------------------------------------------------------------- resume-info

@@ -339,6 +339,8 @@ def render_diff(report: Any, show_all: bool = False) -> None:
             shape_b = "-" if t["shape_b"] is None else "×".join(map(str, t["shape_b"])) or "scalar"
             table.add_row(t["name"], t["status"], shape_a, shape_b, _max_abs_diff(t))
         out.print(table)
+    if d.get("rng_ignored"):
+        out.print("RNG states were ignored (--ignore-rng)")
     if d["bit_identical"]:
         out.print(f"Identical: all {d['compared']} tensors are bit-identical")
     elif d["identical"]:
