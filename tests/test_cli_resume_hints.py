@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 
-from ckptctl.core.resume import next_position, resume_command, written_by_trainloop
-
 from .cli_helpers import invoke
 from .damage import truncate
 from .runs import ckpt, write_run
@@ -64,6 +62,8 @@ def test_without_a_known_epoch_length_the_next_batch_of_the_same_epoch_is_said(t
 
 
 def test_next_position_prefers_the_recorded_data_position_then_the_epoch_length():
+    from ckptctl.core.resume import next_position
+
     recorded = {"data_position": {"next_epoch": 5, "next_batch": 0}}
     assert (next_position(4, 39, recorded).epoch, next_position(4, 39, recorded).batch) == (5, 0)
     assert next_position(2, 39, {"batches_per_epoch": 40}).batch == 0
@@ -95,6 +95,8 @@ def test_restore_of_a_library_run_hints_the_library_call_on_one_unwrapped_line(t
 
 def test_restore_of_a_trainloop_run_hints_the_trainloop_command(tmp_path):
     """What the trainloop records in training_state.json (its written_by; before that, its config keys)."""
+    from ckptctl.core.resume import resume_command, written_by_trainloop
+
     drive = tmp_path / "drive"
     drive.mkdir()
     old_config = {"dataset_sha256": "ab", "batches_per_epoch": 8, "save_every": 2, "max_pairs": 64}
