@@ -54,7 +54,6 @@ RESERVED_CHECKPOINT_KEYS = frozenset(
         "timestamp",
         "rng",
         "components",
-        "component_order",
         "extra",
         "checkpoint_id",
         "objects",
