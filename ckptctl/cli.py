@@ -148,6 +148,14 @@ def split_ref(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def join_ref(spec: str, which: str | None, hint: str) -> tuple[str, str | None]:
+    """``PATH [ID]`` or ``RUN:ID`` (the form ``diff`` takes) as (path, which); a usage error when both name different checkpoints."""
+    path, inline = split_ref(spec)
+    if inline is not None and which is not None and inline.lower() != which.lower():
+        raise typer.BadParameter(f"{spec} names checkpoint {inline!r} but ID says {which!r}; give one of them", param_hint=hint)
+    return path, inline if inline is not None else which
+
+
 def complete_drive_runs(ctx: typer.Context, incomplete: str) -> List[str]:
     """Run names on the Drive mirror (``--drive`` if already typed, else the default) for ``--run``."""
     from ckptctl.storage.scan import find_runs
@@ -259,7 +267,7 @@ def verify_command(
 
 @app.command("show")
 def show_command(
-    path: Path = typer.Argument(..., help="A run directory or a checkpoint file.", autocompletion=complete_run_paths),
+    path: Path = typer.Argument(..., help="A run directory (or RUN:ID / RUN:best) or a checkpoint file.", autocompletion=complete_run_paths),
     checkpoint: Optional[str] = typer.Argument(None, metavar="[ID]", help="Checkpoint id, or 'best'; default: the newest."),
     json_out: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -271,14 +279,14 @@ def show_command(
     \b
     Example:
         ckptctl show runs/my_run          # the newest checkpoint
-        ckptctl show runs/my_run 7
-        ckptctl show runs/my_run best --json
+        ckptctl show runs/my_run 7        # or runs/my_run:7, as diff takes it
+        ckptctl show runs/my_run:best --json
     """
     from ckptctl import render
     from ckptctl.storage.select import select_checkpoint
 
     out = Output.from_flags(json_out, quiet)
-    ref = select_checkpoint(path, checkpoint)
+    ref = select_checkpoint(*join_ref(str(path), checkpoint, "PATH / ID"))
     from ckptctl.ops import describe_checkpoint
 
     out.finish(describe_checkpoint(ref), render.render_show)
@@ -377,8 +385,8 @@ def _loads_safely(path: Path) -> bool:
 
 @app.command("promote")
 def promote_command(
-    run: Path = typer.Argument(..., help="The run directory.", autocompletion=complete_run_paths),
-    checkpoint_id: int = typer.Argument(..., metavar="ID", help="The checkpoint to make the best model."),
+    run: Path = typer.Argument(..., help="The run directory, or RUN:ID.", autocompletion=complete_run_paths),
+    checkpoint_id: Optional[int] = typer.Argument(None, metavar="[ID]", help="The checkpoint to make the best model (or give RUN:ID)."),
     pin: bool = typer.Option(False, "--pin", help="Also pin the checkpoint so retention never deletes it."),
     json_out: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -390,15 +398,29 @@ def promote_command(
     \b
     Example:
         ckptctl promote runs/my_run 12 --pin
+        ckptctl promote runs/my_run:12
     """
     from ckptctl import render
     from ckptctl.storage.select import single_run
 
     out = Output.from_flags(json_out, quiet)
+    run, checkpoint_id = _promote_target(str(run), checkpoint_id)
     run_dir = single_run(run)
     from ckptctl.ops import PromoteReport, promote
 
     out.finish(PromoteReport(run_dir.name, promote(run_dir, checkpoint_id, pin=pin), pin), render.render_promote)
+
+
+def _promote_target(spec: str, checkpoint_id: Optional[int]) -> tuple[str, int]:
+    """``promote``'s run and checkpoint id from ``RUN ID`` or ``RUN:ID``; usage errors for ``RUN:best``, no id, or two ids."""
+    path, which = join_ref(spec, None if checkpoint_id is None else str(checkpoint_id), "RUN / ID")
+    if which is None:
+        raise typer.BadParameter("name the checkpoint to promote: RUN ID or RUN:ID", param_hint="ID")
+    if which.lower() == "best":
+        raise typer.BadParameter(f"{spec}: promoting the best model to itself changes nothing; name a checkpoint id (RUN:ID)", param_hint="RUN")
+    if not (which.isascii() and which.isdigit()):
+        raise typer.BadParameter(f"{which!r} is not a checkpoint id (a number)", param_hint="RUN:ID")
+    return path, int(which)
 
 
 # --------------------------------------------------------------------------- restore
@@ -420,8 +442,9 @@ def restore_command(
     Only missing, older or damaged local files are copied; an interrupted restore continues
     where it stopped. A local checkpoint newer than the mirror's is kept unless --force.
     Exits 1 if some mirror entry could not be restored (each is listed).
-    Afterwards `python -m ckptctl.trainloop --resume --output-dir DIR --run-name NAME`
-    continues from it.
+    Afterwards it says how to continue: `python -m ckptctl.trainloop --resume --output-dir
+    DIR --run-name NAME` for a run the trainloop wrote, else `ModelPersistence("DIR/NAME",
+    ...).resume(...)` in your own training loop.
 
     \b
     Example:
@@ -495,6 +518,7 @@ def diff_command(
     b: str = typer.Argument(..., help="The same forms as A."),
     atol: float = typer.Option(0.0, "--atol", min=0.0, metavar="X", help="Treat values within this absolute difference as equal (default 0: every byte must match)."),
     show_all: bool = typer.Option(False, "--all", help="List every tensor, not only those that differ."),
+    ignore_rng: bool = typer.Option(False, "--ignore-rng", help="Leave the saved RNG states out (they differ between unseeded runs)."),
     json_out: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
 ) -> None:
@@ -503,11 +527,13 @@ def diff_command(
     Exits 0 when every tensor matches, 1 when any differs, like diff(1): use it to confirm
     a resumed run matches an uninterrupted one. By default tensors must be bit-identical
     (dtype, shape and every byte: -0.0 differs from 0.0); --atol compares values instead.
+    --ignore-rng leaves the RNG states out (the output says so).
 
     \b
     Example:
         ckptctl diff runs/resumed:9 runs/straight:9
         ckptctl diff runs/a/checkpoints/checkpoint_00003.pt runs/b --json
+        ckptctl diff runs/a:best runs/b:best --ignore-rng
     """
     from ckptctl import render
     from ckptctl.storage.select import select_checkpoint
@@ -516,7 +542,7 @@ def diff_command(
     ref_a, ref_b = select_checkpoint(*split_ref(a)), select_checkpoint(*split_ref(b))
     from ckptctl.ops import diff_checkpoints
 
-    out.finish(diff_checkpoints(ref_a, ref_b, atol=atol), lambda report: render.render_diff(report, show_all=show_all))
+    out.finish(diff_checkpoints(ref_a, ref_b, atol=atol, ignore_rng=ignore_rng), lambda report: render.render_diff(report, show_all=show_all))
 
 
 # --------------------------------------------------------------------------- bench

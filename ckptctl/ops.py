@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Optional
 
 
-from ckptctl.core.format import BEST_METADATA_FILE, BEST_MODEL_FILE, INDEX_FILE, TRAINING_STATE_FILE
+from ckptctl.core.format import BEST_METADATA_FILE, BEST_MODEL_FILE, INDEX_FILE, RESERVED_CHECKPOINT_KEYS, TRAINING_STATE_FILE
 from ckptctl.core.manifest import BestInfo
-from ckptctl.core.resume import choose_resume_checkpoint
+from ckptctl.core.resume import choose_resume_checkpoint, next_position
 from ckptctl.errors import CheckpointIntegrityError, CorruptIndexError, NotFoundError, UnsafePathError
 from ckptctl.storage import legacy
 from ckptctl.storage.atomic import atomic_copy, open_regular, resolve_inside
@@ -326,9 +326,8 @@ def describe_checkpoint(ref: CheckpointRef) -> CheckpointDescription:
     Raises :class:`CheckpointIntegrityError` if the file fails its checksum or the safe load.
     """
     payload = _load(ref)
-    reserved = {"format_version", "checkpoint_id", "epoch", "batch", "global_step", "metrics", "timestamp", "rng", "components", "extra"}
     names = [n for n in (payload.get("components") or []) if n in payload]
-    names += [n for n in payload if n not in reserved and n not in names]
+    names += [n for n in payload if n not in RESERVED_CHECKPOINT_KEYS and n not in names]
     components = {name: summarize(payload[name]).to_json() for name in names}
     rng = payload.get("rng")
     metrics = payload.get("metrics") if isinstance(payload.get("metrics"), Mapping) else {}
@@ -339,7 +338,7 @@ def describe_checkpoint(ref: CheckpointRef) -> CheckpointDescription:
             position["global_step"] = legacy.guide_global_steps(guide, read_training_state(ref.run_dir)).get(ref.checkpoint_id)
     resume = None
     if all(isinstance(v, int) for v in position.values()):
-        resume = {**position, "next_batch": position["batch"] + 1}
+        resume = {**position, **_continues_at(payload, read_training_state(ref.run_dir) if ref.run_dir is not None else None)}
     size = ref.path.stat().st_size
     return CheckpointDescription(
         path=str(ref.path),
@@ -398,6 +397,7 @@ class DiffReport:
     b: DiffSide
     atol: float
     rows: tuple[TensorDiff, ...]
+    rng_ignored: bool = False  # the ``rng`` subtree was left out of the comparison (``--ignore-rng``)
 
     @property
     def changed(self) -> int:
@@ -430,11 +430,12 @@ class DiffReport:
             "tensors": [r.to_json() for r in self.rows],
             "changed": self.changed,
             "compared": len(self.rows),
+            "rng_ignored": self.rng_ignored,
         }
 
 
-def diff_checkpoints(a: CheckpointRef, b: CheckpointRef, *, atol: float = 0.0) -> DiffReport:
-    """Compare every tensor (model, optimizer, RNG, ...) of two checkpoints.
+def diff_checkpoints(a: CheckpointRef, b: CheckpointRef, *, atol: float = 0.0, ignore_rng: bool = False) -> DiffReport:
+    """Compare every tensor (model, optimizer, RNG, ...) of two checkpoints; with ``ignore_rng`` not the ``rng`` subtree.
 
     With ``atol == 0`` (the default) tensors match only when dtype, shape and every byte
     agree (:func:`ckptctl.tensors.compare_tensors`). ``identical`` is True when both hold the
@@ -443,14 +444,17 @@ def diff_checkpoints(a: CheckpointRef, b: CheckpointRef, *, atol: float = 0.0) -
     either fails to load.
     """
     pa, pb = _load(a), _load(b)
-    rows = compare_states(pa, pb, atol)
+    if ignore_rng:  # unseeded runs differ there by design
+        rows = compare_states({k: v for k, v in pa.items() if k != "rng"}, {k: v for k, v in pb.items() if k != "rng"}, atol)
+    else:
+        rows = compare_states(pa, pb, atol)
 
     def side(ref: CheckpointRef, payload: Mapping[str, Any]) -> DiffSide:
         metrics = payload.get("metrics") if isinstance(payload.get("metrics"), Mapping) else {}
         metrics = {str(k): _finite(v) for k, v in metrics.items()}
         return DiffSide(str(ref.path), ref.label, payload.get("epoch"), payload.get("batch"), payload.get("global_step"), metrics)
 
-    return DiffReport(side(a, pa), side(b, pb), atol, tuple(rows))
+    return DiffReport(side(a, pa), side(b, pb), atol, tuple(rows), ignore_rng)
 
 
 # --------------------------------------------------------------------------- resume-info
@@ -530,9 +534,10 @@ def resume_info(run_dir: Path) -> ResumeInfo:
     chosen = None
     if choice.chosen_id is not None:
         _, checksum, shown, _ = candidates[choice.chosen_id]
-        chosen = _chosen_checkpoint(choice.chosen_id, choice.result, shown, checksum is not None)
+        state = read_training_state(run_dir)
+        chosen = _chosen_checkpoint(choice.chosen_id, choice.result, shown, checksum is not None, state)
         if chosen["global_step"] is None and guide:  # the step resume's index will give it
-            chosen["global_step"] = legacy.guide_global_steps(guide, read_training_state(run_dir)).get(choice.chosen_id)
+            chosen["global_step"] = legacy.guide_global_steps(guide, state).get(choice.chosen_id)
     return ResumeInfo(run_dir.name, str(run_dir), chosen, _resume_reason(chosen, skipped), skipped, index_problem)
 
 
@@ -551,8 +556,10 @@ def _resume_candidates(run_dir: Path, index: Any) -> dict[int, tuple[Path | None
     return candidates
 
 
-def _chosen_checkpoint(checkpoint_id: int, payload: Mapping[str, Any], shown: str, indexed: bool) -> dict[str, Any]:
-    """resume-info's description of the checkpoint resume would load."""
+def _chosen_checkpoint(
+    checkpoint_id: int, payload: Mapping[str, Any], shown: str, indexed: bool, training_state: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """resume-info's description of the checkpoint resume would load, and where training continues after it."""
     return {
         "id": checkpoint_id,
         "path": shown,
@@ -563,7 +570,17 @@ def _chosen_checkpoint(checkpoint_id: int, payload: Mapping[str, Any], shown: st
         "timestamp": payload.get("timestamp"),
         "checksum_verified": indexed,
         "indexed": indexed,
+        **_continues_at(payload, training_state),
     }
+
+
+def _continues_at(payload: Mapping[str, Any], training_state: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``next_epoch`` / ``next_batch`` after a checkpoint, and ``batches_per_epoch`` when known (all None when unknown)."""
+    extra = payload.get("extra") if isinstance(payload.get("extra"), Mapping) else None
+    after = next_position(payload.get("epoch"), payload.get("batch"), extra, training_state)
+    if after is None:
+        return {"next_epoch": None, "next_batch": None, "batches_per_epoch": None}
+    return {"next_epoch": after.epoch, "next_batch": after.batch, "batches_per_epoch": after.batches_per_epoch}
 
 
 def _resume_reason(chosen: dict[str, Any] | None, skipped: tuple[dict[str, Any], ...]) -> str:

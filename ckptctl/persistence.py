@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from ckptctl.api import open as opening
 from ckptctl.api.background import BackgroundWorker
 from ckptctl.api.best import BestKeeper, is_better
+from ckptctl.api.components import DEFAULT_DEVICE, LoadCall, load_call
 from ckptctl.api.index_state import IndexState
 from ckptctl.api.loading import Loader
 from ckptctl.api.mirroring import MIRROR_LAG_WARN_SAVES, MirrorBook
@@ -39,7 +40,7 @@ from ckptctl.storage.atomic import atomic_write_json, open_regular
 from ckptctl.storage.lock import RunLock
 from ckptctl.storage.mirror import check_mirror_apart
 from ckptctl.storage.restore import RestoreReport
-from ckptctl.torch_io import check_device, component_states
+from ckptctl.torch_io import component_states
 
 __all__ = [
     "ModelPersistence",
@@ -75,7 +76,9 @@ class ModelPersistence:
         p.close()
 
     The run directory is locked while this object is open (one writer at a time).
-    Components are any objects with ``state_dict()``/``load_state_dict()``, passed by name.
+    Components are any objects with ``state_dict()``/``load_state_dict()``, passed by name;
+    the loads also take them by position, in the order they were saved
+    (``p.resume(model, opt)``).
 
     ``staging``: ``"copy"`` snapshots into reusable CPU buffers (one CPU copy of the
     state) and writes in the background; ``"none"`` writes the live tensors before
@@ -346,37 +349,51 @@ class ModelPersistence:
         self.flush()
         return self._loader.resume_info(self._index.current)
 
-    def load_checkpoint(self, checkpoint_id: int, device: Any = "cpu", *, restore_rng: bool = True, **components: Any) -> dict[str, Any]:
-        """Load checkpoint ``checkpoint_id`` into ``components`` (and restore RNG states); return its metadata.
+    def load_checkpoint(
+        self, checkpoint_id: int, *components_in_order: Any, device: Any = DEFAULT_DEVICE, restore_rng: bool = True, **components: Any
+    ) -> dict[str, Any]:
+        """Load checkpoint ``checkpoint_id`` into the components (and restore RNG states); return its metadata.
 
+        Components by name (``agent=model``), or by position in the order the checkpoint
+        saved them (``load_checkpoint(7, model, opt)``; see :mod:`ckptctl.api.components`).
         The file is checked against the index checksum and loaded with ``weights_only=True``.
         """
-        self._prepare_load(device)
-        meta = self._loader.load_checkpoint(self._index.current, checkpoint_id, device, components, restore_rng)
+        call = self._prepare_load("load_checkpoint", components_in_order, device, components)
+        meta = self._loader.load_checkpoint(self._index.current, checkpoint_id, call.device, call, restore_rng)
         return self._loaded(meta, restore_rng)
 
-    def resume(self, device: Any = "cpu", **components: Any) -> dict[str, Any] | None:
-        """Load the newest checkpoint that verifies into ``components`` and restore RNG; return its metadata.
+    def resume(self, *components_in_order: Any, device: Any = DEFAULT_DEVICE, **components: Any) -> dict[str, Any] | None:
+        """Load the newest checkpoint that verifies into the components and restore RNG; return its metadata.
 
+        Components by name (``resume(agent=model, optimizer=opt)``), or by position in the
+        order they were saved (``resume(model, opt)``; see :mod:`ckptctl.api.components`:
+        with positional ones every saved component must be given, and a count that does not
+        match is a TypeError listing what was passed and what was saved).
         Corrupt, truncated or missing newer checkpoints are skipped, logged, and listed under
         ``"skipped"`` in the result. Returns None when the run has no checkpoints; raises
-        :class:`NoValidCheckpointError` when it has some but none verifies; raises
-        :class:`DeviceUnavailableError` before touching any file when ``device`` is not
-        usable here (``"cuda"`` on a machine without CUDA).
+        :class:`NoValidCheckpointError` when it has some but none verifies. Before touching
+        any file: :class:`DeviceUnavailableError` when ``device`` is not usable here
+        (``"cuda"`` on a machine without CUDA), TypeError when it is not a device at all.
         """
-        self._prepare_load(device)
-        meta = self._loader.resume(self._index.current, device, components)
+        call = self._prepare_load("resume", components_in_order, device, components)
+        meta = self._loader.resume(self._index.current, call.device, call)
         return None if meta is None else self._loaded(meta, True)
 
-    def load_best_model(self, device: Any = "cpu", **components: Any) -> dict[str, Any]:
-        """Load ``best_model.pt`` into ``components`` (no RNG restore); return its metadata."""
-        self._prepare_load(device)
-        return self._loader.load_best(self._index.current, self._best.info, device, components)
+    def load_best_model(self, *components_in_order: Any, device: Any = DEFAULT_DEVICE, **components: Any) -> dict[str, Any]:
+        """Load ``best_model.pt`` into the components (no RNG restore); return its metadata.
 
-    def _prepare_load(self, device: Any) -> None:
+        Components by name or by position, as for :meth:`resume`:
+        ``load_best_model(agent, qwen, solver2, efe_loss, policy_rl, optimizer, device="cuda")``.
+        """
+        call = self._prepare_load("load_best_model", components_in_order, device, components)
+        return self._loader.load_best(self._index.current, self._best.info, call.device, call)
+
+    def _prepare_load(self, method: str, positional: tuple[Any, ...], device: Any, named: Mapping[str, Any]) -> LoadCall:
+        """Check the call (device, components) before any file is read, then wait for pending saves."""
         self._check_open()
-        check_device(device)
+        call = load_call(method, positional, device, named)
         self.flush()
+        return call
 
     def _loaded(self, meta: dict[str, Any], with_rng: bool) -> dict[str, Any]:
         """After a checkpoint was loaded: the step counter continues from it; the next best model will not copy the last save."""

@@ -309,7 +309,7 @@ def render_show(report: Any) -> None:
     out.print(f"  RNG states: {', '.join(d['rng']) if d['rng'] else 'none (resume cannot restore randomness)'}")
     r = d.get("resume")
     if r:
-        out.print(f"  resuming from it continues at epoch {r['epoch']}, batch {r['next_batch']} (global step {r['global_step']} done)")
+        out.print(f"  resuming from it continues at {_position(r['next_epoch'], r['next_batch'])} (global step {r['global_step']} done)")
 
 
 # --------------------------------------------------------------------------- diff
@@ -339,6 +339,8 @@ def render_diff(report: Any, show_all: bool = False) -> None:
             shape_b = "-" if t["shape_b"] is None else "×".join(map(str, t["shape_b"])) or "scalar"
             table.add_row(t["name"], t["status"], shape_a, shape_b, _max_abs_diff(t))
         out.print(table)
+    if d.get("rng_ignored"):
+        out.print("RNG states were ignored (--ignore-rng)")
     if d["bit_identical"]:
         out.print(f"Identical: all {d['compared']} tensors are bit-identical")
     elif d["identical"]:
@@ -384,8 +386,13 @@ def _render_resume_info_run(d: dict[str, Any]) -> None:
     if c["metrics"]:
         out.print("  metrics: " + ", ".join(f"{k}={metric(v)}" for k, v in c["metrics"].items()))
     out.print(f"  why: {d['reason']}")
-    if isinstance(c["batch"], int):
-        out.print(f"  training continues at epoch {c['epoch']}, batch {c['batch'] + 1}")
+    if c.get("next_epoch") is not None:
+        out.print(f"  training continues at {_position(c['next_epoch'], c['next_batch'])}")
+
+
+def _position(epoch: int, batch: int) -> str:
+    """Where training continues, as ``epoch 3, batch 0 (the start of the epoch)``."""
+    return f"epoch {epoch}, batch {batch}" + (" (the start of the epoch)" if batch == 0 else "")
 
 
 # --------------------------------------------------------------------------- prune
@@ -437,10 +444,8 @@ def render_restore(report: Any) -> None:
     for problem in report.problems:
         warn(problem)
     if report.resume_id is not None:
-        out.print(
-            f"Resume will start from checkpoint {report.resume_id}: "
-            f"python -m ckptctl.trainloop --resume --output-dir {report.dest.parent} --run-name {report.source.name}"
-        )
+        out.print(f"Resume will start from checkpoint {report.resume_id}, with:")
+        out.print(f"  {report.resume_command}", soft_wrap=True)  # one line, never wrapped: it is copied and pasted
 
 
 def render_backup(report: Any) -> None:

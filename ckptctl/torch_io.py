@@ -202,6 +202,7 @@ def build_payload(
         "metrics": dict(metrics),
         "timestamp": timestamp,
         "components": sorted(states),
+        "component_order": list(states),  # the order they were passed in: positional loads bind to it
         "extra": dict(extra or {}),
     }
     payload["rng"] = stager.stage(capture_rng(), ("__rng__",))
@@ -340,12 +341,26 @@ def _utf8_path(path: Path, fd: int) -> str | Path:
     return proc
 
 
+def is_device(value: Any) -> bool:
+    """True for what can stand where a device goes: a name (``"cuda:1"``), a ``torch.device``, a CUDA index, or None."""
+    return value is None or (isinstance(value, (str, torch.device, int)) and not isinstance(value, bool))
+
+
 def check_device(device: Any) -> None:
     """Raise :class:`DeviceUnavailableError` if ``device`` (``"cuda"``, ``"cuda:1"``, ``"mps"``...) is not usable here.
 
     Called before any checkpoint is loaded, so a missing GPU is one clear error instead of
-    every checkpoint looking damaged. ``"cpu"`` and ``"meta"`` always pass.
+    every checkpoint looking damaged. ``"cpu"``, ``"meta"`` and None (each tensor where it
+    was saved) always pass. Anything that is not a device at all (a module, an optimizer:
+    see :func:`is_device`) is a TypeError naming it.
     """
+    if not is_device(device):
+        raise TypeError(
+            f"device must be a device name ('cpu', 'cuda', 'cuda:1'), a torch.device, a CUDA index or None, "
+            f"not a {type(device).__name__}; pass components by position before device= or by name (agent=model)"
+        )
+    if device is None:
+        return
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as exc:

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from ckptctl.arcdata import PairSet, hash_ids
+from ckptctl.core.resume import DATA_POSITION_KEY
 
-DATA_POSITION_KEY = "data_position"
+__all__ = ["DATA_POSITION_KEY", "FINGERPRINT_FIELDS", "order_seed", "batch_indices", "batches_per_epoch", "data_position", "epoch_order", "fingerprint_differences"]
 #: Fingerprint fields compared on resume (the position itself is where we continue).
 FINGERPRINT_FIELDS = ("seed", "order_seed", "next_batch_ids_sha256", "dataset_size", "dataset_sha256", "batch_size")
 

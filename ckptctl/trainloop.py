@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from ckptctl.arcdata import PairSet, copy_baseline_accuracy, load_arc
+from ckptctl.core.resume import TRAINLOOP_WRITER
 from ckptctl.core.units import parse_size
 from ckptctl.config import DRIVE_ENV, drive_from_env
 from ckptctl.errors import BackgroundSaveError, CkptctlError
@@ -523,6 +524,7 @@ def _record_start(s: _Session, start: _Position) -> None:
     """Mark the run as running in its training state, with its flags and starting position."""
     s.persistence.update_training_state(
         status="running",
+        written_by=TRAINLOOP_WRITER,
         run_name=s.run_name,
         config=_config(s.args, s.train, s.val, s.device),
         progress={"epoch": start.epoch, "batch": start.batch, "global_step": start.global_step,

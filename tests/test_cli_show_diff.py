@@ -19,7 +19,7 @@ def test_show_newest_by_default(tmp_path):
     assert agent["tensors"] == 2 and agent["parameters"] == 10 and agent["bytes"] == 40 and agent["dtypes"] == ["float32"]
     assert d["parameters"] == 10
     assert {"python", "torch_cpu"} <= set(d["rng"])
-    assert d["resume"] == {"epoch": 0, "batch": 2, "global_step": 3, "next_batch": 3}
+    assert d["resume"] == {"epoch": 0, "batch": 2, "global_step": 3, "next_epoch": 0, "next_batch": 3, "batches_per_epoch": None}
     assert set(d["metrics"]) == {"loss", "accuracy_delta"}
 
 

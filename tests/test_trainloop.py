@@ -380,6 +380,22 @@ def _remount(where: Path, options: str) -> None:
     ), f"cannot remount {where} with {options}"
 
 
+def test_resume_info_and_the_restore_hint_fit_a_trainloop_run(reference, tmp_path):
+    """The newest checkpoint is epoch 2's last batch (8 batches an epoch): training continues at the start of epoch 3,
+    and a restore of the run says the trainloop's command (its training_state.json says the trainloop wrote it)."""
+    from .cli_helpers import invoke
+
+    assert read_json(reference.run_dir / "training_state.json")["written_by"] == "ckptctl.trainloop"
+    info = invoke("resume-info", reference.run_dir)
+    assert "training continues at epoch 3, batch 0" in info.stdout, info.stdout
+    drive = tmp_path / "drive"
+    shutil.copytree(reference.run_dir, drive / "ref")
+    result = invoke("restore", "--from-drive", "--drive", drive, "--to", tmp_path / "runs")
+    assert result.exit_code == 0, result.stderr
+    command = f"python -m ckptctl.trainloop --resume --output-dir {tmp_path / 'runs'} --run-name ref"
+    assert f"  {command}" in result.stdout.splitlines(), result.stdout
+
+
 def test_a_fresh_start_never_reuses_a_run_name_that_drive_holds(reference, tmp_path):
     """No --resume, the local folder gone, the same --run-name: refused before anything is written to Drive."""
     drive, out = tmp_path / "drive", tmp_path / "runs"

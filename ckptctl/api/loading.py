@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
+from ckptctl.api.components import LoadCall
 from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index
 from ckptctl.core.resume import choose_resume_checkpoint
 from ckptctl.errors import CheckpointIntegrityError, CkptctlError, NoValidCheckpointError, RestoreStateError, UnsafePathError
@@ -40,9 +41,9 @@ class Loader:
             raise CheckpointIntegrityError(str(exc)) from None
         return verify_file(path, entry.checksum, device=device)
 
-    def apply(self, index: Index, payload: Mapping[str, Any], components: Mapping[str, Any], with_rng: bool) -> dict[str, Any]:
-        """Load ``payload`` into ``components`` (and restore its RNG states when ``with_rng``); return its metadata."""
-        apply_components(payload, components)
+    def apply(self, index: Index, payload: Mapping[str, Any], components: LoadCall, with_rng: bool) -> dict[str, Any]:
+        """Load ``payload`` into the call's ``components`` (and restore its RNG states when ``with_rng``); return its metadata."""
+        apply_components(payload, components.bind(payload))
         meta = payload_metadata(payload)
         if meta["global_step"] is None:  # written by other code: the step the index gave its position
             meta["global_step"] = legacy.global_step_at(index, meta["epoch"], meta["batch"])
@@ -88,7 +89,7 @@ class Loader:
             "skipped": skipped,
         }
 
-    def resume(self, index: Index, device: Any, components: Mapping[str, Any]) -> dict[str, Any] | None:
+    def resume(self, index: Index, device: Any, components: LoadCall) -> dict[str, Any] | None:
         """Load the newest checkpoint that verifies; return its metadata (None without checkpoints); see :attr:`last_skipped`."""
         entries = index.by_id()
         choice = choose_resume_checkpoint(entries, lambda i: self.verified_payload(entries[i], device))
@@ -106,14 +107,14 @@ class Loader:
         meta["skipped"] = skipped
         return meta
 
-    def load_checkpoint(self, index: Index, checkpoint_id: int, device: Any, components: Mapping[str, Any], with_rng: bool) -> dict[str, Any]:
+    def load_checkpoint(self, index: Index, checkpoint_id: int, device: Any, components: LoadCall, with_rng: bool) -> dict[str, Any]:
         """Load checkpoint ``checkpoint_id`` (verified) into ``components``; return its metadata."""
         entry = index.by_id().get(int(checkpoint_id))
         if entry is None:
             raise CkptctlError(f"{self.run_dir}: no checkpoint {checkpoint_id}")
         return self.apply(index, self.verified_payload(entry, device), components, with_rng)
 
-    def load_best(self, index: Index, best: BestInfo | None, device: Any, components: Mapping[str, Any]) -> dict[str, Any]:
+    def load_best(self, index: Index, best: BestInfo | None, device: Any, components: LoadCall) -> dict[str, Any]:
         """Load ``best_model.pt`` (checked against its record) into ``components``; return its metadata."""
         if best is None:
             raise CkptctlError(f"{self.run_dir}: no best model yet")

@@ -25,6 +25,7 @@ from ckptctl.core.format import (
     utc_now_iso,
 )
 from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index, mirrored_record
+from ckptctl.core.resume import resume_command
 from ckptctl.errors import CheckpointIntegrityError, CkptctlError, CorruptIndexError, NotFoundError, UnsafePathError
 from ckptctl.storage.atomic import (
     ProgressCallback,
@@ -38,7 +39,7 @@ from ckptctl.storage import legacy
 from ckptctl.storage.lock import RunLock
 from ckptctl.storage.mirror import SyncReport, apply_sync_report, resolve_budget, sync_run, write_mirror_status
 from ckptctl.storage.runfiles import commit_index, replace_best, set_aside, settle, settled_best
-from ckptctl.storage.scan import checkpoint_files_on_disk, find_runs, newest_of, read_best_record, read_index
+from ckptctl.storage.scan import checkpoint_files_on_disk, find_runs, newest_of, read_best_record, read_index, read_training_state
 
 
 def choose_mirror_run(drive: str | os.PathLike, run: str | None = None) -> Path:
@@ -72,6 +73,7 @@ class RestoreReport:
     bytes_copied: int = 0
     resume_id: int | None = None
     skipped: tuple[dict[str, str], ...] = ()  # {"path", "reason"} of files not restored
+    resume_command: str | None = None  # how to continue the run: the trainloop's command or the library call
 
     @property
     def ok(self) -> bool:
@@ -90,6 +92,7 @@ class RestoreReport:
             "problems": list(self.problems),
             "bytes_copied": self.bytes_copied,
             "resume_id": self.resume_id,
+            "resume_command": self.resume_command,
         }
 
 
@@ -111,10 +114,11 @@ class _RestoreLog:
         self.problems.append(f"{relpath} not restored: {reason}")
 
     def freeze(self, source: Path, dest: Path) -> RestoreReport:
-        """The report of this restore."""
+        """The report of this restore (how to resume it fits the run: :func:`ckptctl.core.resume.resume_command`)."""
+        command = resume_command(dest, read_training_state(dest)) if self.resume_id is not None else None
         return RestoreReport(
             source, dest, tuple(self.copied), tuple(self.already), tuple(self.kept_local), tuple(self.problems),
-            self.bytes_copied, self.resume_id, tuple(self.skipped),
+            self.bytes_copied, self.resume_id, tuple(self.skipped), command,
         )
 
 
