@@ -259,6 +259,10 @@ def verify_command(
         report = VerifyReport(tuple(verify_runs(runs, deep=deep, on_progress=on_progress)))
     if not report.results:
         raise CkptctlError(f"{path}: no checkpoints here, nothing to verify")
+    from ckptctl.storage.collect import leftover_note
+
+    for note in filter(None, map(leftover_note, runs)):
+        out.info(note)
     out.finish(report, render.render_verify)
 
 

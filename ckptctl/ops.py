@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Optional
 
 
 from ckptctl.core.format import BEST_METADATA_FILE, BEST_MODEL_FILE, INDEX_FILE, RESERVED_CHECKPOINT_KEYS, TRAINING_STATE_FILE
 from ckptctl.core.manifest import BestInfo
+from ckptctl.core.objects import referenced_packs
 from ckptctl.core.resume import choose_resume_checkpoint, next_position
 from ckptctl.errors import CheckpointIntegrityError, CorruptIndexError, NotFoundError, UnsafePathError
 from ckptctl.storage import legacy
 from ckptctl.storage.atomic import atomic_copy, open_regular, resolve_inside
+from ckptctl.storage.collect import collect_run_packs
 from ckptctl.storage.lock import RunLock
+from ckptctl.storage.objects import PackChecks, check_record_objects
 from ckptctl.storage.runfiles import commit_index, replace_best
 from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_best_record, read_index, read_json_file, read_training_state
 from ckptctl.storage.select import CheckpointRef
@@ -78,7 +81,11 @@ class _Job:
     shown: str
     checksum: str | tuple[str, ...] | None  # the best model: any of its record's checksums
     detail: str = ""
-    size: int = 0
+    size: int = 0  # bytes this job hashes: its file, plus the packs no earlier job of the run lists
+    #: Format 2: the packs its index entry / best-model records list (name -> size).
+    objects: dict[str, int] = field(default_factory=dict)
+    #: The packs of ``objects`` no earlier job of the run lists: hashed (with progress) by this job.
+    first_packs: tuple[str, ...] = ()
 
 
 def _plan_verify_best(run_dir: Path, jobs: list[_Job], bad: Callable[..., None]) -> None:
@@ -101,7 +108,7 @@ def _plan_verify_best(run_dir: Path, jobs: list[_Job], bad: Callable[..., None])
         bad(None, shown, f"not read: {exc}")
         return
     if record is not None and (record.current is not None or best_file.is_file()):  # pending alone: the first best is not there yet
-        jobs.append(_Job(None, best_file, shown, record.checksums()))
+        jobs.append(_Job(None, best_file, shown, record.checksums(), objects=referenced_packs(record.candidates())))
     elif record is None and best_file.is_file():
         jobs.append(_Job(None, best_file, shown, None, best_detail))
         if not (run_dir / BEST_METADATA_FILE).exists():
@@ -138,7 +145,7 @@ def _plan_verify(run_dir: Path) -> tuple[list[_Job], list[VerifyResult]]:
             except UnsafePathError as exc:
                 bad(entry.id, shown, f"not read: {exc}")
                 continue
-            jobs.append(_Job(entry.id, path, shown, entry.checksum))
+            jobs.append(_Job(entry.id, path, shown, entry.checksum, objects=dict(entry.objects)))
     indexed = set(index.by_id()) if index else set()
     indexed |= set(index.deleting) if index else set()  # tombstoned leftovers of an interrupted removal: not checkpoints
     on_disk = checkpoint_files_on_disk(run_dir)
@@ -155,12 +162,21 @@ def _plan_verify(run_dir: Path) -> tuple[list[_Job], list[VerifyResult]]:
                 bad(None, str(state_path), "training state is not a JSON object")
         except (CorruptIndexError, FileNotFoundError) as exc:
             bad(None, str(state_path), f"training state unreadable: {exc}")
+    _size_jobs(jobs)
+    return jobs, found
+
+
+def _size_jobs(jobs: list[_Job]) -> None:
+    """Each job's bytes to hash: its file, plus the packs it is the first of the run to list (each pack is hashed once)."""
+    seen: set[str] = set()
     for job in jobs:
         try:
             job.size = job.path.stat().st_size if job.path else 0
         except OSError:
             job.size = 0
-    return jobs, found
+        job.first_packs = tuple(name for name in job.objects if name not in seen)
+        seen.update(job.objects)
+        job.size += sum(job.objects[name] for name in job.first_packs)
 
 
 def verify_runs(
@@ -171,8 +187,11 @@ def verify_runs(
 ) -> list[VerifyResult]:
     """Verify every checkpoint and best model of ``run_dirs``: checksum, safe trial load, finite values if ``deep``.
 
-    Never raises for a bad file; each becomes a result. ``on_progress(done_bytes, total_bytes)``
-    is called as files are hashed.
+    Format 2: every pack a checkpoint references is checked against its name, once per run
+    (:class:`~ckptctl.storage.objects.PackChecks`); a missing or damaged pack is reported
+    against every checkpoint and best model that uses it, naming the pack. Never raises
+    for a bad file; each becomes a result. ``on_progress(done_bytes, total_bytes)`` is
+    called as files and packs are hashed.
     """
     planned = [(run, *_plan_verify(run)) for run in run_dirs]
     total = sum(job.size for _, jobs, _ in planned for job in jobs)
@@ -180,6 +199,7 @@ def verify_runs(
     results: list[VerifyResult] = []
     for run, jobs, found in planned:
         results.extend(found)
+        checks = PackChecks()
         for job in jobs:
             base = done
 
@@ -187,7 +207,7 @@ def verify_runs(
                 if on_progress:
                     on_progress(min(base + d, total), total)
 
-            results.append(_verify_job(run, job, deep, progress))
+            results.append(_verify_job(run, job, deep, progress, checks))
             done = base + job.size
             if on_progress:
                 on_progress(done, total)
@@ -206,13 +226,46 @@ def loads_safely(path: Path) -> bool:
         return False
 
 
-def _verify_job(run: Path, job: _Job, deep: bool, on_progress: ProgressCallback = None) -> VerifyResult:
-    """Checksum and safe trial load of one file, as a result (never raises for a bad file)."""
+def _verify_job(
+    run: Path, job: _Job, deep: bool, on_progress: ProgressCallback = None, checks: PackChecks | None = None
+) -> VerifyResult:
+    """Checksum and safe trial load of one file and its packs, as a result (never raises for a bad file).
+
+    The file's own problems (its checksum, its load) come first; then a bad pack, which is
+    reported against every job that uses it (``checks``, shared by the jobs of one run,
+    remembers each pack's outcome).
+    """
+    checks = checks if checks is not None else PackChecks()
+    _hash_first_packs(run, job, checks, on_progress)
     try:
-        verify_file(job.path, job.checksum, deep=deep, on_progress=on_progress)
+        verify_file(job.path, job.checksum, deep=deep, on_progress=_after(job, on_progress), checks=checks)
+        check_record_objects(run, job, checks)  # packs its record lists beyond those the file references
         return VerifyResult(run.name, job.id, job.shown, "ok", job.detail)
     except CheckpointIntegrityError as exc:
         return VerifyResult(run.name, job.id, job.shown, exc.status, str(exc))
+
+
+def _hash_first_packs(run: Path, job: _Job, checks: PackChecks, on_progress: ProgressCallback) -> None:
+    """Hash the packs ``job`` is the first of its run to list, with progress; their outcome is kept in ``checks``."""
+    offset = 0
+    for name in job.first_packs:
+        def progress(d: int, t: int, offset=offset) -> None:
+            if on_progress:
+                on_progress(offset + d, t)
+
+        try:
+            checks.check(run, name, progress)
+        except CheckpointIntegrityError:
+            pass  # remembered: raised for the file below, after its own problems
+        offset += job.objects[name]
+
+
+def _after(job: _Job, on_progress: ProgressCallback) -> ProgressCallback:
+    """Progress of the file itself, counted after the packs ``job`` hashed first."""
+    offset = sum(job.objects[name] for name in job.first_packs)
+    if on_progress is None:
+        return None
+    return lambda d, t: on_progress(offset + d, t)
 
 
 def _catch_up_pruned(run: Path, results: list[VerifyResult], deep: bool, rounds: int = 5) -> list[VerifyResult]:
@@ -228,7 +281,8 @@ def _catch_up_pruned(run: Path, results: list[VerifyResult], deep: bool, rounds:
             return results
         checked = {r.id for r in kept if r.run == run.name and r.id is not None}
         jobs, _ = _plan_verify(run)
-        results = kept + [_verify_job(run, job, deep) for job in jobs if job.id is not None and job.id not in checked]
+        checks = PackChecks()
+        results = kept + [_verify_job(run, job, deep, checks=checks) for job in jobs if job.id is not None and job.id not in checked]
     return _drop_pruned_meanwhile(results, [run])  # still outpaced: report what was checked before it went
 
 
@@ -298,7 +352,8 @@ class CheckpointDescription:
     path: str
     label: str
     id: int | None
-    size_bytes: int
+    size_bytes: int  # the full state it restores (format 2: its file plus the tensors it references)
+    file_bytes: int  # its own file
     checksum_verified: bool
     format_version: Any
     timestamp: Any
@@ -344,7 +399,8 @@ def describe_checkpoint(ref: CheckpointRef) -> CheckpointDescription:
         path=str(ref.path),
         label=ref.label,
         id=payload.get("checkpoint_id") if isinstance(payload.get("checkpoint_id"), int) else ref.checkpoint_id,
-        size_bytes=size,
+        size_bytes=ref.state_bytes if ref.state_bytes is not None else size,
+        file_bytes=size,
         checksum_verified=ref.checksum is not None,
         format_version=payload.get("format_version"),
         timestamp=payload.get("timestamp"),
@@ -520,12 +576,13 @@ def resume_info(run_dir: Path) -> ResumeInfo:
         guide = legacy.read_guide_index(run_dir)  # other code's index: not a problem, it describes the files
         index, index_problem = None, (None if guide is not None else str(exc))
     candidates = _resume_candidates(run_dir, index)
+    checks = PackChecks()  # a pack the candidates share is hashed once
 
     def check(checkpoint_id: int) -> dict[str, Any]:
         path, checksum, _, entry = candidates[checkpoint_id]
         if path is None:
             raise CheckpointIntegrityError(f"not read: {entry}")
-        return verify_file(path, checksum)
+        return verify_file(path, checksum, checks=checks)
 
     choice = choose_resume_checkpoint(candidates, check)
     skipped = tuple(
@@ -617,9 +674,11 @@ class PromoteReport:
 def promote(run_dir: Path, checkpoint_id: int, *, pin: bool = False) -> BestInfo:
     """Make checkpoint ``checkpoint_id`` the run's best model, holding the run lock.
 
-    The checkpoint must verify (checksum + safe load). ``best_model.pt`` is replaced by a
-    verified atomic copy, one commit with its record (``promoted_by_hand: true``). With
-    ``pin`` the checkpoint is also pinned in the index so retention keeps it. Raises
+    The checkpoint must verify (checksum + safe load, its packs included). ``best_model.pt``
+    is replaced by a verified atomic copy, one commit with its record (``promoted_by_hand:
+    true``); a format-2 copy references the checkpoint's packs, and the packs only the old
+    best model referenced are deleted afterwards. With ``pin`` the checkpoint is also
+    pinned in the index so retention keeps it. Raises
     RunLockedError while a trainer holds the run, NotFoundError for an unknown id.
     """
     with RunLock(run_dir):
@@ -633,7 +692,9 @@ def promote(run_dir: Path, checkpoint_id: int, *, pin: bool = False) -> BestInfo
             path = resolve_inside(run_dir, entry.path)
         except UnsafePathError as exc:
             raise CheckpointIntegrityError(f"checkpoint {checkpoint_id}: {exc}") from None
-        verify_file(path, entry.checksum)
+        checks = PackChecks()
+        verify_file(path, entry.checksum, checks=checks)
+        check_record_objects(run_dir, entry, checks)  # the new best record lists them too
         try:
             old = read_best(run_dir)
         except (CorruptIndexError, UnsafePathError):
@@ -648,4 +709,5 @@ def promote(run_dir: Path, checkpoint_id: int, *, pin: bool = False) -> BestInfo
         if pin and not entry.pinned:
             entries[checkpoint_id] = replace(entry, pinned=True)
             commit_index(run_dir, index.with_entries(list(entries.values())))
+        collect_run_packs(run_dir)  # the old best model's packs, once its record is replaced durably
         return info

@@ -159,6 +159,10 @@ def plain_table(headers: list[str], rows: list[list[str]], right: set[int]) -> s
 def render_ls(listing: Any) -> None:
     """Tables of ``ls`` (a :class:`~ckptctl.storage.listing.Listing`): one per run, marks for latest / best source / Drive / pinned, then totals.
 
+    Size is the full state a checkpoint restores, New what it added to the run's storage
+    (tensors older checkpoints already hold are stored once); a run's total is its unique
+    bytes on disk.
+
     Plain text written in one go (bold run names on a terminal): a folder of 100 runs
     prints in milliseconds, and names are never parsed as markup. The runs' problems are
     the report's warnings, printed by the output object.
@@ -184,7 +188,7 @@ def render_ls(listing: Any) -> None:
             flags.append("no index")
         lines.append(f"{bold(run['name'])}  {run['path']}" + (f"  ({', '.join(flags)})" if flags else ""))
         metrics = _metric_columns(rows)
-        headers = ["ID", "Epoch", "Batch", "Step", *metrics, "Size", "Age", "Marks"]
+        headers = ["ID", "Epoch", "Batch", "Step", *metrics, "Size", "New", "Age", "Marks"]
         right = set(range(len(headers) - 2))
         cells = [_ls_cells(row, metrics) for row in rows]
         lines.append(plain_table(headers, cells, right))
@@ -194,7 +198,8 @@ def render_ls(listing: Any) -> None:
             how = ", promoted by hand" if best.get("promoted_by_hand") else ""
             value = f", {best['metric']}={metric(best.get('value'))}" if best.get("metric") else ""
             missing = " (MISSING)" if not best.get("present", True) else ""
-            lines.append(f"  best model: {source}{value}{how}, {size(best['size_bytes'])}{missing}")
+            adds = f" (adds {size(best['new_bytes'])})" if best["new_bytes"] != best["size_bytes"] else ""
+            lines.append(f"  best model: {source}{value}{how}, {size(best['size_bytes'])}{adds}{missing}")
         lines.append(f"  {len(rows)} checkpoint(s), {size(run['total_bytes'])} in total")
         lines.extend(drive_lines(run.get("drive"), latest_id=max((r["id"] for r in rows), default=None)))
         lines.append("")
@@ -253,6 +258,7 @@ def _ls_cells(row: dict[str, Any], metrics: list[str]) -> list[str]:
         "-" if row["global_step"] is None else str(row["global_step"]),
         *[metric(row["metrics"].get(m)) for m in metrics],
         size(row["size_bytes"]),
+        size(row["new_bytes"]),
         age(row["timestamp"]),
         " ".join(marks),
     ]
@@ -294,7 +300,8 @@ def render_show(report: Any) -> None:
     d = report.to_json()
     out = console()
     out.print(heading(d["label"], d["path"]))
-    out.print(f"  size {size(d['size_bytes'])}, saved {age(d['timestamp'])} ({d['timestamp']})")
+    shared = f" (its file {size(d['file_bytes'])}, the rest in shared tensor objects)" if d["file_bytes"] != d["size_bytes"] else ""
+    out.print(f"  size {size(d['size_bytes'])}{shared}, saved {age(d['timestamp'])} ({d['timestamp']})")
     out.print(f"  checksum against index: {'verified' if d['checksum_verified'] else 'not in an index (loaded safely only)'}")
     out.print(f"  epoch {d['epoch']}, batch {d['batch']}, global step {d['global_step']}")
     if d["metrics"]:
@@ -411,7 +418,9 @@ def render_prune_plans(report: Any) -> None:
             out.print(f"  keep   checkpoint {entry.id:>4}  {size(plan.sizes.get(entry.id, 0)):>9}" + (f"  ({why})" if why else ""))
         for reason in plan.skipped:
             out.print(f"  skip   {reason}")
-        out.print(f"  frees {size(plan.bytes_freed)}; {size(plan.bytes_after)} of checkpoints stay")
+        shared = sum(plan.packs_freed.values())
+        of_shared = f" ({size(shared)} of it shared tensor objects no kept checkpoint uses)" if shared else ""
+        out.print(f"  frees {size(plan.bytes_freed)}{of_shared}; {size(plan.bytes_after)} of checkpoints stay")
         if not plan.fits:
             warn(f"{plan.run_dir.name}: protected checkpoints alone take {size(plan.bytes_after)}, more than --max-size {size(plan.max_total_bytes)}")
     verb = "Would delete" if dry_run else "Plan: delete"
@@ -420,7 +429,10 @@ def render_prune_plans(report: Any) -> None:
 
 def render_prune_done(report: Any) -> None:
     """After ``prune`` executed its plan: how many files it deleted (a note on stderr; the plan was shown before)."""
-    info(f"Deleted {sum(len(v) for v in (report.deleted or {}).values())} checkpoint file(s).")
+    paths = [path for done in (report.deleted or {}).values() for path in done]
+    packs = sum(1 for path in paths if path.startswith("objects/"))
+    also = f" and {packs} shared tensor object(s) nothing else references" if packs else ""
+    info(f"Deleted {len(paths) - packs} checkpoint file(s){also}.")
 
 
 # --------------------------------------------------------------------------- promote, restore, backup

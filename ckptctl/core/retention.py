@@ -2,22 +2,52 @@
 
 The rule (see the interface contract): keep the last K checkpoints by id, **plus** the
 checkpoint ``best_model.pt`` came from, **plus** pinned ones. ``prune --max-size`` adds a
-size budget on top of that, but never removes a protected checkpoint.
+size budget on top of that, but never removes a protected checkpoint; it counts unique
+bytes (a tensor pack several checkpoints share counts once, see :func:`unique_bytes`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
 
 
 @dataclass(frozen=True)
 class RetentionItem:
-    """What the rules need to know about one checkpoint."""
+    """What the rules need to know about one checkpoint (``objects``: the packs it references, name -> size)."""
 
     id: int
     size_bytes: int = 0
     pinned: bool = False
+    objects: Mapping[str, int] = field(default_factory=dict, hash=False)
+
+
+def unique_bytes(items: Iterable[RetentionItem]) -> int:
+    """Bytes ``items`` take together: their own files, plus each pack they reference counted once."""
+    return _UniqueTotal(items).total
+
+
+class _UniqueTotal:
+    """:func:`unique_bytes` of a set of items, kept up to date as items leave it."""
+
+    def __init__(self, items: Iterable[RetentionItem]):
+        self.total = 0
+        self._uses: Counter[str] = Counter()
+        for item in items:
+            self.total += item.size_bytes
+            for name, size in item.objects.items():
+                if not self._uses[name]:
+                    self.total += size
+                self._uses[name] += 1
+
+    def remove(self, item: RetentionItem) -> None:
+        """Take ``item`` out: its file, and each pack no remaining item references."""
+        self.total -= item.size_bytes
+        for name, size in item.objects.items():
+            self._uses[name] -= 1
+            if not self._uses[name]:
+                self.total -= size
 
 
 def protected_ids(
@@ -74,7 +104,7 @@ def should_keep(
 
     - ``keep_last``: the ``keep_last`` highest ids survive (must be >= 1 when given).
     - ``max_total_bytes``: after that, the oldest unprotected survivors are dropped until
-      the survivors' total size fits (it may not fit if protected ones alone exceed it).
+      the survivors' :func:`unique_bytes` fit (it may not fit if protected ones alone exceed it).
     - Protected ids (pinned, best source, newest good) always survive.
     """
     if keep_last is not None and keep_last < 1:
@@ -87,13 +117,13 @@ def should_keep(
     if keep_last is not None:
         survivors = {item.id for item in by_age[-keep_last:]} | protected
     if max_total_bytes is not None:
-        total = sum(item.size_bytes for item in by_age if item.id in survivors)
+        kept = _UniqueTotal(item for item in by_age if item.id in survivors)
         for item in by_age:
-            if total <= max_total_bytes:
+            if kept.total <= max_total_bytes:
                 break
             if item.id in survivors and item.id not in protected:
                 survivors.discard(item.id)
-                total -= item.size_bytes
+                kept.remove(item)
     return [item.id in survivors for item in items]
 
 

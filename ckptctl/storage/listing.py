@@ -3,6 +3,11 @@
 :func:`list_runs` turns the run directories at a path into a frozen :class:`Listing` of
 :class:`RunListing` records (raw ints for bytes, UTC ISO strings for times); their
 ``to_json()`` gives the stable ``--json`` shape. No torch here.
+
+Bytes, with format 2's shared tensor packs: a checkpoint's ``size_bytes`` is the full state
+it restores, ``new_bytes`` what it added to the run's storage (its file and the packs no
+older checkpoint references), and a run's ``total_bytes`` the unique bytes on disk (each
+pack in ``objects/`` once). In a format-1 run all three are file sizes.
 """
 
 from __future__ import annotations
@@ -14,21 +19,29 @@ from pathlib import Path
 from typing import Any
 
 from ckptctl.core.format import BEST_MODEL_FILE, checkpoint_relpath
+from ckptctl.core.objects import new_bytes_by_id, pack_relpath, referenced_packs
 from ckptctl.errors import UnsafePathError
 from ckptctl.storage import legacy
 from ckptctl.storage.atomic import resolve_inside
 from ckptctl.storage.lock import is_locked
 from ckptctl.storage.mirror import read_mirror_status
+from ckptctl.storage.objects import stored_pack_names
 from ckptctl.storage.scan import RunScan, find_runs, mtime_iso, scan_run
 
 
 @dataclass(frozen=True)
 class CheckpointRow:
-    """One checkpoint as listed: from the index, or (``indexed=False``) just a file on disk."""
+    """One checkpoint as listed: from the index, or (``indexed=False``) just a file on disk.
+
+    ``size_bytes``: the full state it restores; ``new_bytes``: what it added to the run's
+    storage; ``file_bytes``: its own file (a format-2 skeleton). All equal in format 1.
+    """
 
     id: int
     path: str
     size_bytes: int
+    new_bytes: int = 0
+    file_bytes: int = 0
     epoch: int | None = None
     batch: int | None = None
     global_step: int | None = None
@@ -43,10 +56,12 @@ class CheckpointRow:
 
 @dataclass(frozen=True)
 class BestRow:
-    """``best_model.pt`` as listed."""
+    """``best_model.pt`` as listed (bytes as :class:`CheckpointRow`'s; ``new_bytes``: what no checkpoint shares)."""
 
     path: str
     size_bytes: int
+    new_bytes: int = 0
+    file_bytes: int = 0
     source_id: int | None = None
     epoch: int | None = None
     batch: int | None = None
@@ -71,6 +86,8 @@ class RunListing:
     status: str | None = None
     #: ``mirror_status.json`` as written by the run's Drive mirror (raw numbers), or None.
     drive: dict[str, Any] | None = None
+    #: Bytes of the tensor packs in ``objects/`` (format 2), each counted once.
+    objects_bytes: int = 0
 
     @property
     def latest_id(self) -> int | None:
@@ -79,10 +96,10 @@ class RunListing:
 
     @property
     def total_bytes(self) -> int:
-        """Bytes of the checkpoint files present plus ``best_model.pt``."""
-        total = sum(c.size_bytes for c in self.checkpoints if c.present)
+        """Unique bytes on disk: the checkpoint files present, ``best_model.pt``, and each tensor pack once."""
+        total = sum(c.file_bytes for c in self.checkpoints if c.present) + self.objects_bytes
         if self.best is not None and self.best.present:
-            total += self.best.size_bytes
+            total += self.best.file_bytes
         return total
 
     @property
@@ -102,6 +119,7 @@ class RunListing:
                 "batch": b.batch,
                 "metrics": _json_metrics(b.metrics),
                 "size_bytes": b.size_bytes,
+                "new_bytes": b.new_bytes,
                 "path": str(self.path / b.path),
                 "metric": b.metric,
                 "value": b.value if b.value is None or math.isfinite(b.value) else None,
@@ -125,6 +143,7 @@ class RunListing:
                     "global_step": c.global_step,
                     "metrics": _json_metrics(c.metrics),
                     "size_bytes": c.size_bytes,
+                    "new_bytes": c.new_bytes,
                     "timestamp": c.timestamp,
                     "path": str(self.path / c.path),
                     "checksum": c.checksum,
@@ -167,7 +186,8 @@ def mirrored_for_this_run(mirrored: dict | None, run_dir: Path) -> bool:
 def listing_from_scan(scan: RunScan) -> RunListing:
     """Build the listing of one scanned run (stat calls only)."""
     problems = list(scan.problems)
-    rows = _indexed_rows(scan, problems) + _unindexed_rows(scan)
+    stored = stored_pack_names(scan.path)
+    rows = _indexed_rows(scan, stored, problems) + _unindexed_rows(scan)
     if scan.index is not None and scan.unindexed:
         problems.append(f"{len(scan.unindexed)} checkpoint file(s) not in the index")
     rows.sort(key=lambda r: r.id)
@@ -176,30 +196,45 @@ def listing_from_scan(scan: RunScan) -> RunListing:
         name=scan.name,
         path=scan.path,
         checkpoints=tuple(rows),
-        best=_best_row(scan, problems),
+        best=_best_row(scan, stored, problems),
         problems=tuple(problems),
         indexed=scan.index is not None,
         locked=is_locked(scan.path),
         status=status if isinstance(status, str) else None,
         drive=read_mirror_status(scan.path),
+        objects_bytes=sum(stored.values()),
     )
 
 
-def _indexed_rows(scan: RunScan, problems: list[str]) -> list[CheckpointRow]:
-    """A row per index entry; a missing file is a problem (the row says not present)."""
+def _missing_packs(record: Any, stored: dict[str, int], what: str, problems: list[str]) -> bool:
+    """True when a pack ``record`` lists is not in ``objects/`` (a problem naming it: the state cannot be restored)."""
+    missing = sorted(name for name in record.objects if name not in stored)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        problems.append(f"{what}: shared object {pack_relpath(missing[0])}{more} is missing")
+    return bool(missing)
+
+
+def _indexed_rows(scan: RunScan, stored: dict[str, int], problems: list[str]) -> list[CheckpointRow]:
+    """A row per index entry; a missing file or pack is a problem (the row says not present)."""
     rows = []
-    for e in scan.index.checkpoints if scan.index is not None else ():
+    entries = scan.index.checkpoints if scan.index is not None else ()
+    new_bytes = new_bytes_by_id(entries)
+    for e in entries:
         # the scan already saw a regular file by that name; anything else takes the careful path
         size = scan.sizes.get(e.id) if e.path == checkpoint_relpath(e.id) else None
         if size is None:
             size = _file_size(scan.path, e.path)
         if size is None:
             problems.append(f"checkpoint {e.id}: file {e.path} is missing or outside the run")
+        packs_missing = size is not None and _missing_packs(e, stored, f"checkpoint {e.id}", problems)
         rows.append(
             CheckpointRow(
                 id=e.id,
                 path=e.path,
-                size_bytes=e.size_bytes,
+                size_bytes=e.full_bytes,
+                new_bytes=new_bytes[e.id],
+                file_bytes=e.size_bytes,
                 epoch=e.epoch,
                 batch=e.batch,
                 global_step=e.global_step,
@@ -208,7 +243,7 @@ def _indexed_rows(scan: RunScan, problems: list[str]) -> list[CheckpointRow]:
                 checksum=e.checksum,
                 pinned=e.pinned,
                 mirrored=mirrored_for_this_run(e.mirrored, scan.path),
-                present=size is not None,
+                present=size is not None and not packs_missing,
             )
         )
     return rows
@@ -227,6 +262,8 @@ def _unindexed_rows(scan: RunScan) -> list[CheckpointRow]:
                 id=checkpoint_id,
                 path=checkpoint_relpath(checkpoint_id),
                 size_bytes=size,
+                new_bytes=size,
+                file_bytes=size,
                 epoch=guide.epoch,
                 batch=guide.batch,
                 global_step=steps.get(checkpoint_id),
@@ -238,16 +275,20 @@ def _unindexed_rows(scan: RunScan) -> list[CheckpointRow]:
     return rows
 
 
-def _best_row(scan: RunScan, problems: list[str]) -> BestRow | None:
+def _best_row(scan: RunScan, stored: dict[str, int], problems: list[str]) -> BestRow | None:
     """``best_model.pt`` as listed: from its record, else from the file (and other code's metadata, if any)."""
     b = scan.best
     if b is not None:
         size = _file_size(scan.path, b.path)
         if size is None:
             problems.append(f"best model file {b.path} is missing")
+        packs_missing = size is not None and _missing_packs(b, stored, "best model", problems)
+        shared = referenced_packs(scan.index.checkpoints if scan.index is not None else ())
         return BestRow(
             path=b.path,
-            size_bytes=b.size_bytes,
+            size_bytes=b.full_bytes,
+            new_bytes=b.size_bytes + sum(n for name, n in b.objects.items() if name not in shared),
+            file_bytes=b.size_bytes,
             source_id=b.source_id,
             epoch=b.epoch,
             batch=b.batch,
@@ -255,7 +296,7 @@ def _best_row(scan: RunScan, problems: list[str]) -> BestRow | None:
             metric=b.metric,
             value=b.value,
             promoted_by_hand=b.promoted_by_hand,
-            present=size is not None,
+            present=size is not None and not packs_missing,
         )
     size = _file_size(scan.path, BEST_MODEL_FILE)
     if size is None:
@@ -264,6 +305,8 @@ def _best_row(scan: RunScan, problems: list[str]) -> BestRow | None:
     return BestRow(
         path=BEST_MODEL_FILE,
         size_bytes=size,
+        new_bytes=size,
+        file_bytes=size,
         epoch=guide.epoch,
         batch=guide.batch,
         metrics=dict(guide.metrics),

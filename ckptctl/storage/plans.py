@@ -2,7 +2,8 @@
 
 The rule itself is the pure :func:`ckptctl.core.retention.ids_to_delete`; this module
 gathers its inputs from disk (sizes, the best model's source, the newest checkpoint
-whose checksum verifies) and carries out a plan: index first, files after. No torch.
+whose checksum verifies) and carries out a plan: index first, files after, shared tensor
+packs last. No torch.
 
 The whole workflow over several runs is :func:`open_prune`: it takes each run's lock
 (not for a dry run), finishes what an interrupted prune left, plans, and hands back a
@@ -23,11 +24,14 @@ from typing import Any, Callable, Iterator, Mapping
 from ckptctl.core.format import INDEX_FILE, checkpoint_relpath
 from ckptctl.core.manifest import CheckpointEntry, Index
 from ckptctl.core.resume import choose_resume_checkpoint
-from ckptctl.core.retention import RetentionItem, ids_to_delete, protected_ids, protection_reasons
+from ckptctl.core.objects import pack_relpath, referenced_packs
+from ckptctl.core.retention import RetentionItem, ids_to_delete, protected_ids, protection_reasons, unique_bytes
 from ckptctl.errors import CkptctlError, CorruptIndexError, RunLockedError, UnsafePathError
 from ckptctl.storage import legacy
 from ckptctl.storage.atomic import atomic_write_bytes, resolve_inside, verify_checksum
+from ckptctl.storage.collect import collect_run_packs, pack_references
 from ckptctl.storage.lock import RunLock, is_locked
+from ckptctl.storage.objects import stored_pack_names
 from ckptctl.storage.runfiles import (
     checkpoint_file_for_deletion,
     commit_removal,
@@ -46,7 +50,11 @@ class PrunePlan:
     run_dir: Path
     delete: tuple[CheckpointEntry, ...] = ()
     keep: tuple[CheckpointEntry, ...] = ()
-    sizes: dict[int, int] = field(default_factory=dict)  # id -> bytes on disk (0 if missing)
+    sizes: dict[int, int] = field(default_factory=dict)  # id -> bytes of its file on disk (0 if missing)
+    #: Format 2: id -> the packs its entry references, with their sizes on disk (0 if missing).
+    objects: dict[int, dict[str, int]] = field(default_factory=dict)
+    #: The packs the deletions leave unreferenced (deleted after the index commit), name -> size.
+    packs_freed: dict[str, int] = field(default_factory=dict)
     protected: dict[int, str] = field(default_factory=dict)  # id -> why no rule may delete it
     skipped: tuple[str, ...] = ()
     max_total_bytes: int | None = None
@@ -57,13 +65,16 @@ class PrunePlan:
 
     @property
     def bytes_freed(self) -> int:
-        """Bytes the deletions free."""
-        return sum(self.sizes.get(e.id, 0) for e in self.delete)
+        """Bytes the deletions free: the checkpoint files, and the packs no remaining checkpoint or best model references."""
+        return sum(self.sizes.get(e.id, 0) for e in self.delete) + sum(self.packs_freed.values())
 
     @property
     def bytes_after(self) -> int:
-        """Bytes the kept checkpoints take afterwards."""
-        return sum(self.sizes.get(e.id, 0) for e in self.keep)
+        """Unique bytes the kept checkpoints take afterwards (a pack they share counts once)."""
+        return unique_bytes(self._items(self.keep))
+
+    def _items(self, entries: tuple[CheckpointEntry, ...]) -> list[RetentionItem]:
+        return [RetentionItem(id=e.id, size_bytes=self.sizes.get(e.id, 0), objects=self.objects.get(e.id, {})) for e in entries]
 
     @property
     def fits(self) -> bool:
@@ -79,6 +90,7 @@ class PrunePlan:
             "keep": [{"id": e.id, "protected": self.protected.get(e.id)} for e in self.keep],
             "skipped": list(self.skipped),
             "bytes_freed": self.bytes_freed,
+            "objects_bytes_freed": sum(self.packs_freed.values()),
             "bytes_after": self.bytes_after,
             "fits": self.fits,
             "deleted": list(deleted),
@@ -142,7 +154,9 @@ def plan_prune(
     best_source = _best_source(run_dir, skipped)
     newest_good = _newest_verified(run_dir, list(index.checkpoints))
     sizes = {e.id: _size_on_disk(run_dir, e) for e in usable}
-    items = [RetentionItem(id=e.id, size_bytes=sizes[e.id], pinned=e.pinned) for e in usable]
+    stored = stored_pack_names(run_dir)
+    objects = {e.id: {name: stored.get(name, 0) for name in e.objects} for e in usable if e.objects}
+    items = [RetentionItem(id=e.id, size_bytes=sizes[e.id], pinned=e.pinned, objects=objects.get(e.id, {})) for e in usable]
     rule = {"best_source_id": best_source, "newest_good_id": newest_good}
     victims = set(ids_to_delete(items, keep_last=keep_last, max_total_bytes=max_total_bytes, **rule))
     protected = protection_reasons(items, **rule)
@@ -151,11 +165,26 @@ def plan_prune(
         delete=tuple(e for e in usable if e.id in victims),
         keep=tuple(e for e in usable if e.id not in victims),
         sizes=sizes,
+        objects=objects,
+        packs_freed=_packs_freed(run_dir, index, victims, stored, skipped),
         protected=protected,
         skipped=tuple(skipped),
         max_total_bytes=max_total_bytes,
         fingerprint=tuple((e.id, e.checksum) for e in index.checkpoints),
     )
+
+
+def _packs_freed(run_dir: Path, index: Index, victims: set[int], stored: dict[str, int], skipped: list[str]) -> dict[str, int]:
+    """The packs on disk that deleting ``victims`` leaves unreferenced (none when the metadata cannot tell; noted in ``skipped``)."""
+    doomed = referenced_packs(e for e in index.checkpoints if e.id in victims)
+    if not doomed:
+        return {}
+    refs = pack_references(run_dir)
+    if refs.blocked is not None:
+        skipped.append(f"shared tensor objects are kept (collected later): {refs.blocked}")
+        return {}
+    live = referenced_packs(r for r in refs.records if getattr(r, "id", None) not in victims)
+    return {name: stored[name] for name in doomed if name not in live and name in stored}
 
 
 def _deletable_entries(run_dir: Path, index: Index, skipped: list[str]) -> list[CheckpointEntry]:
@@ -260,12 +289,26 @@ def finish_interrupted_prune(run_dir: str | os.PathLike) -> list[str]:
     return finish_pending_removal(run_dir, index)[1]
 
 
+def _finish_interrupted(run: Path) -> list[PruneNote]:
+    """Under the lock: finish what an interrupted prune left (tombstoned files), then delete packs nothing references."""
+    notes = []
+    finished = finish_interrupted_prune(run)  # an earlier prune killed before its last delete
+    if finished:
+        notes.append(PruneNote("info", f"{run.name}: finished deleting {len(finished)} checkpoint file(s) an interrupted prune left: {', '.join(finished)}"))
+    packs, _ = collect_run_packs(run)  # left by a kill after an index commit (a save's, a prune's)
+    if packs:
+        notes.append(PruneNote("info", f"{run.name}: deleted {len(packs)} tensor object(s) ({sum(packs.values())} bytes) that nothing references"))
+    return notes
+
+
 def execute_prune(plan: PrunePlan) -> list[str]:
     """Carry out ``plan``; the caller must hold the run lock. Returns the run-relative paths deleted.
 
     The index is rewritten first (durably, without the deleted entries and with their ids
     as tombstones in ``deleting``; deleted ids that were on the Drive mirror are added to
-    its ``retired`` list), then the files are deleted, then the tombstones are cleared:
+    its ``retired`` list), then the files are deleted, then the tombstones are cleared,
+    and only then the tensor packs nothing references any more are deleted
+    (:func:`ckptctl.storage.collect.collect_run_packs`; their paths end the list returned):
     the same rewrite (:mod:`ckptctl.storage.runfiles`) as the trainer's retention, which
     keeps every other entry, and every entry this version cannot read, as it was. A kill
     in between leaves tombstones that the next prune or library open finishes
@@ -288,7 +331,8 @@ def execute_prune(plan: PrunePlan) -> list[str]:
     marked = commit_removal(run_dir, remaining, plan.delete)
     deleted = delete_checkpoint_files(run_dir, plan.delete)
     finish_removal(run_dir, marked, doomed)
-    return deleted
+    packs, _ = collect_run_packs(run_dir)  # only now: the index that stopped referencing them is durable
+    return deleted + [pack_relpath(name) for name in sorted(packs)]
 
 
 # --------------------------------------------------------------------------- the prune workflow
@@ -374,7 +418,7 @@ def open_prune(
 
     Not a dry run: each run's lock is taken first (a run a trainer holds is refused: an
     ``"error"`` note, left out of the plan), and what an interrupted prune left behind its
-    tombstones is deleted (an ``"info"`` note). A dry run takes no lock and only warns
+    tombstones is deleted, then the tensor packs nothing references (``"info"`` notes). A dry run takes no lock and only warns
     when a trainer holds a run. ``loads`` is the safe trial load for runs without
     checksums (see :func:`plan_prune`).
     """
@@ -395,10 +439,6 @@ def open_prune(
                 refused.append(str(run))
                 continue
             usable.append(run)
-            finished = finish_interrupted_prune(run)  # an earlier prune killed before its last delete
-            if finished:
-                notes.append(
-                    PruneNote("info", f"{run.name}: finished deleting {len(finished)} checkpoint file(s) an interrupted prune left: {', '.join(finished)}")
-                )
+            notes.extend(_finish_interrupted(run))
         plans = tuple(plan_prune(run, keep_last=keep_last, max_total_bytes=max_total_bytes, loads=loads) for run in usable)
         yield PruneSession(PruneReport(plans, dry_run, None, tuple(refused)), tuple(notes))

@@ -26,6 +26,8 @@ class CheckpointRef:
     checkpoint_id: int | None = None
     checksum: str | tuple[str, ...] | None = None
     run_dir: Path | None = None
+    #: Bytes of the full state it restores, from its record (format 2: more than the file); None without one.
+    state_bytes: int | None = None
 
 
 def single_run(path: str | os.PathLike) -> Path:
@@ -62,7 +64,8 @@ def _ref_in_run(run_dir: Path, which: str | None) -> CheckpointRef:
             raise NotFoundError(f"{run_dir}: has no best model")
         # during a replace (or after a crash in one) the file may match either record
         checksums = record.checksums() if record else None
-        return CheckpointRef(path, f"{run_dir.name} best", best.source_id if best else None, checksums, run_dir)
+        state = best.full_bytes if best else None
+        return CheckpointRef(path, f"{run_dir.name} best", best.source_id if best else None, checksums, run_dir, state)
     if which is None:
         ids = set(entries) | set(files)
         if not ids:
@@ -75,7 +78,8 @@ def _ref_in_run(run_dir: Path, which: str | None) -> CheckpointRef:
             raise NotFoundError(f"{which!r} is not a checkpoint id (a number, or 'best')") from None
     if checkpoint_id in entries:
         entry = entries[checkpoint_id]
-        return CheckpointRef(resolve_inside(run_dir, entry.path), f"{run_dir.name} #{checkpoint_id}", checkpoint_id, entry.checksum, run_dir)
+        path = resolve_inside(run_dir, entry.path)
+        return CheckpointRef(path, f"{run_dir.name} #{checkpoint_id}", checkpoint_id, entry.checksum, run_dir, entry.full_bytes)
     if checkpoint_id in files:
         return CheckpointRef(files[checkpoint_id], f"{run_dir.name} #{checkpoint_id}", checkpoint_id, None, run_dir)
     known = sorted(set(entries) | set(files))
