@@ -549,6 +549,43 @@ def diff_command(
     out.finish(diff_checkpoints(ref_a, ref_b, atol=atol, ignore_rng=ignore_rng), lambda report: render.render_diff(report, show_all=show_all))
 
 
+# --------------------------------------------------------------------------- export
+
+
+@app.command("export")
+def export_command(
+    source: str = typer.Argument(..., metavar="RUN[:ID|:best]", help="A run (its newest checkpoint), RUN:ID, RUN:best, or a checkpoint file."),
+    out: Path = typer.Argument(..., metavar="OUT", help="The file to write; its folder must exist."),
+    safetensors: bool = typer.Option(False, "--safetensors", help="Write the model weights only (components that are flat name -> tensor state dicts, keys COMPONENT.NAME) as a safetensors file."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    json_out: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+) -> None:
+    """Write one checkpoint as a standalone file, whatever the run's format (shared tensors included).
+
+    The file loads anywhere with torch.load(OUT, map_location="cpu", weights_only=True) and
+    holds the full payload: format_version, epoch, batch, global_step, metrics, rng and one
+    entry per component. With --safetensors it holds the model weights only. The checkpoint
+    is verified first (a damaged one is refused, exit 1); OUT is written crash-safely
+    (temporary name, fsync, rename). An existing OUT is refused without --force (exit 1);
+    a missing run, id or folder of OUT is a usage error (exit 2).
+
+    \b
+    Example:
+        ckptctl export runs/my_run model.pt              # the newest checkpoint
+        ckptctl export runs/my_run:best best.safetensors --safetensors
+        ckptctl export runs/my_run:12 step12.pt --force --json
+    """
+    from ckptctl import render
+    from ckptctl.storage.select import select_checkpoint
+
+    out_ = Output.from_flags(json_out, quiet)
+    ref = select_checkpoint(*split_ref(source))
+    from ckptctl.export import export_checkpoint
+
+    out_.finish(export_checkpoint(ref, out, safetensors=safetensors, force=force), render.render_export)
+
+
 # --------------------------------------------------------------------------- bench
 
 BENCH_SECTIONS = ("save", "verify", "restore", "cli", "resume", "dedup")

@@ -483,6 +483,20 @@ def render_backup(report: Any) -> None:
             )
 
 
+# --------------------------------------------------------------------------- export
+
+
+def render_export(report: Any) -> None:
+    """``export`` (a :class:`~ckptctl.export.ExportReport`): what was written where, in one line, and what was left out."""
+    what = "model weights" if report.format == "safetensors" else "full checkpoint"
+    console().print(
+        f"Exported {report.label} ({what}: {report.tensors} tensors of {', '.join(report.components)}) "
+        f"to {report.out}, {size(report.size_bytes)}"
+    )
+    if report.left_out:
+        info(f"left out (not model weights): {', '.join(report.left_out)}")
+
+
 # --------------------------------------------------------------------------- bench
 
 _BENCH_TIMES = [
