@@ -15,6 +15,7 @@ from ckptctl.cli import app
 from ckptctl.completions_gen import FILES, completion_script
 from tests.cli_helpers import REPO, ckptctl_cmd, invoke, modules_imported_by, run_cli
 from tests.damage import flip_byte
+from tests.format_helpers import stored_packs
 from tests.runs import ckpt, write_run
 
 COMMANDS = sorted(c.name for c in app.registered_commands)
@@ -44,7 +45,7 @@ def _without_torch(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_expected_commands():
-    assert COMMANDS == sorted(["ls", "verify", "show", "resume-info", "prune", "promote", "restore", "backup", "diff", "bench"])
+    assert COMMANDS == sorted(["ls", "verify", "show", "resume-info", "prune", "promote", "restore", "backup", "diff", "export", "bench"])
 
 
 def test_help_and_ls_do_not_import_torch(tmp_path):
@@ -257,8 +258,8 @@ def test_verify_on_a_terminal_draws_progress_and_still_reports(tmp_path):
     code, out = _in_pty(["verify"], b"", tmp_path)
     assert code == 0, out
     assert "All good: 3 ok" in out
-    # the bar (rich, on the terminal's stderr): its description, then all the bytes of the 3 files hashed
-    total = sum(p.stat().st_size for p in [ckpt(run, 0), ckpt(run, 1), run / "best_model.pt"])
+    # the bar (rich, on the terminal's stderr): its description, then all the bytes of the 3 files and their packs hashed
+    total = sum(p.stat().st_size for p in [ckpt(run, 0), ckpt(run, 1), run / "best_model.pt"]) + sum(stored_packs(run).values())
     bars = re.findall(r"\x1b\[2K(\S*)verifying .*?([\d.]+)/([\d.]+) kB", out)
     assert bars and bars[-1] == ("", f"{total / 1000:.1f}", f"{total / 1000:.1f}"), repr(out[:2000])
     code, plain = _in_pty(["verify", "--json"], b"", tmp_path)  # no bar in JSON mode
@@ -267,5 +268,5 @@ def test_verify_on_a_terminal_draws_progress_and_still_reports(tmp_path):
 
 def test_layers_import_only_what_they_may():
     """Storage modules the CLI added import neither torch nor the CLI libraries; render imports no torch."""
-    storage = ["ckptctl.storage.listing", "ckptctl.storage.plans", "ckptctl.storage.restore", "ckptctl.storage.select", "ckptctl.core.units"]
+    storage = ["ckptctl.storage.listing", "ckptctl.storage.plans", "ckptctl.storage.collect", "ckptctl.storage.restore", "ckptctl.storage.select", "ckptctl.core.units"]
     assert modules_imported_by(storage, ("torch", "typer", "rich", "humanize"), ["ckptctl.render"]) == ([], False)

@@ -7,6 +7,7 @@ import json
 import os
 
 from tests.cli_helpers import invoke
+from tests.format_helpers import disk_bytes
 from tests.runs import checksum, ckpt, index_of, write_index, write_run
 
 
@@ -33,20 +34,20 @@ def test_ls_json_shape_and_raw_numbers(tmp_path):
     # the shape the README documents (Output formats), exactly
     assert set(r) == {"name", "path", "total_bytes", "indexed", "locked", "status", "checkpoints", "best", "problems", "drive"}
     assert r["name"] == "run_a" and r["path"] == "runs/run_a"
-    sizes = [os.path.getsize(ckpt(run, i)) for i in range(3)]
-    assert [c["size_bytes"] for c in r["checkpoints"]] == sizes
-    assert r["total_bytes"] == sum(sizes) + os.path.getsize(run / "best_model.pt")
+    # bytes (format 2, see test_cli_format2.py): the full state of each, the unique bytes of the run
+    assert [c["size_bytes"] for c in r["checkpoints"]] == [e["state_bytes"] for e in index_of(run)["checkpoints"]]
+    assert r["total_bytes"] == disk_bytes(run)
     for c in r["checkpoints"]:
-        assert set(c) == {"id", "epoch", "batch", "global_step", "metrics", "size_bytes", "timestamp", "path", "checksum",
-                          "pinned", "mirrored", "indexed", "present", "latest", "best_source"}
+        assert set(c) == {"id", "epoch", "batch", "global_step", "metrics", "size_bytes", "new_bytes", "timestamp", "path",
+                          "checksum", "pinned", "mirrored", "indexed", "present", "latest", "best_source"}
         assert isinstance(c["size_bytes"], int)
         assert dt.datetime.fromisoformat(c["timestamp"]).utcoffset() == dt.timedelta(0)
         assert c["checksum"] == checksum(ckpt(run, c["id"]))
         assert os.path.isfile(c["path"])
     assert [c["latest"] for c in r["checkpoints"]] == [False, False, True]
-    assert set(r["best"]) == {"source_id", "epoch", "batch", "metrics", "size_bytes", "path", "metric", "value",
+    assert set(r["best"]) == {"source_id", "epoch", "batch", "metrics", "size_bytes", "new_bytes", "path", "metric", "value",
                               "promoted_by_hand", "present"}
-    assert r["best"]["source_id"] == 2 and r["best"]["size_bytes"] == os.path.getsize(run / "best_model.pt")
+    assert r["best"]["source_id"] == 2 and r["best"]["new_bytes"] == os.path.getsize(run / "best_model.pt")
 
 
 def test_ls_one_run_directory_and_drive_root_alike(tmp_path):
@@ -121,7 +122,7 @@ def test_ls_hostile_index_entry_is_reported_not_followed(tmp_path):
     assert [c["id"] for c in r["checkpoints"]] == [0, 1]
     assert "index entry 7 skipped" in result.stderr
     # the 1234 bytes outside are not counted
-    assert r["total_bytes"] == sum(c["size_bytes"] for c in r["checkpoints"]) + os.path.getsize(run / "best_model.pt")
+    assert r["total_bytes"] == disk_bytes(run)
 
 
 def test_ls_missing_checkpoint_file_is_marked(make_run):
