@@ -11,12 +11,13 @@ import torch
 
 from ckptctl import ModelPersistence
 from ckptctl.bench_dedup import FrozenBase, FrozenComponent, goal_bytes
-from ckptctl.core.format import BEST_METADATA_FILE, BEST_MODEL_FILE, INDEX_FILE
+from ckptctl.core.format import BEST_METADATA_FILE, INDEX_FILE
 from ckptctl.ops import verify_runs
 from ckptctl.storage.objects import stored_pack_names
 from ckptctl.tensors import compare_states
 from ckptctl.torch_io import safe_load
 
+from .format_helpers import to_format1
 from .runs import fresh_components, write_run
 
 def disk_bytes(run) -> int:
@@ -79,38 +80,9 @@ def test_the_best_model_holds_the_components_of_the_saves_whatever_the_timing(tm
     assert torch.equal(fresh_agent.weight, agent.weight) and torch.equal(fresh_qwen.weight, qwen.weight)
 
 
-def to_format_1(run) -> None:
-    """Rewrite a run as ckptctl's format 1 wrote it: whole payloads in every file, no packs, no ``objects``."""
-    from ckptctl.storage.atomic import hash_file
-
-    index = json.loads((run / INDEX_FILE).read_text())
-    for entry in index["checkpoints"]:
-        _full_file(run / entry["path"])
-        entry["size_bytes"], entry["checksum"] = hash_file(run / entry["path"])
-        entry.pop("objects", None), entry.pop("state_bytes", None)
-    index["format_version"] = 1
-    (run / INDEX_FILE).write_text(json.dumps(index))
-    if (run / BEST_MODEL_FILE).exists():
-        _full_file(run / BEST_MODEL_FILE)
-        best = json.loads((run / BEST_METADATA_FILE).read_text())
-        best["size_bytes"], best["checksum"] = hash_file(run / BEST_MODEL_FILE)
-        best.pop("objects", None), best.pop("state_bytes", None)
-        best["format_version"] = 1
-        (run / BEST_METADATA_FILE).write_text(json.dumps(best))
-    for pack in (run / "objects").iterdir():
-        pack.unlink()
-    (run / "objects").rmdir()
-
-
-def _full_file(path) -> None:
-    payload = safe_load(path)
-    payload["format_version"] = 1
-    torch.save(payload, path)
-
-
 def test_a_format_1_run_resumes_verifies_and_takes_new_saves_next_to_its_old_files(tmp_path):
     run = write_run(tmp_path, "old", n=3, keep=3)
-    to_format_1(run)
+    to_format1(run)
     assert not (run / "objects").exists()
     assert all(r.status == "ok" for r in verify_runs([run]))
     components = fresh_components()
