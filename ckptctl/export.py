@@ -7,8 +7,9 @@ with ``torch.load(OUT, map_location="cpu", weights_only=True)``: ``format_versio
 no reference to a pack. ``--safetensors`` writes the model weights only, as a safetensors
 file. The checkpoint is verified first (checksum, its packs, a safe load); the file is
 written crash-safely (a temporary name, fsync, rename), so ``OUT`` is either the old file
-or the whole new one. Loading the tensors takes memory once (the packs are memory-mapped,
-each tensor is copied out of them once).
+or the whole new one. The tensors are read memory-mapped; a tensor that is a view of a
+larger storage is copied out first (so no more than its own bytes are written), and
+``--safetensors`` copies the weights into memory once (safetensors' writer needs bytes).
 """
 
 from __future__ import annotations
