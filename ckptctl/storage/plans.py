@@ -418,9 +418,9 @@ def open_prune(
 
     Not a dry run: each run's lock is taken first (a run a trainer holds is refused: an
     ``"error"`` note, left out of the plan), and what an interrupted prune left behind its
-    tombstones is deleted, then the tensor packs nothing references (``"info"`` notes). A dry run takes no lock and only warns
-    when a trainer holds a run. ``loads`` is the safe trial load for runs without
-    checksums (see :func:`plan_prune`).
+    tombstones is deleted, then the tensor packs nothing references (``"info"`` notes). A
+    dry run takes no lock and only warns when a trainer holds a run. ``loads`` is the safe
+    trial load for runs without checksums (see :func:`plan_prune`).
     """
     notes: list[PruneNote] = []
     refused: list[str] = []
