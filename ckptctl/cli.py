@@ -554,7 +554,7 @@ def diff_command(
 
 @app.command("export")
 def export_command(
-    source: str = typer.Argument(..., metavar="RUN[:ID|:best]", help="A run (its newest checkpoint), RUN:ID, RUN:best, or a checkpoint file."),
+    source: str = typer.Argument(..., metavar="RUN[:ID|:best]", help="A run (its newest checkpoint), RUN:ID, RUN:best, or a checkpoint file.", autocompletion=complete_run_paths),
     out: Path = typer.Argument(..., metavar="OUT", help="The file to write; its folder must exist."),
     safetensors: bool = typer.Option(False, "--safetensors", help="Write the model weights only (components that are flat name -> tensor state dicts, keys COMPONENT.NAME) as a safetensors file."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
