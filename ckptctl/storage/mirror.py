@@ -747,7 +747,8 @@ class _Sync:
         try:
             placed = self.place(_BEST_KEY, size, "best", copy)
         except (CheckpointIntegrityError, FileNotFoundError) as exc:
-            if isinstance(exc, FileNotFoundError) and self._missing_source([src, *(self.pack_paths(n)[0] for n in best.objects)]) is None:
+            sources = [src, *(self.pack_paths(name)[0] for name in best.objects)]
+            if isinstance(exc, FileNotFoundError) and self._missing_source(sources) is None:
                 raise
             # The trainer may replace best_model.pt during the copy (which then fails its
             # checksum); it asks for another sync once its replace is settled. A damaged local
@@ -843,12 +844,15 @@ def sync_run(
 
     Order: the newest local checkpoint, the best model, then older checkpoints newest to
     oldest as the budget allows; then the logs. The budget counts every file under
-    ``mirror_run`` plus the copy in flight (and a little room for the index). To make room
+    ``mirror_run`` (so each pack once, however many checkpoints share it) plus what the
+    copy in flight uploads (and a little room for the index). To make room
     the mirror frees, lowest priority first: copies of checkpoints local retention removed
     (ids in the local index's ``retired``), then copies of ids the local run does not list,
     then older kept ones (oldest first in each group), the best model's copy last; never
     the newest verified checkpoint copy, and never a copy of higher priority than the
-    item being placed. A full Drive (ENOSPC/EDQUOT) is handled the same way. An item that
+    item being placed. Packs nothing on the mirror references (a cut sync's) go first; a
+    freed copy's packs go with it unless another copy or the best model there references
+    them. A full Drive (ENOSPC/EDQUOT) is handled the same way. An item that
     cannot fit is left out (``report.not_mirrored``; for the newest, ``report.too_big``),
     a damaged local checkpoint is skipped (``report.damaged``), and the rest goes on.
 
@@ -916,8 +920,8 @@ def write_mirror_status(
     """Write ``<run>/mirror_status.json`` atomically (raw numbers) and return what was written.
 
     With a report: where the mirror stands after that sync (``last_error`` = ``error``,
-    normally None; ``uploaded_bytes``: what that sync uploaded). Without one (a failed attempt): the previous numbers are kept and
-    ``last_error`` is set.
+    normally None; ``uploaded_bytes``: what that sync uploaded). Without one (a failed
+    attempt): the previous numbers are kept and ``last_error`` is set.
     """
     now = utc_now_iso()
     if report is not None:

@@ -422,11 +422,12 @@ class _Restore:
         elif local_good and local_best.timestamp > mirror_best.timestamp and not self.force:
             report.kept_local.append(mirror_best.path)
         else:
-            return [_Copy(mirror_best.path, src, dst, mirror_best.checksum, _size(src), best=mirror_best, objects=dict(mirror_best.objects))]
+            objects = dict(mirror_best.objects)
+            return [_Copy(mirror_best.path, src, dst, mirror_best.checksum, _size(src), best=mirror_best, objects=objects)]
         return []
 
     def copy_all(self, copies: list[_Copy], on_progress: ProgressCallback) -> None:
-        """Copy each file's packs, then the file, checked against their checksums; the index is committed after each checkpoint (a cut restore resumes there)."""
+        """Copy each file's packs, then the file, all checked; the index is committed after each checkpoint (a cut restore resumes there)."""
         packs = {name: size for c in copies for name, size in c.objects.items() if not self.pack_here(name)}
         progress = _Progress(on_progress, sum(c.size for c in copies) + sum(packs.values()))
         for c in copies:
