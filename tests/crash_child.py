@@ -3,6 +3,7 @@
 Runs in a separate process (forked from a forkserver that preloaded torch, so each
 child starts fast). The kill is real: ``os.kill(os.getpid(), SIGKILL)``, right before
 the chosen call would run, so every boundary between the steps of a save is hit.
+:func:`kill_sweep` is the parent side for the CLI: one child per kill point.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import signal
 
 #: The IO steps a save is made of, as the functions the storage layer calls.
 TARGETS = ("os.fsync", "os.replace", "os.unlink", "write")
+#: The IO steps the CLI sweeps (:func:`kill_sweep`) kill before: every rename and every fsync.
+KILL_TARGETS = ("os.replace", "os.fsync")
 #: The model of the run these children save to (conftest's ``base_run``), as ``tests.runs`` options.
 #: The frozen ``encoder`` makes every save share a pack with the ones before it (format 2's deduplication).
 MODEL = {"shape": (16, 16), "optimizer": "sgd", "frozen": 32}
@@ -76,3 +79,22 @@ def cli(args: list[str], target: str, kill_at: int) -> None:
 
     _arm(target, kill_at)
     main(args)
+
+
+def kill_sweep(fork_context, tmp_path, make_case, args_for, check) -> int:
+    """Kill ``ckptctl ARGS`` before its k-th call of each target, for every k; run ``check`` after each kill."""
+    kills = 0
+    for target in KILL_TARGETS:
+        for kill_at in range(1, 200):
+            case = tmp_path / f"{target}-{kill_at}"
+            make_case(case)
+            child = fork_context.Process(target=cli, args=(args_for(case), target, kill_at))
+            child.start()
+            child.join(timeout=120)
+            assert child.exitcode in (0, 1, -signal.SIGKILL), child.exitcode
+            check(case)
+            if child.exitcode != -signal.SIGKILL:
+                break  # k passed the number of such calls: every boundary was covered
+            kills += 1
+    print(f"{args_for(tmp_path)[0]}: {kills} kills")
+    return kills

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 
 import pytest
 import torch
@@ -26,33 +25,12 @@ from ckptctl.storage.scan import read_best, read_best_record
 
 from . import crash_child
 
-KILL_TARGETS = ("os.replace", "os.fsync")
-
 
 def _info(checksum: str, source_id: int | None = 1, size: int = 10) -> BestInfo:
     return BestInfo.of_model(
         source_id=source_id, epoch=0, batch=source_id or 0, global_step=1, metrics={"acc": 0.5},
         timestamp="2026-01-01T00:00:00Z", size_bytes=size, checksum=checksum, metric="acc", mode="max",
     )
-
-
-def _kill_sweep(fork_context, tmp_path, make_case, args_for, check) -> int:
-    """Kill ``ckptctl ARGS`` before its k-th call of each target, for every k; run ``check`` after each kill."""
-    kills = 0
-    for target in KILL_TARGETS:
-        for kill_at in range(1, 200):
-            case = tmp_path / f"{target}-{kill_at}"
-            make_case(case)
-            child = fork_context.Process(target=crash_child.cli, args=(args_for(case), target, kill_at))
-            child.start()
-            child.join(timeout=120)
-            assert child.exitcode in (0, 1, -signal.SIGKILL), child.exitcode
-            check(case)
-            if child.exitcode != -signal.SIGKILL:
-                break  # k passed the number of such calls: every boundary was covered
-            kills += 1
-    print(f"{args_for(tmp_path)[0]}: {kills} kills")
-    return kills
 
 
 def _assert_verifies(run, *, best_only: bool = False) -> None:
@@ -90,7 +68,7 @@ def test_backup_killed_anywhere_leaves_a_mirror_best_that_verifies(mirror_has_be
         if mirror_run.exists():
             _assert_verifies(mirror_run, best_only=True)
 
-    kills = _kill_sweep(
+    kills = crash_child.kill_sweep(
         fork_context, tmp_path, make_case, lambda case: ["backup", str(case / "local" / "run"), "--drive", str(case / "drive")], check
     )
     assert kills >= 4
@@ -110,7 +88,7 @@ def test_promote_killed_anywhere_leaves_a_best_that_verifies_and_settles_on_open
         assert hash_file(run / "best_model.pt")[1] == record.current.checksum
         assert record.current.source_id in (1, 2)  # the old best (from 2) or the promoted checkpoint 1
 
-    kills = _kill_sweep(fork_context, tmp_path, make_case, lambda case: ["promote", str(case / "run"), "1"], check)
+    kills = crash_child.kill_sweep(fork_context, tmp_path, make_case, lambda case: ["promote", str(case / "run"), "1"], check)
     assert kills >= 3
 
 

@@ -64,7 +64,7 @@ CHILD = textwrap.dedent(
         "drive_size": st.f_blocks * st.f_frsize,
         "sizes_after_sync": sizes_after_sync,
         "status": json.load(open(os.path.join(run, "mirror_status.json"))),
-        "checkpoint_bytes": read_index(run).latest.size_bytes,
+        "checkpoint_bytes": read_index(run).latest.full_bytes,  # the state it restores (its file is a small skeleton)
     }
 
     shutil.rmtree(run)  # the VM is recycled

@@ -246,7 +246,8 @@ def test_a_mirror_thread_that_outlives_close_never_writes_the_closed_writers_ind
         first = ModelPersistence(run, save_every_n_batches=1, max_checkpoints=10, drive_backup=drive)
         _train(first, rig, range(2))
         first.flush()
-        assert wait_until(lambda: [c.id for c in read_index(drive / "r").checkpoints] == [0, 1])
+        index_file = drive / "r" / "checkpoint_metadata.json"  # written once the first copy (packs, then file) is done
+        assert wait_until(lambda: index_file.is_file() and [c.id for c in read_index(drive / "r").checkpoints] == [0, 1])
         subprocess.run(["fsfreeze", "-f", str(drive)], check=True)
         frozen = True
         first.maybe_save(0, 2, {"loss": 0.3}, **rig.components())  # its copy to Drive hangs

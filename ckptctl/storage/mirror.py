@@ -16,6 +16,15 @@ from the mirror index (durably), then truncated to zero bytes, then unlinked; ev
 the mirror replaces (a re-copied checkpoint, ``best_model.pt``, the JSON files, logs) is
 held open across the rename and truncated through that handle afterwards. A crash
 between the steps leaves an unindexed file that the next sync removes.
+
+Format 2 (tensor packs, :mod:`ckptctl.core.objects`): the unit copied is the stored object.
+For each checkpoint (and the best model) the packs it lists that the mirror does not hold
+verified yet are copied first (checked by their names), then its skeleton, then the
+mirror's index. A pack is verified on the mirror when the mirror's own committed index or
+best record references it (and it has its size there), or when this sync copied it or read
+it back; it is never uploaded again, so a save uploads only what changed. A pack is deleted
+(truncated, then unlinked) only after the mirror's index and best record that stopped
+referencing it are durable.
 """
 
 from __future__ import annotations
@@ -42,7 +51,8 @@ from ckptctl.core.format import (
     checkpoint_relpath,
     utc_now_iso,
 )
-from ckptctl.core.manifest import CheckpointEntry, Index, mirrored_record
+from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index, mirrored_record
+from ckptctl.core.objects import pack_checksum, pack_relpath, referenced_packs
 from ckptctl.core.units import parse_size
 from ckptctl.errors import CheckpointIntegrityError, CkptctlError, CorruptIndexError, UnsafePathError
 from ckptctl.storage.atomic import (
@@ -56,7 +66,8 @@ from ckptctl.storage.atomic import (
     remove_file,
     resolve_inside,
 )
-from ckptctl.storage.runfiles import checkpoint_file_for_deletion, replace_best, settle, settled_best
+from ckptctl.storage.objects import objects_dir, stored_pack_names
+from ckptctl.storage.runfiles import best_records, checkpoint_file_for_deletion, replace_best, settle, settled_best
 from ckptctl.storage.scan import checkpoint_files_on_disk, is_run_dir, mtime_iso, read_best_record, read_index, read_json_file
 
 log = logging.getLogger("ckptctl.mirror")
@@ -97,8 +108,10 @@ class SyncReport:
     in the local index. Ids, bytes and times are raw values.
     """
 
+    #: Checkpoint files and ``best_model.pt`` copied (run-relative), and their bytes (packs: ``objects_*``).
     copied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    #: Files removed from the mirror (checkpoint copies, the best model, packs nothing references).
     deleted: list[str] = field(default_factory=list)
     bytes_copied: int = 0
     mirrored: dict[int, dict] = field(default_factory=dict)
@@ -119,6 +132,14 @@ class SyncReport:
     too_big: str | None = None
     #: Local entries that could not be copied: ``{"id", "path", "reason"}``.
     damaged: list[dict] = field(default_factory=list)
+    #: Tensor packs (``objects/<name>.safetensors``) uploaded by this sync, and their bytes.
+    objects_copied: list[str] = field(default_factory=list)
+    objects_bytes: int = 0
+
+    @property
+    def uploaded_bytes(self) -> int:
+        """Every byte this sync uploaded: checkpoint files, the best model and packs (a save's new data only)."""
+        return self.bytes_copied + self.objects_bytes
 
 
 # --------------------------------------------------------------------------- small file helpers
@@ -339,8 +360,12 @@ class _Sync:
         # from) may be copying into it. Only temporaries idle long enough are leftovers.
         cleanup_temporaries(mirror_run, idle_for=STALE_TEMPORARY_SECONDS)
         cleanup_temporaries(mirror_run / CHECKPOINT_DIR, idle_for=STALE_TEMPORARY_SECONDS)
+        cleanup_temporaries(objects_dir(mirror_run), idle_for=STALE_TEMPORARY_SECONDS)
         self.mirror_index = _read_mirror_index(mirror_run, self.local_index.run_name)
         self.verified: dict[int, CheckpointEntry] = dict(self.mirror_index.by_id())
+        self.durable: list[CheckpointEntry] = list(self.mirror_index.checkpoints)  # what the mirror's index file lists
+        self.packs_ok: set[str] = set()  # packs verified on the mirror (see the module docstring)
+        self.placing: set[str] = set()  # packs of the item being copied: never collected meanwhile
         self.verified_at: dict[int, str] = {}
         self.no_room_from: int | None = None  # after a full Drive with nothing to free: sizes >= this are skipped
         self.best_stuck = False  # the mirror's best model could not be removed (not a plain file we may write)
@@ -357,6 +382,7 @@ class _Sync:
         next_id = max(self.local_index.next_id, self.mirror_index.next_id)
         self.mirror_index = replace(self.mirror_index, next_id=next_id).with_entries(list(self.verified.values()))
         _write_json(self.mirror_run / INDEX_FILE, self.mirror_index.to_dict())
+        self.durable = list(self.mirror_index.checkpoints)
 
     def newest_verified(self) -> int | None:
         return max(self.verified) if self.verified else None
@@ -378,8 +404,11 @@ class _Sync:
     def free_one(self, below: tuple[int, int] | None, own: int | str | None = None) -> bool:
         """Free the lowest-priority copy whose key is below ``below`` (None: any); the item's own old copy last.
 
-        The newest verified checkpoint copy is never freed. Returns False when nothing may go.
+        Packs nothing references (a cut sync's) go before any copy. The newest verified
+        checkpoint copy is never freed. Returns False when nothing may go.
         """
+        if self.collect_packs():
+            return True
         protect = self.newest_verified()
         candidates: list[tuple[tuple[int, int], object]] = [
             (self.key(i), i) for i in self.verified if i != protect and i != own
@@ -431,6 +460,7 @@ class _Sync:
             self.report.deleted.append(entry.path)
         if checkpoint_id not in self.report.deleted_ids:
             self.report.deleted_ids.append(checkpoint_id)
+        self.collect_packs()
 
     def delete_best(self) -> None:
         """Drop the mirror's best model: its metadata first, then the truncated file."""
@@ -440,6 +470,7 @@ class _Sync:
             self.report.deleted.append(BEST_MODEL_FILE)
         else:
             self.best_stuck = True
+        self.collect_packs()
 
     def place(self, key: tuple[int, int], size: int, own: int | str | None, copy: Callable[[], None]) -> bool:
         """Make room for ``size`` bytes (budget first, then a full Drive) and run ``copy``; False if it cannot fit."""
@@ -470,19 +501,88 @@ class _Sync:
                 if not _is_no_space(exc) or not self.free_one(key):
                     raise
 
+    # ---------------------------------------------------------------- packs
+
+    def pack_paths(self, name: str) -> tuple[Path, Path]:
+        """The local and the mirror path of pack ``name``."""
+        relpath = pack_relpath(name)
+        return self.local_run / relpath, self.mirror_run / relpath
+
+    def pack_on_mirror(self, name: str, size: int) -> bool:
+        """True if pack ``name`` is verified on the mirror; one there unverified (a cut sync's) is read back and adopted."""
+        if name in self.packs_ok:
+            return True
+        dst = self.pack_paths(name)[1]
+        if _size_or_none(dst) == size and self._matches(dst, pack_checksum(name)):
+            self.packs_ok.add(name)
+            return True
+        return False
+
+    def new_pack_bytes(self, record: CheckpointEntry | BestInfo) -> int:
+        """Bytes of the packs ``record`` lists that the mirror does not hold verified: what its copy uploads besides the file."""
+        return sum(size for name, size in record.objects.items() if not self.pack_on_mirror(name, size))
+
+    def copy_packs(self, record: CheckpointEntry | BestInfo) -> None:
+        """Copy the packs ``record`` lists that the mirror lacks, each checked by its name (before the file that lists them)."""
+        for name in record.objects:
+            if name in self.packs_ok:
+                continue
+            src, dst = self.pack_paths(name)
+            dst.parent.mkdir(exist_ok=True)
+            size = _copy_verified(src, dst, pack_checksum(name), self.on_progress)
+            self.packs_ok.add(name)
+            self.report.objects_copied.append(pack_relpath(name))
+            self.report.objects_bytes += size
+
+    @contextlib.contextmanager
+    def placing_packs(self, record: CheckpointEntry | BestInfo) -> Iterator[None]:
+        """While ``record`` is copied and indexed: its packs are kept by :meth:`collect_packs`."""
+        self.placing = set(record.objects)
+        try:
+            yield
+        finally:
+            self.placing = set()
+
+    def collect_packs(self) -> bool:
+        """Delete (truncate, unlink) the mirror's packs that its durable index and best record do not reference; True if any went.
+
+        Nothing is deleted while the mirror's best metadata is unreadable (its packs are
+        unknown; the next best-model copy rewrites it).
+        """
+        try:
+            best = best_records(read_best_record(self.mirror_run))
+        except (CorruptIndexError, UnsafePathError):
+            return False
+        live = set(referenced_packs([*self.durable, *self.verified.values(), *best])) | self.placing
+        deleted = False
+        for name in sorted(set(stored_pack_names(self.mirror_run)) - live):
+            self.packs_ok.discard(name)
+            local, path = self.pack_paths(name)
+            if _truncate_and_unlink(path, keep_if_same_as=local):
+                self.report.deleted.append(pack_relpath(name))
+                deleted = True
+        return deleted
+
+    def _missing_source(self, sources: list[Path]) -> Path | None:
+        """The first of ``sources`` (local files of one copy) that is gone; None when all are there (the mirror side failed)."""
+        return next((path for path in sources if not path.exists()), None)
+
     # ---------------------------------------------------------------- steps
 
     def reconcile(self) -> None:
         """Make the mirror index match its files, and deal with files it does not list (crash leftovers)."""
         changed = False
+        stored = stored_pack_names(self.mirror_run)
         for checkpoint_id, entry in list(self.verified.items()):
             try:
                 size = _size_or_none(resolve_inside(self.mirror_run, entry.path))
             except UnsafePathError:
                 size = None
-            if size != entry.size_bytes:  # gone or truncated since it was verified: not a verified copy
+            packs_there = all(stored.get(name) == n for name, n in entry.objects.items())
+            if size != entry.size_bytes or not packs_there:  # gone or truncated since it was verified: not a verified copy
                 del self.verified[checkpoint_id]
                 changed = True
+        self.packs_ok = self._committed_packs(stored)
         for checkpoint_id, path in sorted(checkpoint_files_on_disk(self.mirror_run).items()):
             entry = self.verified.get(checkpoint_id)
             if entry is not None and entry.path == f"{CHECKPOINT_DIR}/{path.name}":
@@ -492,7 +592,7 @@ class _Sync:
             if size == 0 or (checkpoint_id in self.retired and entry is None):
                 _truncate_and_unlink(path)
             elif mine is not None and entry is None:
-                if size == mine.size_bytes and self._matches(path, mine.checksum):
+                if size == mine.size_bytes and self._matches(path, mine.checksum) and self.new_pack_bytes(mine) == 0:
                     self.verified[checkpoint_id] = replace(mine, mirrored=None)  # adopted: no re-upload
                     self.verified_at[checkpoint_id] = mtime_iso(path) or utc_now_iso()
                     changed = True
@@ -501,6 +601,15 @@ class _Sync:
             # anything else is not ours to delete (its bytes still count against the budget)
         if changed:
             self.write_index_making_room((_NEWEST, 0))
+
+    def _committed_packs(self, stored: dict[str, int]) -> set[str]:
+        """Packs the mirror's index or best record references that are there with their size: verified when copied."""
+        try:
+            best = best_records(read_best_record(self.mirror_run))
+        except (CorruptIndexError, UnsafePathError):
+            best = []
+        referenced = referenced_packs([*self.verified.values(), *best])
+        return {name for name, size in referenced.items() if stored.get(name) == size}
 
     @staticmethod
     def _matches(path: Path, checksum: str) -> bool:
@@ -524,11 +633,17 @@ class _Sync:
             return
         size = _size_or_none(src)
         if size is None:
-            self._missing(entry)
+            self._missing(entry, entry.path)
             return
+        with self.placing_packs(entry):
+            self._place_checkpoint(entry, src, dst, size + self.new_pack_bytes(entry))
+
+    def _place_checkpoint(self, entry: CheckpointEntry, src: Path, dst: Path, size: int) -> None:
+        """Copy checkpoint ``entry`` (its new packs, then its file; ``size`` bytes to upload), then list it in the mirror's index."""
         copied: list[int] = []
 
         def copy() -> None:
+            self.copy_packs(entry)
             copied.append(_copy_verified(src, dst, entry.checksum, self.on_progress))
 
         key = self.key(entry.id)
@@ -538,9 +653,10 @@ class _Sync:
             self._damaged(entry, str(exc))
             return
         except FileNotFoundError:
-            if src.exists():
+            gone = self._missing_source([src, *(self.pack_paths(name)[0] for name in entry.objects)])
+            if gone is None:
                 raise  # the mirror side failed
-            self._missing(entry)
+            self._missing(entry, gone.relative_to(self.local_run).as_posix())
             return
         if not placed:
             if entry.id == self.newest_local:
@@ -552,13 +668,14 @@ class _Sync:
         self.verified_at[entry.id] = utc_now_iso()
         self.write_index_making_room(key)
 
-    def _missing(self, entry: CheckpointEntry) -> None:
+    def _missing(self, entry: CheckpointEntry, relpath: str) -> None:
+        """A local file of ``entry`` (``relpath``) is gone: damaged if the local index still lists it, else pruned meanwhile."""
         try:
             still_listed = entry.id in read_index(self.local_run).by_id()
         except (OSError, CorruptIndexError):
             still_listed = True
         if still_listed:
-            self._damaged(entry, f"{entry.path}: file is missing")
+            self._damaged(entry, f"{relpath}: file is missing")
         # else: local retention deleted it since the index was read; nothing to mirror
 
     def _damaged(self, entry: CheckpointEntry, reason: str) -> None:
@@ -601,12 +718,22 @@ class _Sync:
         except UnsafePathError as exc:
             log.warning("not mirroring the best model: %s", exc)
             return
-        if mirror_best is not None and mirror_best.checksum == best.checksum and _size_or_none(dst) == best.size_bytes:
+        if (
+            mirror_best is not None
+            and mirror_best.checksum == best.checksum
+            and _size_or_none(dst) == best.size_bytes
+            and all(name in self.packs_ok for name in best.objects)
+        ):
             self.report.skipped.append(best.path)
             return
         size = _size_or_none(src)
         if size is None:
             return
+        with self.placing_packs(best):
+            self._place_best(best, src, dst, size + self.new_pack_bytes(best))
+
+    def _place_best(self, best: BestInfo, src: Path, dst: Path, size: int) -> None:
+        """Copy the best model (its new packs, then the file and its record in one commit; ``size`` bytes to upload)."""
         copied: list[int] = []
 
         def copy() -> None:
@@ -614,12 +741,14 @@ class _Sync:
                 copied.append(_copy_verified(src, dst, best.checksum, self.on_progress, before_replace=before))
                 return copied[-1], best.checksum
 
+            self.copy_packs(best)
             replace_best(self.mirror_run, write_file, lambda _size, _checksum: best, write_json=_write_best_json)
 
         try:
             placed = self.place(_BEST_KEY, size, "best", copy)
         except (CheckpointIntegrityError, FileNotFoundError) as exc:
-            if isinstance(exc, FileNotFoundError) and src.exists():
+            sources = [src, *(self.pack_paths(name)[0] for name in best.objects)]
+            if isinstance(exc, FileNotFoundError) and self._missing_source(sources) is None:
                 raise
             # The trainer may replace best_model.pt during the copy (which then fails its
             # checksum); it asks for another sync once its replace is settled. A damaged local
@@ -671,6 +800,7 @@ class _Sync:
 
     def finish(self) -> SyncReport:
         self.write_index_making_room((_NEWEST, 0))
+        self.collect_packs()  # packs of copies dropped, of a cut sync, of a replaced best model
         report = self.report
         now = utc_now_iso()
         for checkpoint_id, entry in sorted(self.local.items()):
@@ -714,12 +844,15 @@ def sync_run(
 
     Order: the newest local checkpoint, the best model, then older checkpoints newest to
     oldest as the budget allows; then the logs. The budget counts every file under
-    ``mirror_run`` plus the copy in flight (and a little room for the index). To make room
+    ``mirror_run`` (so each pack once, however many checkpoints share it) plus what the
+    copy in flight uploads (and a little room for the index). To make room
     the mirror frees, lowest priority first: copies of checkpoints local retention removed
     (ids in the local index's ``retired``), then copies of ids the local run does not list,
     then older kept ones (oldest first in each group), the best model's copy last; never
     the newest verified checkpoint copy, and never a copy of higher priority than the
-    item being placed. A full Drive (ENOSPC/EDQUOT) is handled the same way. An item that
+    item being placed. Packs nothing on the mirror references (a cut sync's) go first; a
+    freed copy's packs go with it unless another copy or the best model there references
+    them. A full Drive (ENOSPC/EDQUOT) is handled the same way. An item that
     cannot fit is left out (``report.not_mirrored``; for the newest, ``report.too_big``),
     a damaged local checkpoint is skipped (``report.damaged``), and the rest goes on.
 
@@ -774,7 +907,7 @@ def apply_sync_report(index: Index, report: SyncReport) -> Index:
 
 # --------------------------------------------------------------------------- mirror_status.json
 
-_STATUS_NUMBERS = ("newest_verified_id", "newest_verified_at", "not_mirrored", "used_bytes", "budget_bytes", "too_big")
+_STATUS_NUMBERS = ("newest_verified_id", "newest_verified_at", "not_mirrored", "used_bytes", "budget_bytes", "too_big", "uploaded_bytes")
 
 
 def write_mirror_status(
@@ -787,8 +920,8 @@ def write_mirror_status(
     """Write ``<run>/mirror_status.json`` atomically (raw numbers) and return what was written.
 
     With a report: where the mirror stands after that sync (``last_error`` = ``error``,
-    normally None). Without one (a failed attempt): the previous numbers are kept and
-    ``last_error`` is set.
+    normally None; ``uploaded_bytes``: what that sync uploaded). Without one (a failed
+    attempt): the previous numbers are kept and ``last_error`` is set.
     """
     now = utc_now_iso()
     if report is not None:
@@ -801,6 +934,7 @@ def write_mirror_status(
             "budget_bytes": report.budget_bytes,
             "last_error": error,
             "too_big": report.too_big,
+            "uploaded_bytes": report.uploaded_bytes,
             "updated_at": now,
         }
     else:

@@ -4,7 +4,9 @@ Restore copies a mirror run into ``<dest>/<run_name>`` with the same crash-safe,
 copy the background mirror uses (temporary name, checksum checked in the same pass,
 rename). The local index is committed after every file, so an interrupted restore
 continues where it stopped, and a local checkpoint newer than the mirror's is never
-overwritten unless ``force``. No torch.
+overwritten unless ``force``. A format-2 checkpoint (or best model) has the packs it lists
+copied first, each checked by its name (one already here that verifies is not copied
+again), then its file, then its index entry. No torch.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ckptctl.core.format import (
     utc_now_iso,
 )
 from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index, mirrored_record
+from ckptctl.core.objects import pack_checksum, pack_relpath
 from ckptctl.core.resume import resume_command
 from ckptctl.errors import CheckpointIntegrityError, CkptctlError, CorruptIndexError, NotFoundError, UnsafePathError
 from ckptctl.storage.atomic import (
@@ -38,6 +41,7 @@ from ckptctl.storage.atomic import (
 from ckptctl.storage import legacy
 from ckptctl.storage.lock import RunLock
 from ckptctl.storage.mirror import SyncReport, apply_sync_report, resolve_budget, sync_run, write_mirror_status
+from ckptctl.storage.objects import objects_dir, pack_path
 from ckptctl.storage.runfiles import commit_index, replace_best, set_aside, settle, settled_best
 from ckptctl.storage.scan import checkpoint_files_on_disk, find_runs, newest_of, read_best_record, read_index, read_training_state
 
@@ -74,6 +78,9 @@ class RestoreReport:
     resume_id: int | None = None
     skipped: tuple[dict[str, str], ...] = ()  # {"path", "reason"} of files not restored
     resume_command: str | None = None  # how to continue the run: the trainloop's command or the library call
+    #: Tensor packs copied (``objects/<name>.safetensors``) and their bytes; ``copied``/``bytes_copied`` are the other files.
+    objects_copied: tuple[str, ...] = ()
+    objects_bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -91,6 +98,8 @@ class RestoreReport:
             "kept_local": list(self.kept_local),
             "problems": list(self.problems),
             "bytes_copied": self.bytes_copied,
+            "objects_copied": list(self.objects_copied),
+            "objects_bytes": self.objects_bytes,
             "resume_id": self.resume_id,
             "resume_command": self.resume_command,
         }
@@ -107,6 +116,8 @@ class _RestoreLog:
     bytes_copied: int = 0
     resume_id: int | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)
+    objects_copied: list[str] = field(default_factory=list)
+    objects_bytes: int = 0
 
     def skip(self, relpath: str, reason: str) -> None:
         """Record a mirror file that could not be restored (the rest of the restore goes on)."""
@@ -118,7 +129,7 @@ class _RestoreLog:
         command = resume_command(dest, read_training_state(dest)) if self.resume_id is not None else None
         return RestoreReport(
             source, dest, tuple(self.copied), tuple(self.already), tuple(self.kept_local), tuple(self.problems),
-            self.bytes_copied, self.resume_id, tuple(self.skipped), command,
+            self.bytes_copied, self.resume_id, tuple(self.skipped), command, tuple(self.objects_copied), self.objects_bytes,
         )
 
 
@@ -131,6 +142,24 @@ class _Copy:
     size: int
     entry: CheckpointEntry | None = None
     best: BestInfo | None = None
+    #: The packs the file lists (copied before it): name -> size.
+    objects: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Progress:
+    """One progress bar over a restore's files and packs: each copy reports from where the previous ones ended."""
+
+    callback: ProgressCallback
+    total: int
+    done: int = 0
+
+    def next_file(self, size: int) -> ProgressCallback:
+        """The callback for the next copy, of ``size`` bytes (counted as done afterwards, copied or not)."""
+        base, self.done = self.done, self.done + size
+        if self.callback is None:
+            return None
+        return lambda d, _t: self.callback(min(base + d, self.total), self.total)
 
 
 def _local_ok(path: Path, checksum: str) -> bool:
@@ -207,6 +236,7 @@ def restore_run(
     with contextlib.nullcontext() if lock_held else RunLock(job.dest_run):
         cleanup_temporaries(job.dest_run)
         cleanup_temporaries(job.dest_run / CHECKPOINT_DIR)
+        cleanup_temporaries(objects_dir(job.dest_run))
         job.read_local()
         copies = job.plan_checkpoints() + job.plan_best()
         job.copy_all(copies, on_progress)
@@ -230,6 +260,8 @@ class _Restore:
     local_indexed: bool = True  # the local run has a ckptctl index
     local: dict[int, CheckpointEntry] = field(default_factory=dict)
     guide_best: Any = None
+    local_packs: dict[str, bool] = field(default_factory=dict)  # pack name -> verified here (checked once)
+    bad_packs: dict[str, str] = field(default_factory=dict)  # pack name -> why its copy from the mirror failed
 
     def read_mirror(self, only_id: int | None) -> None:
         """The mirror's index (other code's, or none: its files by name) and which of its checkpoints to restore."""
@@ -301,7 +333,7 @@ class _Restore:
             report.problems.append(f"checkpoint {checkpoint_id}: {m.path} is listed on the mirror but missing")
             return None
         mine = self.local.get(checkpoint_id)
-        if mine is not None and dst.is_file() and _local_ok(dst, mine.checksum):
+        if mine is not None and self.local_good(dst, mine):
             if mine.checksum == m.checksum:
                 report.already.append(m.path)
                 return None
@@ -310,13 +342,52 @@ class _Restore:
                 return None
         elif mine is None and checkpoint_id in local_files and dst.is_file():
             if hash_file(dst)[1] == m.checksum:
-                self.local[checkpoint_id] = m
-                report.already.append(m.path)
-                return None
-            if not self.force:
+                if self.packs_here(m):
+                    self.local[checkpoint_id] = m
+                    report.already.append(m.path)
+                    return None
+                # the same file, its packs not all here: copied below (only the packs missing)
+            elif not self.force:
                 report.kept_local.append(m.path)
                 return None
-        return _Copy(m.path, src, dst, m.checksum, _size(src), entry=m)
+        return _Copy(m.path, src, dst, m.checksum, _size(src), entry=m, objects=dict(m.objects))
+
+    def pack_here(self, name: str) -> bool:
+        """True if pack ``name`` is in the local run with the bytes its name says (hashed once per restore)."""
+        if name not in self.local_packs:
+            self.local_packs[name] = _local_ok(pack_path(self.dest_run, name), pack_checksum(name))
+        return self.local_packs[name]
+
+    def packs_here(self, record: CheckpointEntry | BestInfo) -> bool:
+        """True if every pack ``record`` lists verifies in the local run."""
+        return all(self.pack_here(name) for name in record.objects)
+
+    def local_good(self, path: Path, record: CheckpointEntry | BestInfo) -> bool:
+        """True if the local file ``path`` of ``record`` and every pack it lists verify."""
+        return path.is_file() and _local_ok(path, record.checksum) and self.packs_here(record)
+
+    def copy_packs(self, c: _Copy, progress: _Progress) -> None:
+        """Copy the packs of ``c`` that the local run lacks, each checked by its name; raise CheckpointIntegrityError naming a bad one."""
+        for name, size in c.objects.items():
+            if self.pack_here(name):
+                continue
+            if name in self.bad_packs:  # already failed for another checkpoint: not read from Drive again
+                raise CheckpointIntegrityError(self.bad_packs[name])
+            src, dst = pack_path(self.mirror_run, name), pack_path(self.dest_run, name)
+            dst.parent.mkdir(exist_ok=True)
+            try:
+                copied, _ = atomic_copy(src, dst, expected_checksum=pack_checksum(name), on_progress=progress.next_file(size))
+            except FileNotFoundError:
+                if src.exists():
+                    raise  # the local side failed
+                self.bad_packs[name] = f"shared object {pack_relpath(name)} is listed on the mirror but missing there"
+                raise CheckpointIntegrityError(self.bad_packs[name]) from None
+            except CheckpointIntegrityError as exc:  # damaged on Drive
+                self.bad_packs[name] = f"shared object {pack_relpath(name)}: {exc}"
+                raise CheckpointIntegrityError(self.bad_packs[name]) from None
+            self.local_packs[name] = True
+            self.log.objects_copied.append(pack_relpath(name))
+            self.log.objects_bytes += copied
 
     def plan_best(self) -> list[_Copy]:
         """The best model's copy, if the mirror's is to replace the local one (other code's is copied by name)."""
@@ -343,7 +414,7 @@ class _Restore:
             report.problems.append(f"mirror best model not restored: {exc}")
             return []
         local_best = settled_best(self.dest_run)
-        local_good = local_best is not None and dst.is_file() and _local_ok(dst, local_best.checksum)
+        local_good = local_best is not None and self.local_good(dst, local_best)
         if not src.is_file():
             report.problems.append(f"mirror best model {mirror_best.path} is missing")
         elif local_good and local_best.checksum == mirror_best.checksum:
@@ -351,30 +422,29 @@ class _Restore:
         elif local_good and local_best.timestamp > mirror_best.timestamp and not self.force:
             report.kept_local.append(mirror_best.path)
         else:
-            return [_Copy(mirror_best.path, src, dst, mirror_best.checksum, _size(src), best=mirror_best)]
+            objects = dict(mirror_best.objects)
+            return [_Copy(mirror_best.path, src, dst, mirror_best.checksum, _size(src), best=mirror_best, objects=objects)]
         return []
 
     def copy_all(self, copies: list[_Copy], on_progress: ProgressCallback) -> None:
-        """Copy each file checked against its checksum; the index is committed after each checkpoint (a cut restore resumes there)."""
-        total = sum(c.size for c in copies)
-        done = 0
+        """Copy each file's packs, then the file, all checked; the index is committed after each checkpoint (a cut restore resumes there)."""
+        packs = {name: size for c in copies for name, size in c.objects.items() if not self.pack_here(name)}
+        progress = _Progress(on_progress, sum(c.size for c in copies) + sum(packs.values()))
         for c in copies:
-            base = done
-
-            def progress(d: int, _t: int, base=base) -> None:
-                if on_progress:
-                    on_progress(min(base + d, total), total)
-
             try:
-                size, checksum = _copy_file(c, self.dest_run, progress)
+                self.copy_packs(c, progress)
+            except CheckpointIntegrityError as exc:  # a pack damaged or missing on Drive: the file is not copied
+                progress.next_file(c.size)
+                self.log.skip(c.relpath, str(exc))
+                continue
+            try:
+                size, checksum = _copy_file(c, self.dest_run, progress.next_file(c.size))
             except FileNotFoundError:
                 self.log.skip(c.relpath, "listed on the mirror but missing there")
                 continue
             except CheckpointIntegrityError as exc:  # damaged on Drive: skip it, the others still restore
                 self.log.skip(c.relpath, str(exc))
                 continue
-            finally:
-                done = base + c.size
             self.log.copied.append(c.relpath)
             self.log.bytes_copied += size
             if c.entry is not None:
@@ -464,7 +534,7 @@ class RunBackup:
             "unchanged": rep.skipped, "deleted": rep.deleted, "bytes_copied": rep.bytes_copied,
             "newest_verified_id": rep.newest_verified_id, "not_mirrored": rep.not_mirrored,
             "used_bytes": rep.used_bytes, "budget_bytes": rep.budget_bytes, "too_big": rep.too_big,
-            "damaged": rep.damaged,
+            "damaged": rep.damaged, "objects_copied": rep.objects_copied, "uploaded_bytes": rep.uploaded_bytes,
         }
 
 
