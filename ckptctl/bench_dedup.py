@@ -98,32 +98,26 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _file_states(folder: Path) -> dict[Path, tuple[int, int]]:
-    return {p: (st.st_size, st.st_mtime_ns) for p in folder.rglob("*") if p.is_file() and (st := p.stat())}
+def run_case(run: Path, drive: Path, trainer: Any, saves: int = SAVES) -> dict[str, Any]:
+    """Save ``trainer`` ``saves`` times (K = 5, best by a metric that peaks twice), backing the run up to ``drive`` after each.
 
-
-def run_case(run: Path, mirror: Path, trainer: Any, saves: int = SAVES) -> dict[str, Any]:
-    """Save ``trainer`` ``saves`` times (K = 5, best by a metric that peaks twice), syncing ``mirror`` after each save.
-
-    Returns the bytes on disk, on the mirror, and uploaded by each sync (bytes of files the sync created or rewrote).
+    Each save is one session (open, save, close), then ``ckptctl backup``'s sync, which
+    records in the run what it mirrored (so retention's removals reach the mirror). Returns
+    the bytes on disk, on the mirror, and uploaded by each sync (its ``uploaded_bytes``).
     """
     from ckptctl.persistence import ModelPersistence
-    from ckptctl.storage.mirror import sync_run
+    from ckptctl.storage.restore import backup_run
 
     uploads = []
-    mirror.mkdir(parents=True, exist_ok=True)
-    with ModelPersistence(run, max_checkpoints=KEEP, save_every_n_batches=1, best_metric="score") as p:
-        for step in range(saves):
+    drive.mkdir(parents=True, exist_ok=True)
+    for step in range(saves):
+        with ModelPersistence(run, max_checkpoints=KEEP, save_every_n_batches=1, best_metric="score") as p:
             trainer.step()
             metrics = {"score": float(step % 4)}
-            p.maybe_save(0, step, metrics, **trainer.components())
+            p.maybe_save(0, step, metrics, global_step=step + 1, **trainer.components())
             p.update_best(0, step, metrics, **trainer.components())
-            p.flush()
-            before = _file_states(mirror)
-            sync_run(run, mirror)
-            after = _file_states(mirror)
-            uploads.append(sum(size for path, (size, _) in after.items() if before.get(path) != after[path]))
-    return {"disk_bytes": folder_bytes(run), "mirror_bytes": folder_bytes(mirror), "uploads": uploads}
+        uploads.append(backup_run(run, drive).uploaded_bytes)
+    return {"disk_bytes": folder_bytes(run), "mirror_bytes": folder_bytes(drive / run.name), "uploads": uploads}
 
 
 def bench_dedup(work: Path, step: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
@@ -132,7 +126,7 @@ def bench_dedup(work: Path, step: Optional[Callable[[str], None]] = None) -> dic
     for case, make in (("frozen_component", FrozenComponent), ("frozen_base", FrozenBase)):
         step and step(f"dedup: {SAVES} saves, keep {KEEP} + best, {case.replace('_', ' ')}, mirrored after each")
         trainer = make()
-        measured = run_case(work / "dedup" / case / "run", work / "dedup" / case / "drive" / "run", trainer)
+        measured = run_case(work / "dedup" / case / "run", work / "dedup" / case / "drive", trainer)
         out[f"dedup_{case}_frozen_bytes"] = trainer.frozen_bytes()
         out[f"dedup_{case}_trainable_bytes"] = trainable_bytes(trainer)
         out[f"dedup_{case}_bound_bytes"] = int(goal_bytes(trainer))
