@@ -450,7 +450,9 @@ def render_promote(report: Any) -> None:
 def render_restore(report: Any) -> None:
     """``restore`` (a :class:`~ckptctl.storage.restore.RestoreReport`): what was copied, kept, and where resume starts."""
     out = console()
-    out.print(f"Restored {len(report.copied)} file(s) ({size(report.bytes_copied)}) into {report.dest}; {len(report.already)} already present.")
+    packs = f" and {len(report.objects_copied)} tensor pack(s)" if report.objects_copied else ""
+    copied = size(report.bytes_copied + report.objects_bytes)
+    out.print(f"Restored {len(report.copied)} file(s){packs} ({copied}) into {report.dest}; {len(report.already)} already present.")
     for rel in report.kept_local:
         out.print(f"  kept local {rel}: newer than the mirror's (use --force to overwrite)")
     for problem in report.problems:
@@ -468,7 +470,9 @@ def render_backup(report: Any) -> None:
     for run in report.runs:
         rep = run.sync
         out.print(
-            f"{run.run_dir.name}: copied {len(rep.copied)} file(s) ({size(rep.bytes_copied)}), "
+            f"{run.run_dir.name}: copied {len(rep.copied)} file(s)"
+            + (f" and {len(rep.objects_copied)} tensor pack(s)" if rep.objects_copied else "")
+            + f" ({size(rep.uploaded_bytes)} uploaded), "
             f"{len(rep.skipped)} already on the mirror, {len(rep.deleted)} old removed -> {run.mirror}"
         )
         if not report.budget_given and rep.budget_bytes is not None:
