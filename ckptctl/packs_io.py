@@ -78,44 +78,82 @@ class Deduplicated:
     skeleton: dict[str, Any]
     #: Every pack the skeleton references, name -> size.
     objects: dict[str, int]
-    #: The pack this save wrote (None when the run held every tensor already).
-    new_pack: str | None
+    #: The packs this save wrote (none when the run held every tensor already).
+    new_packs: tuple[str, ...]
     #: Bytes of the tensors the skeleton references (what a load maps).
     tensor_bytes: int
 
 
-def deduplicate(run_dir: str | os.PathLike, payload: Mapping[str, Any], table: PackTable) -> Deduplicated:
-    """Write the tensors of ``payload`` that ``table`` does not know as one pack; return the skeleton and its references.
+#: Payload subtrees whose tensors stay in the skeleton: RNG states are a few kB, new with
+#: every save where they are used, and one that never changes (an RNG the loop never draws
+#: from) would otherwise keep the pack of the save that first stored it for the whole run.
+INLINE_SUBTREES = {("rng",), ("rng_ranks",)}
 
-    ``table`` learns the new pack at once (the caller forgets it if the pack is deleted
-    before a checkpoint references it).
+
+def deduplicate(
+    run_dir: str | os.PathLike, payload: Mapping[str, Any], table: PackTable, stable: frozenset[tuple] = frozenset()
+) -> Deduplicated:
+    """Write the tensors of ``payload`` that ``table`` does not know as packs; return the skeleton and its references.
+
+    ``stable`` holds the paths (``("agent", "base.weight")``) of tensors expected never to
+    change (frozen parameters): new ones go to a pack of their own, so the pack holding the
+    trained state of this save is deleted with the last checkpoint that references it,
+    instead of staying as long as the frozen weights do. ``table`` learns each new pack at
+    once (the caller forgets it if the pack is deleted before a checkpoint references it).
     """
     items: dict[str, tuple[str, tuple[int, ...], memoryview]] = {}
     keys: dict[int, str] = {}
-    for tensor in _packable_tensors(payload):
-        if id(tensor) in keys:
-            continue
-        dtype, shape = _DTYPE_NAMES[tensor.dtype], tuple(tensor.shape)
-        data = _tensor_bytes(tensor)
-        key = tensor_key(dtype, shape, data)
-        keys[id(tensor)] = key
-        items.setdefault(key, (dtype, shape, data))
-    new = [(key, *items[key]) for key in items if key not in table.pack_of]
-    new_pack = None
-    if new:
-        new_pack, size = write_pack(run_dir, new)
-        table.add(new_pack, [key for key, *_ in new], size)
+    stable_keys: set[str] = set()
+    for path, tensor in _packable_tensors(payload):
+        if path[:1] in INLINE_SUBTREES:
+            continue  # stays in the skeleton (see INLINE_SUBTREES)
+        if id(tensor) not in keys:
+            dtype, shape = _DTYPE_NAMES[tensor.dtype], tuple(tensor.shape)
+            data = _tensor_bytes(tensor)
+            keys[id(tensor)] = tensor_key(dtype, shape, data)
+            items.setdefault(keys[id(tensor)], (dtype, shape, data))
+        if path in stable:
+            stable_keys.add(keys[id(tensor)])
+    new = [key for key in items if key not in table.pack_of]
+    new_packs = []
+    for group in ([k for k in new if k in stable_keys], [k for k in new if k not in stable_keys]):
+        if group:
+            name, size = write_pack(run_dir, [(key, *items[key]) for key in group])
+            table.add(name, group, size)
+            new_packs.append(name)
     skeleton = map_nested(payload, lambda value, _: _reference(value, keys, table))
     objects = {table.pack_of[key]: table.size_of[table.pack_of[key]] for key in items}
     skeleton["objects"] = sorted(objects)
     tensor_bytes = sum(len(data) for _, _, data in items.values())
-    return Deduplicated(skeleton, objects, new_pack, tensor_bytes)
+    return Deduplicated(skeleton, objects, tuple(new_packs), tensor_bytes)
 
 
-def _packable_tensors(payload: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    map_nested(payload, lambda value, _: (found.append(value), (True, value))[1] if packable(value) else (False, None))
+def _packable_tensors(payload: Any) -> list[tuple[tuple, torch.Tensor]]:
+    found: list[tuple[tuple, torch.Tensor]] = []
+
+    def visit(value: Any, path: tuple) -> tuple[bool, Any]:
+        if packable(value):
+            found.append((path, value))
+            return True, value
+        return False, None
+
+    map_nested(payload, visit)
     return found
+
+
+def frozen_paths(components: Mapping[str, Any]) -> frozenset[tuple]:
+    """Payload paths of the module components' tensors that may never change: frozen parameters and buffers.
+
+    ``{("agent", "base.weight"), ...}``. A buffer that does change (batch-norm statistics)
+    only goes to a pack of its own each save; one that never does (a constant table) must not
+    sit in the pack of the trained state, which would then live as long as the run.
+    """
+    paths = set()
+    for name, component in components.items():
+        if isinstance(component, torch.nn.Module):
+            paths.update((name, key) for key, param in component.named_parameters() if not param.requires_grad)
+            paths.update((name, key) for key, _ in component.named_buffers())
+    return frozenset(paths)
 
 
 def _reference(value: Any, keys: Mapping[int, str], table: PackTable) -> tuple[bool, Any]:

@@ -40,6 +40,7 @@ from ckptctl.storage.atomic import atomic_write_json, open_regular
 from ckptctl.storage.lock import RunLock
 from ckptctl.storage.mirror import check_mirror_apart
 from ckptctl.storage.restore import RestoreReport
+from ckptctl.packs_io import frozen_paths
 from ckptctl.torch_io import component_states
 
 __all__ = [
@@ -225,7 +226,7 @@ class ModelPersistence:
             self._global_step = int(global_step)
         states = component_states(components)
         self._saved_components = dict(components)  # what a best model holds too (see update_best)
-        return self._saver.save(epoch, batch, self._global_step, metrics, states, extra)
+        return self._saver.save(epoch, batch, self._global_step, metrics, states, extra, frozen_paths(components))
 
     def update_best(
         self,

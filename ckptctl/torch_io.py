@@ -281,17 +281,18 @@ def write_deduplicated(
     *,
     before_replace: BeforeReplace = None,
     on_pack: Callable[[str], None] | None = None,
+    stable: frozenset[tuple] = frozenset(),
 ) -> tuple[int, str, Deduplicated]:
     """Save ``payload`` in format 2: its new tensors as one pack of ``run_dir``, then its skeleton to ``path``.
 
     Returns the skeleton file's ``(size, checksum)`` and what it references. The pack is
     durable before the skeleton is renamed into place, and both before the caller commits
     the index, so a committed checkpoint never references a pack that is not on disk.
-    ``on_pack(name)`` is told the new pack as soon as it is durable.
+    ``on_pack(name)`` is told each new pack as soon as it is durable; ``stable``: see :func:`deduplicate`.
     """
-    dedup = deduplicate(run_dir, payload, table)
-    if dedup.new_pack is not None and on_pack is not None:
-        on_pack(dedup.new_pack)
+    dedup = deduplicate(run_dir, payload, table, stable)
+    for name in dedup.new_packs if on_pack is not None else ():
+        on_pack(name)
     size, checksum = write_checkpoint_file(path, dedup.skeleton, before_replace=before_replace)
     return size, checksum, dedup
 

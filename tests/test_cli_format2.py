@@ -41,7 +41,7 @@ def _pack(run, name):
 
 
 def _shared_pack(run):
-    """The pack every checkpoint and the best model of a write_run run list (the first save's: the unchanged tensors)."""
+    """The pack every checkpoint and the best model of the base run list (the first save's frozen ``encoder``)."""
     (name,) = set.intersection(*(packs_of(run, [i]) for i in _ids(run))) & packs_of(run, [], best=True)
     return name
 
@@ -52,9 +52,9 @@ def _referenced(run):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A format-2 run of 4 checkpoints (keep 10) whose best model is checkpoint 3, and a copy of it in format 1."""
+    """A format-2 run of 4 checkpoints (keep 10) with a frozen component, whose best model is checkpoint 3, and a copy in format 1."""
     parent = tmp_path_factory.mktemp("base")
-    run = write_run(parent, "run2", n=4)
+    run = write_run(parent, "run2", n=4, frozen=64)
     shutil.copytree(run, parent / "run1")
     return run, to_format1(parent / "run1")
 
@@ -319,11 +319,11 @@ def test_export_writes_a_standalone_full_payload(base, tmp_path, fmt, which):
     result = invoke("export", spec, str(out), "--json")
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert doc["format"] == "torch" and doc["size_bytes"] == out.stat().st_size and doc["components"] == ["agent", "optimizer"]
+    assert doc["format"] == "torch" and doc["size_bytes"] == out.stat().st_size and doc["components"] == ["agent", "encoder", "optimizer"]
     shutil.rmtree(run)  # standalone: nothing of the run is needed any more
     data = torch.load(out, map_location="cpu", weights_only=True)
     assert "objects" not in data and data["format_version"] == fmt
-    for key in ("epoch", "batch", "global_step", "metrics", "rng", "agent", "optimizer"):
+    for key in ("epoch", "batch", "global_step", "metrics", "rng", "agent", "encoder", "optimizer"):
         assert key in data, key
     assert (data["epoch"], data["batch"], data["global_step"]) == (expected["epoch"], expected["batch"], expected["global_step"])
     rows = compare_states(expected, data)
@@ -342,7 +342,7 @@ def test_export_safetensors_holds_the_model_weights_only(run2, tmp_path):
     assert "left out (not model weights): optimizer" in result.stderr
     weights = load_file(out)
     agent = safe_load(run2 / "best_model.pt")["agent"]
-    assert sorted(weights) == ["agent.bias", "agent.weight"]
+    assert sorted(weights) == ["agent.bias", "agent.weight", "encoder.bias", "encoder.weight"]
     assert all(torch.equal(weights[f"agent.{k}"], v) for k, v in agent.items())
     assert out.stat().st_mode & 0o044  # an ordinary file, readable like torch.save's
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ckptctl import ModelPersistence
-from ckptctl.bench_dedup import FrozenBase, FrozenComponent, goal_bytes
+from ckptctl.bench_dedup import FrozenBase, FrozenComponent, goal_bytes, trainable_bytes
 from ckptctl.core.format import BEST_METADATA_FILE, INDEX_FILE
 from ckptctl.ops import verify_runs
 from ckptctl.storage.objects import stored_pack_names
@@ -155,3 +155,20 @@ def test_a_damaged_shared_pack_fails_every_checkpoint_that_uses_it(tmp_path):
 
     with ModelPersistence(run) as p, pytest.raises(NoValidCheckpointError, match="shared object"):
         p.resume(**fresh_components(frozen=64))
+
+
+def test_frozen_weights_get_a_pack_of_their_own_so_old_trained_state_is_deleted(tmp_path):
+    """Before: the first save's one pack held the frozen weights and that save's trained state,
+    so both stayed for the whole run (locally and on Drive)."""
+    trainer = FrozenBase()
+    run = tmp_path / "run"
+    with ModelPersistence(run, max_checkpoints=2, save_every_n_batches=1) as p:
+        for step in range(4):
+            trainer.step()
+            p.maybe_save(0, step, {}, **trainer.components())
+        p.flush()
+    packs = stored_pack_names(run)
+    frozen = trainer.frozen_bytes()
+    # one pack of frozen weights, one of trained state per kept checkpoint: nothing of saves 0 and 1
+    assert len(packs) == 3 and sum(1 for size in packs.values() if size >= frozen) == 1
+    assert disk_bytes(run) < frozen + 3 * trainable_bytes(trainer)

@@ -106,9 +106,16 @@ class Saver:
         return every is not None and time.monotonic() - self._last_save_time >= every
 
     def save(
-        self, epoch: int, batch: int, global_step: int, metrics: dict[str, float], states: Mapping[str, Any], extra: Mapping[str, Any]
+        self,
+        epoch: int,
+        batch: int,
+        global_step: int,
+        metrics: dict[str, float],
+        states: Mapping[str, Any],
+        extra: Mapping[str, Any],
+        stable: frozenset[tuple] = frozenset(),
     ) -> int:
-        """Snapshot ``states`` as the next checkpoint and queue its write; return its id."""
+        """Snapshot ``states`` as the next checkpoint and queue its write; return its id (``stable``: frozen tensors' paths)."""
         self.worker.wait_for_staging_buffers()
         self.worker.raise_error()
         checkpoint_id = self.next_id
@@ -117,7 +124,7 @@ class Saver:
         self.last_save = request
         self._last_save_time = time.monotonic()
         self._last_save_future = None  # a snapshot that fails leaves no write for a best copy to wait for
-        job = functools.partial(self._write_checkpoint_job, request)
+        job = functools.partial(self._write_checkpoint_job, request, stable)
         self._last_save_future = self.snapshot_and_submit(job, request, checkpoint_id, metrics, states, extra)
         self.mirror.warn_if_lags(checkpoint_id)
         return checkpoint_id
@@ -187,9 +194,9 @@ class Saver:
 
     # ------------------------------------------------------------------ the background worker
 
-    def _write_checkpoint_job(self, request: SaveRequest, payload: dict[str, Any]) -> None:
+    def _write_checkpoint_job(self, request: SaveRequest, stable: frozenset[tuple], payload: dict[str, Any]) -> None:
         relpath = checkpoint_relpath(request.checkpoint_id)
-        size, checksum, dedup = self._write_making_room(relpath, payload)
+        size, checksum, dedup = self._write_making_room(relpath, payload, stable)
         entry = CheckpointEntry(
             id=request.checkpoint_id,
             path=relpath,
@@ -238,7 +245,7 @@ class Saver:
         retired = [e.id for e in removed if self.mirror.active or e.mirrored]
         return index.retire(retired) if retired else index
 
-    def _write_making_room(self, relpath: str, payload: dict[str, Any]) -> tuple[int, str, Deduplicated]:
+    def _write_making_room(self, relpath: str, payload: dict[str, Any], stable: frozenset[tuple]) -> tuple[int, str, Deduplicated]:
         """Write a checkpoint (its new pack, then its file); on a full disk free the oldest unprotected checkpoint and retry.
 
         The newest checkpoint, the best model's source and pinned ones are never freed, so
@@ -247,15 +254,15 @@ class Saver:
         """
         self._in_flight = set()
         try:
-            return self._write_retrying(relpath, payload)
+            return self._write_retrying(relpath, payload, stable)
         finally:
             self._in_flight = set()
 
-    def _write_retrying(self, relpath: str, payload: dict[str, Any]) -> tuple[int, str, Deduplicated]:
+    def _write_retrying(self, relpath: str, payload: dict[str, Any], stable: frozenset[tuple]) -> tuple[int, str, Deduplicated]:
         while True:
             try:
                 return write_deduplicated(
-                    self.run_dir, self.run_dir / relpath, payload, self.packs.table, on_pack=self._in_flight.add
+                    self.run_dir, self.run_dir / relpath, payload, self.packs.table, on_pack=self._in_flight.add, stable=stable
                 )
             except OSError as exc:
                 if exc.errno not in _DISK_FULL:
