@@ -234,7 +234,8 @@ def warn_world_size_changed(run_dir: Any, checkpoint_id: Any, changed: Mapping[s
     """The one warning of a resume onto another world size (logged by the writer)."""
     log.warning(
         "%s: checkpoint %s was saved by %d rank(s), resuming with %d: per-rank RNG streams and data positions cannot "
-        "carry over exactly (rank r restores rank r's saved states where they exist, else rank 0's)",
+        "carry over exactly (rank r restores rank r's saved states and extra where they exist, else rank 0's, so such "
+        "ranks draw the same random numbers as rank 0: reseed them if their streams must differ)",
         run_dir,
         checkpoint_id,
         changed["saved"],
