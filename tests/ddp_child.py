@@ -11,6 +11,7 @@
 - ``symptoms``: the issue's symptoms in one job: every rank constructs ModelPersistence,
   saves, closes; a new object resumes into scrambled components; rank 0's errors reach
   every rank. Writes ``symptoms_rank<r>.json``.
+- ``cuda`` (nccl, needs a GPU): see :func:`cuda`. Writes ``cuda_rank<r>.json``.
 
 ``--node-dirs A,B,...``: rank r works in folder r (``chdir``) with the same relative run
 path, as ranks on machines with their own local disks do.
@@ -98,10 +99,10 @@ def flat(state: dict) -> dict:
     return out
 
 
-def all_same(value) -> bool:
+def all_same(value, group=None) -> bool:
     """True when every rank holds an equal ``value``."""
     values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
+    dist.all_gather_object(values, value, group=group)
     return all(v == values[0] for v in values)
 
 
@@ -183,9 +184,50 @@ def symptoms(args: argparse.Namespace, rank: int) -> None:
     say(f"rank {rank} done")
 
 
+def cuda(args: argparse.Namespace, rank: int) -> None:
+    """Under nccl with the model on the GPU: the state and RNG travel over ckptctl's gloo group; each rank's CUDA RNG comes back.
+
+    Every rank uses GPU 0 (one GPU is enough): nothing here may run an nccl collective,
+    so the test's own checks use a gloo group as well. No training (it would need one):
+    the replicated state is the same initial model and one identical optimizer step.
+    """
+    checks = dist.new_group(backend="gloo")
+    out: dict = {"backend": str(dist.get_backend())}
+    torch.cuda.set_device(0)
+    torch.manual_seed(args.seed)  # the same model and data on every rank
+    model = nn.Linear(4, 2).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model(torch.randn(8, 4, device="cuda")).sum().backward()
+    opt.step()
+    seed_rank(args.seed, rank)
+    torch.randn(rank + 1, device="cuda")  # each rank's CUDA stream somewhere else
+    p = ModelPersistence(args.run)
+    p.save_checkpoint(0, 0, extra={"rank": rank}, model=model, optimizer=opt)
+    saved = {"cuda": torch.cuda.get_rng_state().tolist()[-16:], **rng_fingerprint()}
+    p.close()
+
+    torch.manual_seed(args.seed + 1 + rank)
+    model2 = nn.Linear(4, 2).cuda()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05, momentum=0.9)
+    torch.randn(5, device="cuda")
+    with ModelPersistence(args.run) as p:
+        meta = p.resume(model=model2, optimizer=opt2, device="cuda")
+    restored = {"cuda": torch.cuda.get_rng_state().tolist()[-16:], **rng_fingerprint()}
+    out["extra"] = meta["extra"]
+    out["own_rng_restored"] = restored == saved
+    out["rng_differs_between_ranks"] = not all_same(saved, checks)
+    out["weights_restored"] = all(torch.equal(a, b) for a, b in zip(model2.state_dict().values(), model.state_dict().values()))
+    momentum = next(iter(opt2.state_dict()["state"].values()))["momentum_buffer"]
+    out["optimizer_state_on"] = str(momentum.device)
+    out["optimizer_restored"] = torch.equal(momentum, next(iter(opt.state_dict()["state"].values()))["momentum_buffer"])
+    out["checkpoint_has_cuda_rng"] = "torch_cuda" in capture_rng()
+    (Path(args.out) / f"cuda_rank{rank}.json").write_text(json.dumps(out))
+    say(f"rank {rank} done")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=("train", "symptoms"))
+    parser.add_argument("scenario", choices=("train", "symptoms", "cuda"))
     parser.add_argument("out")
     parser.add_argument("--run", default="runs/ddp")
     parser.add_argument("--total", type=int, default=12)
@@ -195,11 +237,11 @@ def main() -> None:
     args = parser.parse_args()
     args.out = str(Path(args.out).resolve())
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if args.scenario == "cuda" else "gloo")
     rank = dist.get_rank()
     if args.node_dirs:
         os.chdir(args.node_dirs.split(",")[rank])
-    (train if args.scenario == "train" else symptoms)(args, rank)
+    {"train": train, "symptoms": symptoms, "cuda": cuda}[args.scenario](args, rank)
     dist.destroy_process_group()
 
 

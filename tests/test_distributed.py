@@ -209,3 +209,14 @@ def test_resume_onto_another_world_size_says_what_changed(tmp_path):
         "world_size_changed": {"saved": 2, "now": 1},
     }
     assert r["rng"] == rng_fingerprint(newest["rng_ranks"][0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nccl)")
+def test_under_nccl_the_state_goes_over_a_gloo_group_and_each_rank_gets_its_cuda_rng(tmp_path):
+    """nccl as the default backend, the model on the GPU: save and resume work, each rank's CUDA RNG comes back."""
+    run_job(tmp_path, 2, "cuda", str(tmp_path / "out"))
+    for rank in (0, 1):
+        r = read(tmp_path / "out", f"cuda_rank{rank}.json")
+        assert r["backend"] == "nccl" and r["extra"] == {"rank": rank}
+        assert r["own_rng_restored"] and r["rng_differs_between_ranks"] and r["checkpoint_has_cuda_rng"], r
+        assert r["weights_restored"] and r["optimizer_restored"] and r["optimizer_state_on"].startswith("cuda"), r
