@@ -220,3 +220,33 @@ def test_under_nccl_the_state_goes_over_a_gloo_group_and_each_rank_gets_its_cuda
         assert r["backend"] == "nccl" and r["extra"] == {"rank": rank}
         assert r["own_rng_restored"] and r["rng_differs_between_ranks"] and r["checkpoint_has_cuda_rng"], r
         assert r["weights_restored"] and r["optimizer_restored"] and r["optimizer_state_on"].startswith("cuda"), r
+
+
+# ---------------------------------------------------------------------- the parts, in one process
+
+
+def test_each_rank_views_its_own_parts_and_falls_back_to_rank_0s():
+    """rank_view: a rank's own RNG and extra where saved, else rank 0's; a payload without them is world size 1."""
+    from ckptctl.api.distributed import rank_view
+
+    payload = {"rng": "r0", "extra": {"pos": 0}, "world_size": 2, "rng_ranks": ["r0", "r1"], "extra_ranks": [{"pos": 0}, {"pos": 1}]}
+    assert rank_view(payload, 1).rng == "r1" and rank_view(payload, 1).extra == {"pos": 1}
+    assert rank_view(payload, 2).rng == "r0" and rank_view(payload, 2).extra == {"pos": 0}  # 2 -> 3 ranks
+    assert rank_view(payload, 0).world_size_changed(1) == {"saved": 2, "now": 1}
+    assert rank_view(payload, 0).world_size_changed(2) is None
+    single = {"rng": "r0", "extra": {"pos": 0}}
+    assert rank_view(single, 1).rng == "r0" and rank_view(single, 0).world_size_changed(2) == {"saved": 1, "now": 2}
+
+
+def test_what_cannot_travel_to_the_other_ranks_becomes_an_error_that_can():
+    """An exception that does not pickle as itself travels as a CkptctlError naming it; a result that does not pickle, as an error."""
+    from ckptctl.api.distributed import Outcome, _sendable
+    from ckptctl.errors import CheckpointIntegrityError, CkptctlError, NotRegularFileError
+
+    kept = _sendable(Outcome(error=CheckpointIntegrityError("truncated", status="missing"))).error
+    assert type(kept) is CheckpointIntegrityError and kept.status == "missing"
+    odd = _sendable(Outcome(error=NotRegularFileError("/x", "FIFO"))).error
+    assert type(odd) is CkptctlError and "NotRegularFileError" in str(odd) and "FIFO" in str(odd)
+    unpicklable = _sendable(Outcome(value=lambda: None))
+    assert isinstance(unpicklable.error, CkptctlError) and "cannot send" in str(unpicklable.error)
+    assert _sendable(Outcome(value={"a": 1})).get() == {"a": 1}

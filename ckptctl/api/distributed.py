@@ -104,12 +104,19 @@ def _sendable_error(exc: BaseException) -> BaseException:
 
 
 def _sendable(outcome: Outcome) -> Outcome:
-    """``outcome`` if it pickles; else an error outcome saying why (a collective must never fail on one rank only)."""
+    """``outcome`` in a form every rank can unpickle; a result that does not pickle becomes an error saying why.
+
+    A collective must never fail on one rank only: an error is checked both ways (some
+    exception types pickle but cannot be rebuilt), a result only for pickling (a payload is
+    not unpickled twice).
+    """
+    if outcome.error is not None:
+        return Outcome(error=_sendable_error(outcome.error))
     try:
         pickle.dumps(outcome)
         return outcome
     except Exception as exc:
-        return Outcome(error=_sendable_error(outcome.error or CkptctlError(f"cannot send the result to the other ranks: {exc}")))
+        return Outcome(error=CkptctlError(f"cannot send the result to the other ranks: {type(exc).__name__}: {exc}"))
 
 
 def _from_rank(exc: BaseException, rank: int) -> BaseException:
@@ -153,10 +160,11 @@ class Ranks:
         """Collective: ``work()`` runs on rank 0 only; every rank returns its result or raises its exception."""
         if not self.distributed:
             return work()
-        outcome = _sendable(run_caught(work)) if self.is_writer else None
-        received = self._broadcast(outcome)
-        if self.is_writer:
-            return outcome.get()
+        mine = run_caught(work) if self.is_writer else None
+        sent = _sendable(mine) if mine is not None else None
+        received = self._broadcast(sent)
+        if mine is not None:  # rank 0 raises its own exception (its type and traceback), or why its result could not be sent
+            return (sent if mine.error is None else mine).get()
         if received.error is not None:
             raise _from_rank(received.error, 0)
         return received.value
