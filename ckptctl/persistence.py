@@ -6,7 +6,10 @@ retention and the Drive copy happen on a background worker, one save at a time.
 
 This module is the facade; the work is done in :mod:`ckptctl.api` (``open``,
 ``index_state``, ``background``, ``saving``, ``best``, ``mirroring``, ``loading``,
-``runs``). The run-level helpers are re-exported here.
+``runs``, ``distributed``). The run-level helpers are re-exported here.
+
+Under ``torch.distributed`` every public method runs its work on rank 0 (the writer) through
+:meth:`ckptctl.api.distributed.Ranks.on_writer`; single-process, that is a plain call.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 from ckptctl.api import open as opening
 from ckptctl.api.background import BackgroundWorker
 from ckptctl.api.best import BestKeeper, is_better
 from ckptctl.api.components import DEFAULT_DEVICE, LoadCall, load_call
+from ckptctl.api.distributed import Ranks, components_to_device, rank_sections
 from ckptctl.api.index_state import IndexState
 from ckptctl.api.loading import Loader
 from ckptctl.api.mirroring import MIRROR_LAG_WARN_SAVES, MirrorBook
@@ -41,7 +45,7 @@ from ckptctl.storage.lock import RunLock
 from ckptctl.storage.mirror import check_mirror_apart
 from ckptctl.storage.restore import RestoreReport
 from ckptctl.packs_io import frozen_paths
-from ckptctl.torch_io import component_states
+from ckptctl.torch_io import capture_rng, component_states
 
 __all__ = [
     "ModelPersistence",
@@ -57,6 +61,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("ckptctl")
+
+T = TypeVar("T")
 
 #: How long a writer that is taken over gives its Drive mirror to finish (a re-run cell
 #: must not hang on a slow Drive; the new writer's mirror catches up).
@@ -98,6 +104,19 @@ class ModelPersistence:
     cell) takes over from an unclosed earlier one: that one's pending save finishes, its
     threads stop, later calls on it raise. Another live process holding the run is
     refused with :class:`RunLockedError` naming its pid and host.
+
+    **Several processes (torchrun).** When ``torch.distributed`` is initialised, every rank
+    constructs ModelPersistence on the same ``run_dir`` and makes the same calls; the
+    methods marked *collective* must be called on every rank (calling one on some ranks
+    only waits for the others until the process group's timeout). Rank 0 is the writer: it
+    holds the lock, writes, mirrors and commits; the other ranks never read or write the
+    run folder (it need not exist on their machine) and get what they need from rank 0.
+    Replicated state (DDP) is saved once, from rank 0's components; each rank's RNG states
+    and ``extra`` are saved per rank and restored per rank. An error on rank 0 is raised on
+    every rank, as the same type. ``distributed=False`` opts out: this process works on its
+    own as if there were no other ranks (e.g. an evaluation only rank 0 runs). With nccl,
+    call ``torch.cuda.set_device(local_rank)`` first as usual; the object collectives run
+    on a gloo group over the CPU.
     """
 
     def __init__(
@@ -114,7 +133,13 @@ class ModelPersistence:
         staging: str = "auto",
         mirror_backoff: tuple[float, float] = (1.0, 300.0),
         drive_max_size: int | str | None = None,
+        distributed: bool | None = None,
     ):
+        """Open the run (collective): rank 0 locks, repairs and reads it; every rank gets the outcome.
+
+        ``distributed``: None (default) follows ``torch.distributed`` (collective when it is
+        initialised); False keeps this process on its own.
+        """
         policy = SavePolicy(max_checkpoints, save_every_n_batches, save_every_seconds, staging)  # checks them
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
@@ -129,22 +154,36 @@ class ModelPersistence:
         self.staging = staging
         #: What opening restored from the Drive mirror (a fresh VM), or None.
         self.last_restore: RestoreReport | None = None
-        (self.run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        self._policy = policy
+        self._ranks = Ranks.detect(distributed)
         self._writer_key = str(self.run_dir.resolve())
         self._closed = False
         self._saved_components: dict[str, Any] = {}
         self._closed_because = "it is closed"
+        self._loader = Loader(self.run_dir)
+        if not self._ranks.is_writer:  # a re-constructed object replaces this rank's earlier one, as rank 0's does
+            opening.take_over_earlier_writer(self._writer_key)
+        opened = self._ranks.on_writer(lambda: self._open_as_writer(policy, drive_backup, drive_max_size, mirror_backoff))
+        self._global_step, self._training_state, self.last_restore = opened
+        if not self._ranks.is_writer:
+            opening.register_writer(self._writer_key, self)
+
+    def _open_as_writer(
+        self, policy: SavePolicy, drive_backup: str | os.PathLike | None, drive_max_size: int | str | None, backoff: tuple[float, float]
+    ) -> tuple[int, dict[str, Any], RestoreReport | None]:
+        """Rank 0 (or the only process): lock the run, open it; return what every rank keeps (step, training state, restore)."""
+        (self.run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
         opening.take_over_earlier_writer(self._writer_key)
         self._lock = RunLock(self.run_dir).acquire()
-        self._worker = BackgroundWorker(background)
-        self._loader = Loader(self.run_dir)
+        self._worker = BackgroundWorker(self.background)
         try:
-            self._open(policy, drive_backup, drive_max_size, mirror_backoff)
+            self._open(policy, drive_backup, drive_max_size, backoff)
         except BaseException:
             self._worker.shutdown(wait=False)
             self._lock.release()
             raise
         opening.register_writer(self._writer_key, self)
+        return self._global_step, self._training_state, self.last_restore
 
     def _open(
         self, policy: SavePolicy, drive_backup: str | os.PathLike | None, drive_max_size: int | str | None, backoff: tuple[float, float]
@@ -190,14 +229,25 @@ class ModelPersistence:
         one (the counter starts at the resumed checkpoint's ``global_step``, or 0). A save is
         due when ``global_step % save_every_n_batches == 0``, or when ``save_every_seconds``
         have passed since the last save. Returns the new checkpoint id, or None.
+
+        Collective under ``torch.distributed``: every rank calls it after every batch. The
+        step rule gives the same answer on every rank; with ``save_every_seconds``, rank 0's
+        clock decides for all (one small broadcast per call). The id is the same on every rank.
         """
         self._check_open()
-        self._worker.raise_error()
-        extra = check_extra(extra)  # fails at the first call with bad extra, not at the first due save
+        if not self._ranks.distributed:  # distributed: both surface at the save, on every rank
+            self._worker.raise_error()
+            extra = check_extra(extra)  # fails at the first call with bad extra, not at the first due save
         self._global_step = int(global_step) if global_step is not None else self._global_step + 1
-        if not self._saver.is_due(self._global_step):
+        if not self._is_due(self._global_step):
             return None
         return self.save_checkpoint(epoch, batch, metrics, global_step=self._global_step, extra=extra, **components)
+
+    def _is_due(self, global_step: int) -> bool:
+        """``maybe_save``'s rule; a time-based one is rank 0's decision, broadcast."""
+        if self._policy.save_every_seconds is None:
+            return self._policy.due_by_step(global_step)
+        return self._ranks.on_writer(lambda: self._saver.is_due(global_step))
 
     def save_checkpoint(
         self,
@@ -214,19 +264,31 @@ class ModelPersistence:
         ``batch`` is the 0-based index of the last batch the state includes. Blocks only for
         the in-memory snapshot (and for the previous save, if it is still being written);
         the file is written in the background unless ``background=False``.
+
+        Collective under ``torch.distributed``: the components (replicated, as with DDP) and
+        ``metrics`` are rank 0's, saved once; every rank's RNG states and ``extra`` (its data
+        position) are gathered to rank 0 and saved per rank. Every rank gets the same id.
         """
         self._check_open()
-        self._worker.raise_error()
         if not components:
             raise ValueError("save_checkpoint needs at least one component, e.g. agent=model")
+        step = int(global_step) if global_step is not None else self._global_step
+        parts = self._ranks.gather(lambda: (capture_rng(), check_extra(extra)))
+        checkpoint_id = self._ranks.on_writer(lambda: self._save_as_writer(epoch, batch, step, metrics, extra, components, parts))
+        self._global_step = step
+        return checkpoint_id
+
+    def _save_as_writer(
+        self, epoch: int, batch: int, step: int, metrics: Any, extra: Any, components: Mapping[str, Any], parts: Any
+    ) -> int:
+        self._worker.raise_error()
         # Everything that goes into the file and the index is checked before anything is written.
         metrics = clean_metrics(metrics)
         extra = check_extra(extra)
-        if global_step is not None:
-            self._global_step = int(global_step)
+        sections = rank_sections(parts, self._ranks.world_size) if parts is not None else None
         states = component_states(components)
         self._saved_components = dict(components)  # what a best model holds too (see update_best)
-        return self._saver.save(epoch, batch, self._global_step, metrics, states, extra, frozen_paths(components))
+        return self._saver.save(epoch, batch, step, metrics, states, extra, sections, frozen_paths(components))
 
     def update_best(
         self,
@@ -246,8 +308,16 @@ class ModelPersistence:
         step (and no component given here is missing from it), ``best_model.pt`` is a copy of
         that checkpoint (its source, costing no storage); otherwise that set is snapshotted
         and written like a checkpoint. NaN never becomes best.
+
+        Collective under ``torch.distributed``: rank 0's metrics and components decide and
+        are saved; every rank returns the same answer.
         """
         self._check_open()
+        return self._ranks.on_writer(lambda: self._update_best_as_writer(epoch, batch, metrics, global_step, components))
+
+    def _update_best_as_writer(
+        self, epoch: int, batch: int, metrics: Mapping[str, Any], global_step: int | None, components: Mapping[str, Any]
+    ) -> bool:
         self._worker.raise_error()
         metrics = clean_metrics(metrics)
         if not self._best.beats(metrics):
@@ -266,9 +336,12 @@ class ModelPersistence:
         return True
 
     def pin(self, checkpoint_id: int, pinned: bool = True) -> None:
-        """Keep checkpoint ``checkpoint_id`` out of retention (or release it with ``pinned=False``)."""
+        """Keep checkpoint ``checkpoint_id`` out of retention (or release it with ``pinned=False``). Collective under ``torch.distributed``."""
         self._check_open()
-        self.flush()
+        self._ranks.on_writer(lambda: self._pin_as_writer(checkpoint_id, pinned))
+
+    def _pin_as_writer(self, checkpoint_id: int, pinned: bool) -> None:
+        self._worker.flush()
         with self._index.lock:
             by_id = self._index.current.by_id()
             if checkpoint_id not in by_id:
@@ -277,18 +350,27 @@ class ModelPersistence:
             self._index.commit(self._index.current.with_entries(list(by_id.values())))
 
     def flush(self) -> None:
-        """Wait for all pending background saves; raise :class:`BackgroundSaveError` if one failed."""
-        self._worker.flush()
+        """Wait for all pending background saves; raise :class:`BackgroundSaveError` if one failed.
+
+        Collective under ``torch.distributed``: every rank returns once rank 0 has flushed
+        (a barrier), and rank 0's error is raised on every rank.
+        """
+        self._ranks.on_writer(lambda: self._worker.flush())
 
     # ------------------------------------------------------------------ training state and log
 
     def update_training_state(self, **fields: Any) -> dict[str, Any]:
-        """Merge ``fields`` (JSON values, e.g. ``status="running"``, ``config={...}``) into training_state.json."""
+        """Merge ``fields`` (JSON values, e.g. ``status="running"``, ``config={...}``) into training_state.json.
+
+        Not collective: under ``torch.distributed`` only rank 0 writes the file; other ranks
+        keep their merged copy (:attr:`training_state`).
+        """
         self._check_open()
         state = {**self._training_state, **fields, "format_version": FORMAT_VERSION, "updated_at": utc_now_iso()}
-        atomic_write_json(self.run_dir / TRAINING_STATE_FILE, state)
+        if self._ranks.is_writer:
+            atomic_write_json(self.run_dir / TRAINING_STATE_FILE, state)
+            self._drive.request()  # so the mirror's copy ends with the final status too
         self._training_state = state
-        self._drive.request()  # so the mirror's copy ends with the final status too
         return dict(state)
 
     @property
@@ -300,8 +382,11 @@ class ModelPersistence:
         """Append one line to training.log (flushed, not fsynced).
 
         Only to a regular file: a FIFO, a device, a socket, a directory or a symlink at that
-        name raises :class:`NotRegularFileError` at once (the open never blocks).
+        name raises :class:`NotRegularFileError` at once (the open never blocks). Not
+        collective: under ``torch.distributed`` only rank 0's lines are written.
         """
+        if not self._ranks.is_writer:
+            return
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         fd = open_regular(self.run_dir / TRAINING_LOG_FILE, flags, 0o644, follow_symlinks=False)
         with os.fdopen(fd, "a", encoding="utf-8") as f:
@@ -311,13 +396,16 @@ class ModelPersistence:
 
     @property
     def checkpoints(self) -> dict[int, dict[str, Any]]:
-        """Committed checkpoints: ``{id: metadata}`` in id order (pending saves appear once written)."""
-        return {e.id: e.to_dict() for e in self._index.current.checkpoints}
+        """Committed checkpoints: ``{id: metadata}`` in id order (pending saves appear once written).
+
+        Collective under ``torch.distributed`` (rank 0's index, broadcast).
+        """
+        return self._ranks.on_writer(lambda: {e.id: e.to_dict() for e in self._index.current.checkpoints})
 
     @property
     def best(self) -> dict[str, Any] | None:
-        """``best_metadata.json`` as a dict, or None before any best model."""
-        return self._best.info.to_dict() if self._best.info else None
+        """``best_metadata.json`` as a dict, or None before any best model. Collective under ``torch.distributed``."""
+        return self._ranks.on_writer(lambda: self._best.info.to_dict() if self._best.info else None)
 
     @property
     def global_step(self) -> int:
@@ -326,13 +414,13 @@ class ModelPersistence:
 
     @property
     def drive_budget(self) -> int | None:
-        """The Drive mirror's byte budget (None without ``drive_backup``)."""
-        return self._drive.budget
+        """The Drive mirror's byte budget (None without ``drive_backup``, and on ranks other than 0)."""
+        return self._drive.budget if self._ranks.is_writer else None
 
     @property
     def staging_bytes(self) -> int:
-        """Bytes the reusable staging buffers hold between saves (0 before the first staged save)."""
-        return self._saver.stager.staged_bytes
+        """Bytes the reusable staging buffers hold between saves (0 before the first staged save, and on ranks other than 0)."""
+        return self._saver.stager.staged_bytes if self._ranks.is_writer else 0
 
     @property
     def last_resume_skipped(self) -> list[dict[str, Any]]:
@@ -344,11 +432,16 @@ class ModelPersistence:
 
         Returns ``{"checkpoint_id", "epoch", "batch", "global_step", "metrics", "skipped"}``,
         or None when the run has no checkpoints. Raises :class:`NoValidCheckpointError`
-        when checkpoints exist but none verifies.
+        when checkpoints exist but none verifies. Collective under ``torch.distributed``
+        (rank 0 checks, every rank gets the same answer).
         """
         self._check_open()
-        self.flush()
-        return self._loader.resume_info(self._index.current)
+
+        def info() -> dict[str, Any] | None:
+            self._worker.flush()
+            return self._loader.resume_info(self._index.current)
+
+        return self._ranks.on_writer(info)
 
     def load_checkpoint(
         self, checkpoint_id: int, *components_in_order: Any, device: Any = DEFAULT_DEVICE, restore_rng: bool = True, **components: Any
@@ -358,10 +451,11 @@ class ModelPersistence:
         Components by name (``agent=model``), or by position in the order the checkpoint
         saved them (``load_checkpoint(7, model, opt)``; see :mod:`ckptctl.api.components`).
         The file is checked against the index checksum and loaded with ``weights_only=True``.
+        Collective under ``torch.distributed``, as :meth:`resume`.
         """
         call = self._prepare_load("load_checkpoint", components_in_order, device, components)
-        meta = self._loader.load_checkpoint(self._index.current, checkpoint_id, call.device, call, restore_rng)
-        return self._loaded(meta, restore_rng)
+        loaded = self._read_on_writer(call, lambda dev: self._loader.checkpoint_payload(self._index.current, checkpoint_id, dev))
+        return self._loaded(self._apply(loaded, call, restore_rng, per_rank=True), restore_rng)
 
     def resume(self, *components_in_order: Any, device: Any = DEFAULT_DEVICE, **components: Any) -> dict[str, Any] | None:
         """Load the newest checkpoint that verifies into the components and restore RNG; return its metadata.
@@ -375,32 +469,60 @@ class ModelPersistence:
         :class:`NoValidCheckpointError` when it has some but none verifies. Before touching
         any file: :class:`DeviceUnavailableError` when ``device`` is not usable here
         (``"cuda"`` on a machine without CUDA), TypeError when it is not a device at all.
+
+        Collective under ``torch.distributed``: rank 0 chooses, verifies and reads the
+        checkpoint and broadcasts it; every rank loads it into its components and restores
+        its own RNG states, and gets the same metadata except ``"extra"``, which is the one
+        that rank saved. A checkpoint saved by another number of ranks (2 -> 1, 1 -> 2) still
+        loads: rank r restores rank r's RNG states and extra where saved, else rank 0's, and
+        ``"world_size_changed": {"saved": 2, "now": 1}`` says so (warned once).
         """
         call = self._prepare_load("resume", components_in_order, device, components)
-        meta = self._loader.resume(self._index.current, call.device, call)
-        return None if meta is None else self._loaded(meta, True)
+        loaded = self._read_on_writer(call, lambda dev: self._loader.resume_payload(self._index.current, dev))
+        if loaded is None:
+            return None
+        if not self._ranks.is_writer:
+            self._loader.last_skipped = list(loaded[1]["skipped"])
+        return self._loaded(self._apply(loaded, call, True, per_rank=True), True)
 
     def load_best_model(self, *components_in_order: Any, device: Any = DEFAULT_DEVICE, **components: Any) -> dict[str, Any]:
         """Load ``best_model.pt`` into the components (no RNG restore); return its metadata.
 
         Components by name or by position, as for :meth:`resume`:
         ``load_best_model(agent, qwen, solver2, efe_loss, policy_rl, optimizer, device="cuda")``.
+        Collective under ``torch.distributed``: rank 0 reads it, every rank loads it.
         """
         call = self._prepare_load("load_best_model", components_in_order, device, components)
-        return self._loader.load_best(self._index.current, self._best.info, call.device, call)
+        loaded = self._read_on_writer(call, lambda dev: self._loader.best_payload(self._index.current, self._best.info, dev))
+        return self._apply(loaded, call, False, per_rank=False)
 
     def _prepare_load(self, method: str, positional: tuple[Any, ...], device: Any, named: Mapping[str, Any]) -> LoadCall:
-        """Check the call (device, components) before any file is read, then wait for pending saves."""
+        """Check the call (device, components) on this rank before any file is read."""
         self._check_open()
-        call = load_call(method, positional, device, named)
-        self.flush()
-        return call
+        return load_call(method, positional, device, named)
+
+    def _read_on_writer(self, call: LoadCall, read: Callable[[Any], T]) -> T:
+        """``read(device)`` on rank 0 after pending saves (to the CPU when it is then broadcast), its result on every rank."""
+
+        def work() -> T:
+            self._worker.flush()
+            return read("cpu" if self._ranks.distributed else call.device)
+
+        return self._ranks.on_writer(work)
+
+    def _apply(self, loaded: tuple[Mapping[str, Any], dict[str, Any]], call: LoadCall, with_rng: bool, *, per_rank: bool) -> dict[str, Any]:
+        """Load what rank 0 read into this rank's components; its own RNG states and extra when ``per_rank``."""
+        payload, meta = loaded
+        if self._ranks.distributed:
+            payload = components_to_device(payload, list(call.bind(payload)), call.device)
+        return self._loader.apply(payload, meta, call, with_rng, self._ranks if per_rank else None)
 
     def _loaded(self, meta: dict[str, Any], with_rng: bool) -> dict[str, Any]:
         """After a checkpoint was loaded: the step counter continues from it; the next best model will not copy the last save."""
         if with_rng and meta["global_step"] is not None:
             self._global_step = int(meta["global_step"])
-        self._saver.forget_last_save()
+        if self._ranks.is_writer:
+            self._saver.forget_last_save()
         return meta
 
     # ------------------------------------------------------------------ closing
@@ -409,11 +531,26 @@ class ModelPersistence:
         """Flush pending saves, give the Drive mirror up to ``mirror_timeout`` s to catch up, release the lock.
 
         Raises :class:`BackgroundSaveError` (after releasing everything) if a save failed.
+        Collective under ``torch.distributed``: every rank returns once rank 0 has closed (a
+        barrier: a loop to a fixed total ends together), and rank 0's error is raised on
+        every rank.
         """
         if self._closed:
             return
         try:
-            self.flush()
+            self._ranks.on_writer(lambda: self._close_here(mirror_timeout))
+        finally:
+            if not self._ranks.is_writer:
+                self._close_here(mirror_timeout)
+
+    def _close_here(self, mirror_timeout: float | None) -> None:
+        """Close this rank's object: on the writer, flush, stop the threads and release the lock; elsewhere only mark it closed."""
+        if not self._ranks.is_writer:
+            self._closed = True
+            opening.unregister_writer(self._writer_key, self)
+            return
+        try:
+            self._worker.flush()
         finally:
             self._closed = True
             self._worker.shutdown(wait=True)
@@ -425,16 +562,18 @@ class ModelPersistence:
             opening.unregister_writer(self._writer_key, self)
 
     def _close_for_takeover(self) -> None:
-        """Closed by a newer ModelPersistence on the same run in this process: finish, stop, step aside."""
+        """Closed by a newer ModelPersistence on the same run in this process: finish, stop, step aside (this rank only)."""
         self._closed_because = "a newer ModelPersistence on the same run took over from it"
         try:
-            self.close(mirror_timeout=TAKEOVER_MIRROR_TIMEOUT)
+            self._close_here(TAKEOVER_MIRROR_TIMEOUT)
         except BackgroundSaveError as exc:
             log.warning("%s: the earlier writer's last save failed: %s", self.run_dir, exc)
 
     def __enter__(self) -> "ModelPersistence":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None and self._ranks.distributed and not self._closed:
+            self._close_here(60.0)  # leaving on an error: the other ranks may never reach a collective close
+            return
         self.close()
-

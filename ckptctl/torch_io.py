@@ -188,10 +188,12 @@ def build_payload(
     timestamp: str,
     states: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
+    sections: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Take a consistent CPU snapshot of every component's state plus RNG, as the dict that gets saved.
 
-    ``states`` maps component names to their ``state_dict()`` (see :func:`component_states`).
+    ``states`` maps component names to their ``state_dict()`` (see :func:`component_states`);
+    ``sections``: more top-level keys (reserved names: a distributed save's per-rank parts).
     """
     payload: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -206,6 +208,8 @@ def build_payload(
         "extra": dict(extra or {}),
     }
     payload["rng"] = stager.stage(capture_rng(), ("__rng__",))
+    for key, value in (sections or {}).items():
+        payload[key] = stager.stage(value, ("__section__", key))
     for name, state in states.items():
         payload[name] = stager.stage(state, (name,))
     return payload

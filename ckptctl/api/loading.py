@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ckptctl.api.components import LoadCall
+from ckptctl.api.distributed import Ranks, rank_view, warn_world_size_changed
 from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index
 from ckptctl.core.resume import choose_resume_checkpoint
 from ckptctl.errors import CheckpointIntegrityError, CkptctlError, NoValidCheckpointError, RestoreStateError, UnsafePathError
@@ -41,23 +42,47 @@ class Loader:
             raise CheckpointIntegrityError(str(exc)) from None
         return verify_file(path, entry.checksum, device=device)
 
-    def apply(self, index: Index, payload: Mapping[str, Any], components: LoadCall, with_rng: bool) -> dict[str, Any]:
-        """Load ``payload`` into the call's ``components`` (and restore its RNG states when ``with_rng``); return its metadata."""
-        apply_components(payload, components.bind(payload))
+    def describe(self, index: Index, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """``payload``'s metadata (what the loads return); a step other code did not save comes from the index."""
         meta = payload_metadata(payload)
         if meta["global_step"] is None:  # written by other code: the step the index gave its position
             meta["global_step"] = legacy.global_step_at(index, meta["epoch"], meta["batch"])
-        if not with_rng:
-            return meta
-        if "rng" not in payload:  # other code did not save RNG states: go on without them, say so once
+        return meta
+
+    def apply(
+        self, payload: Mapping[str, Any], meta: Mapping[str, Any], components: LoadCall, with_rng: bool, ranks: Ranks | None = Ranks()
+    ) -> dict[str, Any]:
+        """Load ``payload`` into the call's ``components`` (and restore RNG states when ``with_rng``); return ``meta`` for this rank.
+
+        ``ranks``: this process's place in the run; it restores its own RNG states and gets its
+        own ``extra`` (:func:`~ckptctl.api.distributed.rank_view`), and ``"world_size_changed"``
+        says when the checkpoint was saved by another number of ranks (warned once, by the
+        writer). None for the best model: rank 0's parts, no world size.
+        """
+        apply_components(payload, components.bind(payload))
+        meta = dict(meta)
+        rng = payload.get("rng")
+        if ranks is not None:
+            view = rank_view(payload, ranks.rank)
+            rng, meta["extra"] = view.rng, view.extra
+            changed = view.world_size_changed(ranks.world_size)
+            if changed is not None:
+                meta["world_size_changed"] = changed
+                if ranks.is_writer:
+                    warn_world_size_changed(self.run_dir, meta.get("checkpoint_id"), changed)
+        if with_rng:
+            self._restore_rng(rng)
+        return meta
+
+    def _restore_rng(self, rng: Any) -> None:
+        if rng is None:  # other code did not save RNG states: go on without them, say so once
             if not self._warned_no_rng:
                 self._warned_no_rng = True
                 log.warning("%s: RNG states were not saved by this checkpoint; continuing without restoring them", self.run_dir)
-        elif not isinstance(payload.get("rng"), Mapping):
+        elif not isinstance(rng, Mapping):
             raise RestoreStateError("checkpoint has no RNG state to restore")
         else:
-            restore_rng(payload["rng"])
-        return meta
+            restore_rng(rng)
 
     def none_verified_message(self, skipped: list[dict[str, Any]]) -> str:
         """The message of :class:`NoValidCheckpointError`: how many were tried and the first reasons."""
@@ -89,8 +114,8 @@ class Loader:
             "skipped": skipped,
         }
 
-    def resume(self, index: Index, device: Any, components: LoadCall) -> dict[str, Any] | None:
-        """Load the newest checkpoint that verifies; return its metadata (None without checkpoints); see :attr:`last_skipped`."""
+    def resume_payload(self, index: Index, device: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The newest checkpoint that verifies, loaded: ``(payload, metadata)`` (None without checkpoints); see :attr:`last_skipped`."""
         entries = index.by_id()
         choice = choose_resume_checkpoint(entries, lambda i: self.verified_payload(entries[i], device))
         skipped = []
@@ -102,21 +127,22 @@ class Loader:
             if skipped:
                 raise NoValidCheckpointError(self.none_verified_message(skipped))
             return None
-        meta = self.apply(index, choice.result, components, True)
+        meta = self.describe(index, choice.result)
         meta["checkpoint_id"] = choice.chosen_id
         meta["skipped"] = skipped
-        return meta
+        return choice.result, meta
 
-    def load_checkpoint(self, index: Index, checkpoint_id: int, device: Any, components: LoadCall, with_rng: bool) -> dict[str, Any]:
-        """Load checkpoint ``checkpoint_id`` (verified) into ``components``; return its metadata."""
+    def checkpoint_payload(self, index: Index, checkpoint_id: int, device: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Checkpoint ``checkpoint_id``, verified and loaded: ``(payload, metadata)``."""
         entry = index.by_id().get(int(checkpoint_id))
         if entry is None:
             raise CkptctlError(f"{self.run_dir}: no checkpoint {checkpoint_id}")
-        return self.apply(index, self.verified_payload(entry, device), components, with_rng)
+        payload = self.verified_payload(entry, device)
+        return payload, self.describe(index, payload)
 
-    def load_best(self, index: Index, best: BestInfo | None, device: Any, components: LoadCall) -> dict[str, Any]:
-        """Load ``best_model.pt`` (checked against its record) into ``components``; return its metadata."""
+    def best_payload(self, index: Index, best: BestInfo | None, device: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``best_model.pt``, checked against its record and loaded: ``(payload, metadata)``."""
         if best is None:
             raise CkptctlError(f"{self.run_dir}: no best model yet")
-        path = resolve_inside(self.run_dir, best.path)
-        return self.apply(index, verify_file(path, best.checksum, device=device), components, False)
+        payload = verify_file(resolve_inside(self.run_dir, best.path), best.checksum, device=device)
+        return payload, self.describe(index, payload)

@@ -67,6 +67,10 @@ class SavePolicy:
         object.__setattr__(self, "max_checkpoints", int(self.max_checkpoints))
         object.__setattr__(self, "save_every_n_batches", int(self.save_every_n_batches))
 
+    def due_by_step(self, global_step: int) -> bool:
+        """The step half of the rule: every ``save_every_n_batches`` steps (the same on every rank)."""
+        return global_step % self.save_every_n_batches == 0
+
 
 class Saver:
     """Schedules, snapshots and writes the checkpoints of one open run."""
@@ -100,7 +104,7 @@ class Saver:
 
     def is_due(self, global_step: int) -> bool:
         """The rule of ``maybe_save``: every ``save_every_n_batches`` steps, or ``save_every_seconds`` since the last save."""
-        if global_step % self.policy.save_every_n_batches == 0:
+        if self.policy.due_by_step(global_step):
             return True
         every = self.policy.save_every_seconds
         return every is not None and time.monotonic() - self._last_save_time >= every
@@ -113,9 +117,15 @@ class Saver:
         metrics: dict[str, float],
         states: Mapping[str, Any],
         extra: Mapping[str, Any],
+        sections: Mapping[str, Any] | None = None,
         stable: frozenset[tuple] = frozenset(),
     ) -> int:
-        """Snapshot ``states`` as the next checkpoint and queue its write; return its id (``stable``: frozen tensors' paths)."""
+        """Snapshot ``states`` as the next checkpoint and queue its write; return its id.
+
+        ``sections``: more top-level payload keys (the per-rank parts of a distributed save,
+        :func:`ckptctl.api.distributed.rank_sections`); ``stable``: the frozen tensors' paths
+        (:func:`ckptctl.packs_io.frozen_paths`).
+        """
         self.worker.wait_for_staging_buffers()
         self.worker.raise_error()
         checkpoint_id = self.next_id
@@ -125,7 +135,7 @@ class Saver:
         self._last_save_time = time.monotonic()
         self._last_save_future = None  # a snapshot that fails leaves no write for a best copy to wait for
         job = functools.partial(self._write_checkpoint_job, request, stable)
-        self._last_save_future = self.snapshot_and_submit(job, request, checkpoint_id, metrics, states, extra)
+        self._last_save_future = self.snapshot_and_submit(job, request, checkpoint_id, metrics, states, extra, sections)
         self.mirror.warn_if_lags(checkpoint_id)
         return checkpoint_id
 
@@ -166,6 +176,7 @@ class Saver:
         metrics: dict[str, float],
         states: Mapping[str, Any],
         extra: Mapping[str, Any] | None = None,
+        sections: Mapping[str, Any] | None = None,
     ) -> Future:
         """Snapshot ``states`` with RNG and queue ``job(payload)``; return its future.
 
@@ -184,6 +195,7 @@ class Saver:
             timestamp=utc_now_iso(),
             states=states,
             extra=extra,
+            sections=sections,
         )
         future = self.worker.submit(job, payload)
         if stager.copy:

@@ -58,6 +58,10 @@ RESERVED_CHECKPOINT_KEYS = frozenset(
         "checkpoint_id",
         "objects",
         "component_order",
+        # a distributed save's per-rank parts (ckptctl/api/distributed.py)
+        "world_size",
+        "rng_ranks",
+        "extra_ranks",
     }
 )
 
