@@ -448,25 +448,19 @@ def render_diff(report: Any, show_all: bool = False) -> None:
     d = report.to_json()
     out = console()
     a, b = d["a"], d["b"]
-    head = _table(show_edge=False, pad_edge=False)
-    head.add_column("")
-    head.add_column("A: " + a["label"])
-    head.add_column("B: " + b["label"])
-    for key in ("epoch", "batch", "global_step"):
-        head.add_row(key, str(a[key]), str(b[key]))
+    # plain tables: metric and tensor names are never split or cut (a long one runs past the edge whole)
+    head = [[key, str(a[key]), str(b[key])] for key in ("epoch", "batch", "global_step")]
     for name in sorted(set(a["metrics"]) | set(b["metrics"])):
-        head.add_row(name, metric(a["metrics"].get(name)), metric(b["metrics"].get(name)))
-    out.print(head)
+        head.append([name, metric(a["metrics"].get(name)), metric(b["metrics"].get(name))])
+    out.print(plain_table(["", "A: " + a["label"], "B: " + b["label"]], head, right=set()), soft_wrap=True)
     rows = [t for t in d["tensors"] if show_all or t["status"] != "same"]
     if rows:
-        table = _table(show_edge=False, pad_edge=False)
-        for name in ("Tensor", "Status", "Shape A", "Shape B", "Max |A-B|"):
-            table.add_column(name, overflow="fold")
+        cells = []
         for t in rows:
             shape_a = "-" if t["shape_a"] is None else "×".join(map(str, t["shape_a"])) or "scalar"
             shape_b = "-" if t["shape_b"] is None else "×".join(map(str, t["shape_b"])) or "scalar"
-            table.add_row(t["name"], t["status"], shape_a, shape_b, _max_abs_diff(t))
-        out.print(table)
+            cells.append([t["name"], t["status"], shape_a, shape_b, _max_abs_diff(t)])
+        out.print(plain_table(["Tensor", "Status", "Shape A", "Shape B", "Max |A-B|"], cells, right=set()), soft_wrap=True)
     if d.get("rng_ignored"):
         out.print("RNG states were ignored (--ignore-rng)")
     if d["bit_identical"]:

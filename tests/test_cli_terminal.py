@@ -21,7 +21,7 @@ import pytest
 from ckptctl.cli import app
 from tests.cli_helpers import REPO, ckptctl_cmd, invoke
 from tests.damage import replace_indexed_file
-from tests.runs import ckpt, write_run
+from tests.runs import write_run
 
 #: torch's words for a numpy scalar it will not unpickle (numpy 2 has ``numpy._core``, numpy 1 ``numpy.core``).
 NUMPY_CAUSE = re.compile(r"Unsupported global: GLOBAL numpy\.(_core|core)\.multiarray\.scalar was not an allowed global by default")
@@ -172,6 +172,17 @@ def test_on_an_80_column_terminal_no_path_is_split(tmp_path):
     for n in range(3):
         assert f"runs/run_a/checkpoints/checkpoint_{n:05d}.pt" in plain, out
     assert "\x1b[35munsafe" in out  # a colour terminal gets colour
+
+
+def test_diff_on_a_narrow_terminal_keeps_tensor_and_metric_names_whole(tmp_path):
+    write_run(tmp_path / "runs", "run_a", n=3)
+    report = json.loads(invoke("diff", "runs/run_a:0", "runs/run_a:2", "--json").stdout)
+    names = [t["name"] for t in report["tensors"] if t["status"] != "same"] + list(report["a"]["metrics"])
+    assert any(len(name) > 20 for name in names)
+    code, out = _on_terminal(["diff", "runs/run_a:0", "runs/run_a:2"], tmp_path, columns=40)
+    assert code == 1, out
+    for name in names:
+        assert re.search(rf"(^|\n){re.escape(name)} ", out), (name, out)
 
 
 # --------------------------------------------------------------------------- 3. terminals without colour (no progress bar either)
