@@ -244,7 +244,7 @@ def test_into_head_in_a_shell_pipeline(tmp_path):
 
 @pytest.mark.parametrize(
     "command, usage",
-    [("show", "PATH [ID]"), ("promote", "RUN ID"), ("diff", "A B"), ("ls", "[PATH]"), ("verify", "[PATH]"), ("backup", "[PATH]")],
+    [("show", "PATH [ID]"), ("promote", "RUN [ID]"), ("diff", "A B"), ("ls", "[PATH]"), ("verify", "[PATH]"), ("backup", "[PATH]")],
 )
 def test_usage_lines_name_arguments_plainly(command, usage):
     first = invoke(command, "--help").stdout.splitlines()[0]
