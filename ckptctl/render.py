@@ -54,16 +54,20 @@ def _is_tty(stream: Any) -> bool:
 
 def width(stream: Any = None) -> int:
     """Columns to lay out for on ``stream`` (stdout): ``COLUMNS`` when set, else the terminal's width, else 80."""
+    return _known_width(sys.stdout if stream is None else stream) or DEFAULT_WIDTH
+
+
+def _known_width(stream: Any) -> int | None:
+    """``COLUMNS`` when set, else the width of the terminal ``stream`` is; None when neither says."""
     columns = os.environ.get("COLUMNS", "").strip()
     if columns.isdigit() and int(columns) > 0:
         return int(columns)
-    stream = sys.stdout if stream is None else stream
     if _is_tty(stream):
         try:
-            return os.get_terminal_size(stream.fileno()).columns or DEFAULT_WIDTH
+            return os.get_terminal_size(stream.fileno()).columns or None
         except (AttributeError, ValueError, OSError):
             pass
-    return DEFAULT_WIDTH
+    return None
 
 
 def colour(stream: Any = None) -> bool:
@@ -77,6 +81,9 @@ def colour(stream: Any = None) -> bool:
 
 def console(stderr: bool = False) -> "Console":
     """A rich console on the current stdout (or stderr), :func:`width` columns wide, styled only on a :func:`colour` terminal.
+
+    Tables are laid out for that width. Lines of text wrap at spaces only when the width is
+    known (a terminal, or ``COLUMNS``); in a pipe they stay whole, for the reader to wrap.
 
     When the reader of the stream goes away (``ckptctl show | head``) the console falls
     silent (see :func:`stream_closed`) instead of exiting.
@@ -92,7 +99,7 @@ def console(stderr: bool = False) -> "Console":
         color_system="auto" if styled else None,
         highlight=False,
         markup=False,
-        soft_wrap=not _is_tty(stream) and stderr,
+        soft_wrap=_known_width(stream) is None,
     )
 
     def on_broken_pipe() -> None:
