@@ -23,7 +23,9 @@ from ckptctl import __version__
 from ckptctl.config import DRIVE_OPTION_HELP, default_drive
 from ckptctl.errors import CkptctlError, NotFoundError
 from ckptctl.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, debug_enabled, error_line
-from ckptctl.output import JSON_HELP, LIBRARY_LOGGER, QUIET_HELP, Output
+from ckptctl.output import JSON_HELP, LIBRARY_LOGGER, QUIET_HELP, Output, until_closed
+from ckptctl.render import stream_closed
+from ckptctl.typer_app import App, PlainValues
 
 
 def _lossless_output() -> None:
@@ -48,11 +50,12 @@ def handle_error(exc: BaseException) -> int:
     if debug_enabled():
         raise exc
     line, code = error_line(exc)
-    sys.stderr.write(line + "\n")
+    with until_closed(sys.stderr):
+        sys.stderr.write(line + "\n")
     return code
 
 
-class _Group(TyperGroup):
+class _Group(PlainValues, TyperGroup):
     """Runs each command inside the error handler, and prints usage errors as one ``Error:`` line."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -67,7 +70,8 @@ class _Group(TyperGroup):
             else:
                 ctx = getattr(exc, "ctx", None)
                 hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-                sys.stderr.write(f"Error: {' '.join(exc.format_message().split())}{hint}\n")
+                with until_closed(sys.stderr):
+                    sys.stderr.write(f"Error: {' '.join(exc.format_message().split())}{hint}\n")
             sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
         except typer.Abort:
             sys.stderr.write("Error: aborted\n")
@@ -75,6 +79,14 @@ class _Group(TyperGroup):
         except Exception as exc:  # raised outside a command (parsing, callbacks)
             sys.exit(handle_error(exc))
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+    def make_context(self, *args, **kwargs):
+        """Click's, but ``ckptctl --help | head`` whose reader went away ends quietly, exit 0 (typer's own handler exits 1)."""
+        try:
+            return super().make_context(*args, **kwargs)
+        except BrokenPipeError:
+            stream_closed()
+            raise typer.Exit(EXIT_OK) from None
 
     def invoke(self, ctx):
         """Run the command; what it raises goes to :func:`handle_error` here, before click turns Ctrl-C into "Aborted".
@@ -89,13 +101,16 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
+        except BrokenPipeError:  # printed outside the output object (a command's --help): see output.until_closed
+            stream_closed()
+            raise typer.Exit(EXIT_OK) from None
         except (Exception, KeyboardInterrupt) as exc:
             raise typer.Exit(handle_error(exc)) from None
         finally:
             library_log.setLevel(level)
 
 
-app = typer.Typer(
+app = App(
     cls=_Group,
     name="ckptctl",
     pretty_exceptions_enable=False,
@@ -271,8 +286,8 @@ def verify_command(
 
 @app.command("show")
 def show_command(
-    path: Path = typer.Argument(..., help="A run directory (or RUN:ID / RUN:best) or a checkpoint file.", autocompletion=complete_run_paths),
-    checkpoint: Optional[str] = typer.Argument(None, metavar="[ID]", help="Checkpoint id, or 'best'; default: the newest."),
+    path: Path = typer.Argument(..., metavar="PATH", help="A run directory (or RUN:ID / RUN:best) or a checkpoint file.", autocompletion=complete_run_paths),
+    checkpoint: Optional[str] = typer.Argument(None, metavar="ID", help="Checkpoint id, or 'best'; default: the newest."),
     json_out: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
 ) -> None:
@@ -389,8 +404,8 @@ def _loads_safely(path: Path) -> bool:
 
 @app.command("promote")
 def promote_command(
-    run: Path = typer.Argument(..., help="The run directory, or RUN:ID.", autocompletion=complete_run_paths),
-    checkpoint_id: Optional[int] = typer.Argument(None, metavar="[ID]", help="The checkpoint to make the best model (or give RUN:ID)."),
+    run: Path = typer.Argument(..., metavar="RUN", help="The run directory, or RUN:ID.", autocompletion=complete_run_paths),
+    checkpoint_id: Optional[int] = typer.Argument(None, metavar="ID", help="The checkpoint to make the best model (or give RUN:ID)."),
     pin: bool = typer.Option(False, "--pin", help="Also pin the checkpoint so retention never deletes it."),
     json_out: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -475,7 +490,7 @@ def restore_command(
 
 @app.command("backup")
 def backup_command(
-    path: Path = typer.Argument(Path("runs"), help="A run directory or a folder of runs.", autocompletion=complete_run_paths),
+    path: Path = typer.Argument(Path("runs"), metavar="PATH", help="A run directory or a folder of runs.", autocompletion=complete_run_paths),
     drive: Optional[Path] = typer.Option(None, "--drive", metavar="PATH", help=DRIVE_OPTION_HELP),
     max_size: Optional[str] = typer.Option(None, "--max-size", metavar="SIZE", help="Per run, the most the mirror may hold, e.g. 14GB, 500MiB [default: Drive's free space plus the run's mirror, less 5%]."),
     json_out: bool = JSON_OPTION,
@@ -518,8 +533,8 @@ def backup_command(
 
 @app.command("diff")
 def diff_command(
-    a: str = typer.Argument(..., help="A checkpoint file, a run (its newest), or RUN:ID / RUN:best."),
-    b: str = typer.Argument(..., help="The same forms as A."),
+    a: str = typer.Argument(..., metavar="A", help="A checkpoint file, a run (its newest), or RUN:ID / RUN:best."),
+    b: str = typer.Argument(..., metavar="B", help="The same forms as A."),
     atol: float = typer.Option(0.0, "--atol", min=0.0, metavar="X", help="Treat values within this absolute difference as equal (default 0: every byte must match)."),
     show_all: bool = typer.Option(False, "--all", help="List every tensor, not only those that differ."),
     ignore_rng: bool = typer.Option(False, "--ignore-rng", help="Leave the saved RNG states out (they differ between unseeded runs)."),

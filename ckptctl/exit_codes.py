@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ckptctl.core.messages import one_line
 from ckptctl.errors import (
     CheckpointIntegrityError,
     CkptctlError,
@@ -85,6 +86,6 @@ def error_message(exc: BaseException, table: tuple[ErrorRule, ...] = ERROR_TABLE
 
 
 def error_line(exc: BaseException, table: tuple[ErrorRule, ...] = ERROR_TABLE) -> tuple[str, int]:
-    """``Error: …`` for ``exc`` as one line (whitespace in the message collapsed), and its exit code."""
+    """``Error: …`` for ``exc`` as one line (whitespace collapsed, terminal escapes removed), and its exit code."""
     message, code = error_message(exc, table)
-    return f"Error: {' '.join(message.split())}", code
+    return f"Error: {one_line(message)}", code

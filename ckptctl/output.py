@@ -15,13 +15,14 @@ modes). No torch here.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
 import sys
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import typer
 
@@ -58,6 +59,21 @@ def print_json(data: Any) -> None:
     sys.stdout.flush()
 
 
+@contextlib.contextmanager
+def until_closed(stream: Any) -> Iterator[None]:
+    """Print to ``stream`` until its reader goes away (``ckptctl ls | head``): then stop printing, quietly.
+
+    A closed pipe is not an error: no message, no traceback, and the command goes on to
+    exit with its own code (0 when all is well; ``verify`` still 1 when it found problems).
+    ckptctl does not die of SIGPIPE as ``git log | head`` does (141 under ``pipefail``): a
+    reader going away never stops a prune or a restore half-way.
+    """
+    try:
+        yield
+    except BrokenPipeError:
+        render.stream_closed(stream)
+
+
 #: The library's loggers (``ckptctl``, ``ckptctl.mirror``, ...): quiet mode raises their level to ERROR.
 LIBRARY_LOGGER = "ckptctl"
 
@@ -86,10 +102,11 @@ class Output:
         """Print ``report``: its JSON, or ``human(report)`` (nothing if None), or nothing when quiet; then its warnings."""
         if self.mode is Mode.QUIET:
             return
-        if self.mode is Mode.JSON:
-            print_json(report.to_json())
-        elif human is not None:
-            human(report)
+        with until_closed(sys.stdout):
+            if self.mode is Mode.JSON:
+                print_json(report.to_json())
+            elif human is not None:
+                human(report)
         for line in getattr(report, "warnings", ()):
             self.warn(line)
 
@@ -102,22 +119,26 @@ class Output:
     def human(self, render_fn: Callable[..., None], *args: Any) -> None:
         """Call a human renderer only in human mode (e.g. a plan shown before a question)."""
         if self.mode is Mode.HUMAN:
-            render_fn(*args)
+            with until_closed(sys.stdout):
+                render_fn(*args)
 
     def info(self, message: str) -> None:
         """A note on stderr (not when quiet)."""
         if self.mode is not Mode.QUIET:
-            render.info(message)
+            with until_closed(sys.stderr):
+                render.info(message)
 
     def warn(self, message: str) -> None:
         """``warning: …`` on stderr (not when quiet)."""
         if self.mode is not Mode.QUIET:
-            render.warn(message)
+            with until_closed(sys.stderr):
+                render.warn(message)
 
     def error(self, exc: BaseException) -> int:
         """``Error: …`` for ``exc`` on stderr, in every mode (for a failure the command goes on after); returns its exit code."""
         line, code = error_line(exc)
-        sys.stderr.write(line + "\n")
+        with until_closed(sys.stderr):
+            sys.stderr.write(line + "\n")
         return code
 
     def progress(self, description: str) -> AbstractContextManager[ProgressCallback]:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import math
+import os
+import select
 import sys
+import textwrap
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import humanize
@@ -38,14 +41,110 @@ def _text(*args: Any, **kwargs: Any) -> "Text":
     return Text(*args, **kwargs)
 
 
+#: Columns for output that goes to no terminal when ``COLUMNS`` does not say (a pipe, a log, a notebook cell).
+DEFAULT_WIDTH = 80
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def width(stream: Any = None) -> int:
+    """Columns to lay out for on ``stream`` (stdout): ``COLUMNS`` when set, else the terminal's width, else 80."""
+    return _known_width(sys.stdout if stream is None else stream) or DEFAULT_WIDTH
+
+
+def _known_width(stream: Any) -> int | None:
+    """``COLUMNS`` when set, else the width of the terminal ``stream`` is; None when neither says."""
+    columns = os.environ.get("COLUMNS", "").strip()
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if _is_tty(stream):
+        try:
+            return os.get_terminal_size(stream.fileno()).columns or None
+        except (AttributeError, ValueError, OSError):
+            pass
+    return None
+
+
+def colour(stream: Any = None) -> bool:
+    """True when ``stream`` (stdout) is a colour terminal: a terminal, ``NO_COLOR`` unset or empty, ``TERM`` not ``dumb``.
+
+    Everywhere else (pipes, files, ``NO_COLOR``, ``--json``) ckptctl writes no escape sequence at all.
+    """
+    stream = sys.stdout if stream is None else stream
+    return _is_tty(stream) and not os.environ.get("NO_COLOR") and os.environ.get("TERM", "") != "dumb"
+
+
 def console(stderr: bool = False) -> "Console":
-    """A console on the current stdout (or stderr); wide and plain when not a terminal."""
+    """A rich console on the current stdout (or stderr), :func:`width` columns wide, styled only on a :func:`colour` terminal.
+
+    Tables are laid out for that width. Lines of text wrap at spaces only when the width is
+    known (a terminal, or ``COLUMNS``); in a pipe they stay whole, for the reader to wrap.
+
+    When the reader of the stream goes away (``ckptctl show | head``) the console falls
+    silent (see :func:`stream_closed`) instead of exiting.
+    """
     stream = sys.stderr if stderr else sys.stdout
-    is_tty = hasattr(stream, "isatty") and stream.isatty()
     # markup=False: run names, paths and error details are printed as they are, never parsed as [style] tags.
     from rich.console import Console
 
-    return Console(file=stream, width=None if is_tty else 120, highlight=False, markup=False, soft_wrap=not is_tty and stderr)
+    styled = colour(stream)
+    out = Console(
+        file=stream,
+        width=width(stream),
+        color_system="auto" if styled else None,
+        highlight=False,
+        markup=False,
+        soft_wrap=_known_width(stream) is None,
+    )
+
+    def on_broken_pipe() -> None:
+        stream_closed(stream)
+        out.quiet = True
+
+    out.on_broken_pipe = on_broken_pipe  # type: ignore[method-assign]  # rich's default exits 1
+    return out
+
+
+def stream_closed(stream: Any = None) -> None:
+    """A reader went away (``ckptctl ls | head``): the rest of what goes to that pipe goes to /dev/null, quietly.
+
+    Which of stdout and stderr lost its reader is asked of the pipes (both, for ``2>&1 |
+    head``); ``stream`` is the one taken when that cannot be told. No message and no exit:
+    the command finishes and its exit code is its own, as if everything had been read.
+    """
+    fds = [fd for fd in (_fileno(sys.stdout), _fileno(sys.stderr)) if fd is not None and _reader_gone(fd)]
+    if not fds and _fileno(stream) is not None:
+        fds = [_fileno(stream)]
+    if not fds:
+        return  # not a real file (a test's capture): nothing to redirect
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in fds:
+            os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _fileno(stream: Any) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _reader_gone(fd: int) -> bool:
+    """True when ``fd`` is a pipe nobody reads any more (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or a closed fd
+        return False
 
 
 def heading(name: str, rest: str = "") -> "Text":
@@ -113,8 +212,8 @@ def _metric_columns(rows: list[dict[str, Any]]) -> list[str]:
 
 @contextlib.contextmanager
 def progress(description: str, enabled: bool = True) -> Iterator[Optional[Callable[[int, int], None]]]:
-    """Yield an ``on_progress(done, total)`` callback drawing a bytes bar on stderr, or None when not on a terminal."""
-    if not enabled or not sys.stderr.isatty():
+    """Yield an ``on_progress(done, total)`` callback drawing a bytes bar on stderr, or None when not on a :func:`colour` terminal."""
+    if not enabled or not colour(sys.stderr):
         yield None
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
@@ -140,20 +239,44 @@ def progress(description: str, enabled: bool = True) -> Iterator[Optional[Callab
 # --------------------------------------------------------------------------- ls
 
 
-def plain_table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
+def plain_table(
+    headers: list[str],
+    rows: list[list[str]],
+    right: set[int],
+    notes: list[str] | None = None,
+    paint: Callable[[int, str], str] | None = None,
+) -> str:
     """A table in the look of rich's edge-less tables, built with plain string padding.
 
     ``ls`` prints one table per run; for a folder of 100 runs rich's layout engine costs
-    over a second, this costs milliseconds. Columns in ``right`` are right-justified.
+    over a second, this costs milliseconds. Columns in ``right`` are right-justified. Cells
+    are never wrapped (a path stays whole; a row wider than the screen runs past its edge).
+    ``notes[i]``, when given, goes under row ``i`` in the last column, wrapped at spaces to
+    :func:`width`. ``paint(column, padded_cell)`` may style body cells (colour on a terminal).
     """
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
-    def line(cells: list[str], sep: str) -> str:
+    def line(cells: list[str], sep: str, painted: bool = False) -> str:
         padded = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
+        if painted and paint is not None:
+            padded = [paint(i, c) for i, c in enumerate(padded)]
         return sep.join(padded).rstrip()
 
     rule = "━╇━".join("━" * w for w in widths)
-    return "\n".join([line(headers, " ┃ "), rule] + [line(r, " │ ") for r in rows])
+    indent = sum(widths[:-1]) + 3 * (len(widths) - 1)
+    out = [line(headers, " ┃ "), rule]
+    for n, row in enumerate(rows):
+        out.append(line(row, " │ ", painted=True))
+        for text in wrap_words(notes[n] if notes else "", width() - indent):
+            out.append(line([""] * (len(widths) - 1) + [text], " │ "))
+    return "\n".join(out)
+
+
+def wrap_words(text: str, columns: int, least: int = 30) -> list[str]:
+    """``text`` in lines of at most ``columns`` (``least`` when that is narrower), broken only at spaces: a name longer than a line stays whole."""
+    if not text:
+        return []
+    return textwrap.wrap(text, width=max(columns, least), break_long_words=False, break_on_hyphens=False) or [text]
 
 
 def render_ls(listing: Any) -> None:
@@ -171,7 +294,7 @@ def render_ls(listing: Any) -> None:
     if not runs:
         sys.stdout.write("No runs found.\n")
         return
-    bold = (lambda t: f"\x1b[1m{t}\x1b[0m") if sys.stdout.isatty() else (lambda t: t)
+    bold = (lambda t: f"\x1b[1m{t}\x1b[0m") if colour() else (lambda t: t)
     lines: list[str] = []
     total_bytes = 0
     total_checkpoints = 0
@@ -266,30 +389,35 @@ def _ls_cells(row: dict[str, Any], metrics: list[str]) -> list[str]:
 
 # --------------------------------------------------------------------------- verify
 
-_STATUS_STYLE = {"ok": "green", "corrupt": "red", "missing": "red", "unsafe": "magenta", "nonfinite": "yellow"}
+#: ANSI colours (SGR codes) of verify's statuses, on a colour terminal only.
+_STATUS_COLOUR = {"ok": "32", "corrupt": "31", "missing": "31", "unsafe": "35", "nonfinite": "33"}
 
 
 def render_verify(report: Any) -> None:
-    """The ``verify`` table (of a :class:`~ckptctl.ops.VerifyReport`) and a one-line summary."""
+    """The ``verify`` table (of a :class:`~ckptctl.ops.VerifyReport`), each problem's detail under its row, and a one-line summary.
+
+    Paths are never split: the detail wraps at spaces to the width (``COLUMNS``, the
+    terminal's, or 80), a path wider than that runs past the edge whole.
+    """
     doc = report.to_json()
-    out = console()
-    table = _table(show_edge=False, pad_edge=False)
-    for name in ("Run", "ID", "Status", "Path", "Detail"):
-        table.add_column(name, overflow="fold")
+    rows = []
     for r in doc["results"]:
-        table.add_row(
-            r["run"],
-            "best" if r["id"] is None and r["path"].endswith(".pt") else ("-" if r["id"] is None else str(r["id"])),
-            _text(r["status"], style=_STATUS_STYLE.get(r["status"], "")),
-            r["path"],
-            r["detail"],
-        )
-    out.print(table)
+        shown_id = "best" if r["id"] is None and r["path"].endswith(".pt") else ("-" if r["id"] is None else str(r["id"]))
+        rows.append([r["run"], shown_id, r["status"], r["path"]])
+
+    def paint(column: int, cell: str) -> str:
+        code = _STATUS_COLOUR.get(cell.strip()) if column == 2 else None
+        return f"\x1b[{code}m{cell}\x1b[0m" if code else cell
+
+    table = plain_table(
+        ["Run", "ID", "Status", "Path"], rows, right=set(), notes=[r["detail"] for r in doc["results"]], paint=paint if colour() else None
+    )
     counts: dict[str, int] = {}
     for r in doc["results"]:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items(), key=lambda kv: kv[0] != "ok"))
-    out.print(("All good: " if doc["ok"] else "Problems found: ") + summary)
+    sys.stdout.write(f"{table}\n{'All good: ' if doc['ok'] else 'Problems found: '}{summary}\n")
+    sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------- show
@@ -327,25 +455,19 @@ def render_diff(report: Any, show_all: bool = False) -> None:
     d = report.to_json()
     out = console()
     a, b = d["a"], d["b"]
-    head = _table(show_edge=False, pad_edge=False)
-    head.add_column("")
-    head.add_column("A: " + a["label"])
-    head.add_column("B: " + b["label"])
-    for key in ("epoch", "batch", "global_step"):
-        head.add_row(key, str(a[key]), str(b[key]))
+    # plain tables: metric and tensor names are never split or cut (a long one runs past the edge whole)
+    head = [[key, str(a[key]), str(b[key])] for key in ("epoch", "batch", "global_step")]
     for name in sorted(set(a["metrics"]) | set(b["metrics"])):
-        head.add_row(name, metric(a["metrics"].get(name)), metric(b["metrics"].get(name)))
-    out.print(head)
+        head.append([name, metric(a["metrics"].get(name)), metric(b["metrics"].get(name))])
+    out.print(plain_table(["", "A: " + a["label"], "B: " + b["label"]], head, right=set()), soft_wrap=True)
     rows = [t for t in d["tensors"] if show_all or t["status"] != "same"]
     if rows:
-        table = _table(show_edge=False, pad_edge=False)
-        for name in ("Tensor", "Status", "Shape A", "Shape B", "Max |A-B|"):
-            table.add_column(name, overflow="fold")
+        cells = []
         for t in rows:
             shape_a = "-" if t["shape_a"] is None else "×".join(map(str, t["shape_a"])) or "scalar"
             shape_b = "-" if t["shape_b"] is None else "×".join(map(str, t["shape_b"])) or "scalar"
-            table.add_row(t["name"], t["status"], shape_a, shape_b, _max_abs_diff(t))
-        out.print(table)
+            cells.append([t["name"], t["status"], shape_a, shape_b, _max_abs_diff(t)])
+        out.print(plain_table(["Tensor", "Status", "Shape A", "Shape B", "Max |A-B|"], cells, right=set()), soft_wrap=True)
     if d.get("rng_ignored"):
         out.print("RNG states were ignored (--ignore-rng)")
     if d["bit_identical"]:

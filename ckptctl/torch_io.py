@@ -327,12 +327,15 @@ def _is_utf8(name: str) -> bool:
 
 
 def _classify_load_error(path: Path, exc: BaseException) -> CheckpointIntegrityError:
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    """``unsafe`` or ``corrupt``, with torch's cause whole on one line and no terminal escapes (see core.messages)."""
+    from ckptctl.core.messages import load_failure_cause
+
+    message = load_failure_cause(str(exc)) or exc.__class__.__name__
     if isinstance(exc, pickle.UnpicklingError) and (
         "weights_only" in str(exc) or "Unsupported global" in str(exc) or "Unsupported operand" in str(exc)
     ):
-        return CheckpointIntegrityError(f"{path.name}: refuses to run pickled code: {message[:200]}", status="unsafe")
-    return CheckpointIntegrityError(f"{path.name}: cannot load: {message[:200]}", status="corrupt")
+        return CheckpointIntegrityError(f"{path.name}: refuses to run pickled code: {message}", status="unsafe")
+    return CheckpointIntegrityError(f"{path.name}: cannot load: {message}", status="corrupt")
 
 
 def _utf8_path(path: Path, fd: int) -> str | Path:
