@@ -1,0 +1,34 @@
+"""Building the index of a run that has checkpoint files but no index (loose files just restored into it).
+
+The same steps as opening the run with :class:`~ckptctl.persistence.ModelPersistence`
+(:mod:`ckptctl.api.open`): every committed checkpoint file is loaded safely, hashed and
+adopted (the guide's files by :mod:`ckptctl.storage.legacy`'s rules, its metadata kept
+as ``.legacy``), and ``best_model.pt`` gets a record made from the file, all under the
+run lock. A file that does not load is logged and left unindexed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckptctl.core.manifest import Index
+from ckptctl.storage import legacy
+from ckptctl.storage.lock import RunLock
+
+from ckptctl.api import open as opening
+
+
+def index_restored_run(run_dir: str | Path) -> Index:
+    """Adopt ``run_dir``'s unindexed checkpoint files and best model into its index, as opening the run would; return the index.
+
+    The best model's record names the metric the guide's ``best_metadata.json`` tracked,
+    if there is one (a later ``ModelPersistence`` compares by its own ``best_metric``).
+    Raises RunLockedError while a trainer holds the run.
+    """
+    run_dir = Path(run_dir)
+    with RunLock(run_dir):
+        opening.cleanup_run_temporaries(run_dir)
+        index = opening.load_or_rebuild_index(run_dir, run_dir.resolve().name)
+        guide_best = legacy.read_guide_best(run_dir)
+        opening.load_or_repair_best(run_dir, index, guide_best.metric if guide_best else None, "max")
+    return index
