@@ -323,6 +323,7 @@ def test_restore_the_guides_flat_folder_into_a_new_run_and_resume_exactly(tmp_pa
     for i in range(3):  # bytes kept exactly
         assert (run / "checkpoints" / f"checkpoint_{i:05d}.pt").read_bytes() == (drive / f"checkpoint_{i:05d}.pt").read_bytes()
     assert (run / "best_model.pt").read_bytes() == (drive / "best_model.pt").read_bytes()
+    assert _runs(tmp_path / "runs")["arc1"]["best"]["source_id"] == 1  # best_model.pt is a copy of checkpoint 1
     index = read_index(run)  # built from the files, with checksums
     assert [(e.id, e.epoch, e.batch) for e in index.checkpoints] == [(i, e, b) for i, (e, b) in enumerate(GUIDE_POSITIONS)]
     assert all(e.checksum for e in index.checkpoints)
