@@ -157,14 +157,16 @@ def join_ref(spec: str, which: str | None, hint: str) -> tuple[str, str | None]:
 
 
 def complete_drive_runs(ctx: typer.Context, incomplete: str) -> List[str]:
-    """Run names on the Drive mirror (``--drive`` if already typed, else the default) for ``--run``."""
+    """Run names on the Drive mirror (``--drive`` if already typed, else the default) for ``--run``, and its folders of loose checkpoints."""
+    from ckptctl.storage.foreign import find_groups
     from ckptctl.storage.scan import find_runs
 
     drive = ctx.params.get("drive") or default_drive()
     try:
-        return [r.name for r in find_runs(drive) if r.name.startswith(incomplete)]
+        names = [r.name for r in find_runs(drive)] + [g.name for g in find_groups(drive) if g.kind == "loose"]
     except OSError:
         return []
+    return [name for name in names if name.startswith(incomplete)]
 
 
 # --------------------------------------------------------------------------- helpers
