@@ -525,17 +525,14 @@ def restore_command(
 
 
 def _index_loose_restore(report: Any) -> Any:
-    """Build the index of a run restored from loose files (each file loaded safely, as opening the run would); files that do not load become problems."""
+    """Build the index of a run restored from loose files (each file loaded safely, as opening the run would); files left out become problems."""
     import dataclasses
 
     from ckptctl.api.adopt import index_restored_run
-    from ckptctl.storage.scan import checkpoint_files_on_disk
 
-    indexed = set(index_restored_run(report.dest).by_id())
-    bad = [f"checkpoints/{path.name} does not load safely: left unindexed (ckptctl verify {path} says why)"
-           for checkpoint_id, path in sorted(checkpoint_files_on_disk(report.dest).items()) if checkpoint_id not in indexed]
-    resume_id = max(indexed, default=None)
-    return dataclasses.replace(report, problems=report.problems + tuple(bad), resume_id=resume_id)
+    index, left_out = index_restored_run(report.dest)
+    bad = tuple(f"checkpoint {i} left out of the index: {why}" for i, why in left_out.items())
+    return dataclasses.replace(report, problems=report.problems + bad, resume_id=max(index.by_id(), default=None))
 
 
 # --------------------------------------------------------------------------- backup

@@ -403,11 +403,12 @@ def test_the_record_reader_resolves_no_code_and_decodes_scalars(tmp_path):
         torch.load(path, weights_only=True)
 
 
-def test_trainloop_resumes_exactly_from_a_cp_r_backup_restored_into_a_new_run(tmp_path):
-    """The guide's habit: `cp -r checkpoints/ drive/checkpoint_backup_<time>/`; the machine is gone; restore, then --resume."""
+def test_trainloop_resumes_exactly_from_standalone_copies_restored_into_a_new_run(tmp_path):
+    """Standalone copies of a trainloop's checkpoints (full payloads, as an export writes them) in a backup folder; the machine is gone; restore, then --resume."""
     import shutil
     import signal
 
+    from ckptctl.torch_io import safe_load
     from tests.trainloop_helpers import FAST_FLAGS, Trainer, assert_same_final_state, replace_flags, trainloop_cmd, wait_until
 
     flags = replace_flags(FAST_FLAGS, {"--epochs": "1"})
@@ -419,7 +420,9 @@ def test_trainloop_resumes_exactly_from_a_cp_r_backup_restored_into_a_new_run(tm
     killed.kill(signal.SIGKILL)
     assert killed.finish() == -signal.SIGKILL
     backup = tmp_path / "drive" / "checkpoint_backup_20250301_120000"
-    shutil.copytree(out / "killed" / "checkpoints", backup)
+    backup.mkdir(parents=True)
+    for path in (out / "killed" / "checkpoints").glob("checkpoint_*.pt"):
+        torch.save(safe_load(path), backup / path.name)
     shutil.rmtree(out / "killed")  # the machine is gone
     newest = max(int(p.stem.split("_")[1]) for p in backup.glob("checkpoint_*.pt"))
     restored = invoke("restore", "--from-drive", "--drive", str(tmp_path / "drive"), "--run", backup.name, "--to", str(out), "--as", "arc1")
@@ -429,3 +432,20 @@ def test_trainloop_resumes_exactly_from_a_cp_r_backup_restored_into_a_new_run(tm
     assert f"Resumed from checkpoint {newest} " in resumed.output
     assert straight.finish() == 0, straight.output
     assert_same_final_state(out / "straight", out / "arc1")
+
+
+def test_checkpoint_files_copied_without_their_runs_objects_are_named_not_restored(tmp_path, make_run):
+    """``cp -r checkpoints/`` of a run whose tensors live in objects/ (format 2): the copies alone hold no tensors."""
+    import shutil
+
+    run = make_run("run_a", n=2)
+    backup = tmp_path / "drive" / "checkpoint_backup_20250301_120000"
+    shutil.copytree(run / "checkpoints", backup)
+    listing = _runs(backup)["checkpoint_backup_20250301_120000"]
+    assert [c["epoch"] for c in listing["checkpoints"]] == [0, 0]
+    assert len(listing["problems"]) == 2 and "objects/ folder" in listing["problems"][0]
+    statuses = {r["status"] for r in _json("verify", str(backup))["results"]}
+    assert statuses <= {"missing", "corrupt"} and statuses
+    result = invoke("restore", "--from-drive", "--drive", str(tmp_path / "drive"), "--to", "runs", "--as", "back")
+    assert result.exit_code == 2 and "copy or restore the whole run folder" in result.stderr
+    assert not (tmp_path / "runs" / "back").exists()

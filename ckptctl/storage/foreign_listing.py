@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ckptctl.errors import CheckpointIntegrityError, CorruptIndexError, NotFoundError
+from ckptctl.core.format import CHECKPOINT_DIR
+from ckptctl.errors import CheckpointIntegrityError, CorruptIndexError, NotFoundError, UnsafePathError
 from ckptctl.storage import legacy
 from ckptctl.storage.foreign import ForeignEntry, ForeignGroup
+from ckptctl.storage.objects import pack_path
 from ckptctl.storage.safetensors_header import read_header
 from ckptctl.storage.scan import mtime_iso, read_json_file
 from ckptctl.storage.torchfile import RecordUnavailable, TorchRecord, read_record, scalar_value
@@ -48,6 +50,7 @@ class EntryInfo:
     monitor: dict[str, Any] | None = None  # Lightning's ModelCheckpoint / the Trainer's best checkpoint
     problem: str | None = None
     record_read: bool = False  # a torch file's record was read (its empty fields are really not recorded)
+    missing_objects: tuple[str, ...] = ()  # a ckptctl format-2 skeleton's packs that are not beside it
 
 
 def _number(value: Any) -> int | float | None:
@@ -100,6 +103,7 @@ def _torch_info(entry: ForeignEntry) -> EntryInfo:
     metrics = _scalars(record, obj.get("metrics"))
     if monitor and monitor["metric"] and monitor["current_score"] is not None:
         metrics.setdefault(monitor["metric"], float(monitor["current_score"]))
+    missing = _missing_packs(entry.path, obj.get("objects"))
     return EntryInfo(
         epoch=_count(obj.get("epoch")),
         batch=_count(obj.get("batch")),
@@ -107,8 +111,32 @@ def _torch_info(entry: ForeignEntry) -> EntryInfo:
         metrics=metrics,
         timestamp=legacy.utc_timestamp(obj.get("timestamp")) or mtime_iso(entry.path),
         monitor=monitor,
+        problem=f"{entry.name}: {SKELETON_WITHOUT_OBJECTS}" if missing else None,
         record_read=True,
+        missing_objects=missing,
     )
+
+
+#: Why a ckptctl checkpoint file copied on its own (``cp -r checkpoints/``) cannot be loaded or restored.
+SKELETON_WITHOUT_OBJECTS = (
+    "a ckptctl checkpoint whose tensors are in the objects/ folder of the run it was copied from, which is not here "
+    "(copy or restore the whole run folder)"
+)
+
+
+def _missing_packs(path: Path, names: Any) -> tuple[str, ...]:
+    """The packs a format-2 skeleton lists (``objects``) that are missing where its loader looks (:func:`ckptctl.packs_io.run_dir_of`)."""
+    if not isinstance(names, list):
+        return ()
+    run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
+    missing = []
+    for name in names:
+        try:
+            if not pack_path(run_dir, name).is_file():
+                missing.append(str(name))
+        except (ValueError, UnsafePathError):
+            missing.append(str(name))
+    return tuple(missing)
 
 
 def hf_metrics(log_history: Any) -> dict[str, float]:

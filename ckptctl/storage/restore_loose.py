@@ -23,7 +23,7 @@ from pathlib import Path
 from ckptctl.errors import NotFoundError, ReadOnlyRunError
 from ckptctl.storage.atomic import ProgressCallback
 from ckptctl.storage.foreign import ForeignEntry, ForeignGroup, find_groups
-from ckptctl.storage.foreign_listing import EntryInfo, list_group
+from ckptctl.storage.foreign_listing import SKELETON_WITHOUT_OBJECTS, EntryInfo, list_group
 from ckptctl.storage.restore import RestoreReport, choose_mirror_run, restore_run
 
 
@@ -67,6 +67,8 @@ def _resumable(entry: ForeignEntry, info: EntryInfo) -> str | None:
         return f"a {entry.format} file records no training position: not a checkpoint a run resumes from"
     if info.record_read and (info.epoch is None or info.batch is None):
         return "records no epoch and batch: not a training checkpoint"
+    if info.missing_objects:
+        return SKELETON_WITHOUT_OBJECTS
     return None
 
 

@@ -194,6 +194,25 @@ class TorchRecord:
     little_endian: bool = True
 
 
+def _member_bytes(f: Any, archive: zipfile.ZipFile, info: zipfile.ZipInfo, start: int = 0, length: int | None = None) -> bytes:
+    """Bytes ``[start, start + length)`` of a zip member; a stored member is read in place, without its CRC.
+
+    torch writes members uncompressed, and ckptctl saves without the zip CRC (its own
+    checksum covers the file), which :mod:`zipfile` would reject: the bytes are read at
+    their offset instead (``zipfile`` checks the CRC of a compressed member as usual).
+    """
+    length = info.file_size - start if length is None else length
+    if info.compress_type != zipfile.ZIP_STORED:
+        return archive.read(info)[start : start + length]
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    f.seek(info.header_offset + 30 + name_len + extra_len + start)
+    return f.read(max(0, min(length, info.file_size - start)))
+
+
 def read_record(path: str | os.PathLike, max_bytes: int = MAX_RECORD_BYTES) -> TorchRecord:
     """Read the object tree of a ``torch.save`` zip file without torch (see the module docstring).
 
@@ -209,9 +228,9 @@ def read_record(path: str | os.PathLike, max_bytes: int = MAX_RECORD_BYTES) -> T
             info = archive.getinfo(names[0])
             if info.file_size > max_bytes:
                 raise RecordUnavailable(f"{path.name}: record of {info.file_size} bytes is over the {max_bytes}-byte limit")
-            raw = archive.read(info)
+            raw = _member_bytes(f, archive, info)
             prefix = names[0][: -len("data.pkl")]
-            order = archive.read(prefix + "byteorder") if prefix + "byteorder" in archive.namelist() else b"little"
+            order = _member_bytes(f, archive, archive.getinfo(prefix + "byteorder")) if prefix + "byteorder" in archive.namelist() else b"little"
     except RecordUnavailable:
         raise
     except (OSError, zipfile.BadZipFile, ValueError, RuntimeError, EOFError) as exc:
@@ -256,9 +275,7 @@ def scalar_value(record: TorchRecord, value: Any) -> float | int | bool | None:
     fmt, width = element
     try:
         with os.fdopen(open_regular(record.path), "rb") as f, zipfile.ZipFile(f) as archive:
-            with archive.open(f"{record.prefix}data/{value.storage.key}") as member:
-                member.seek(value.offset * width)
-                data = member.read(width)
+            data = _member_bytes(f, archive, archive.getinfo(f"{record.prefix}data/{value.storage.key}"), value.offset * width, width)
     except (OSError, KeyError, zipfile.BadZipFile, ValueError, RuntimeError, EOFError):
         return None
     if len(data) != width:
