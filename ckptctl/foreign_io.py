@@ -35,7 +35,7 @@ from ckptctl.storage.atomic import open_regular, read_failure
 from ckptctl.storage.foreign import ForeignEntry
 from ckptctl.storage.foreign_listing import hf_metrics, lightning_monitor, read_trainer_state
 from ckptctl.storage.safetensors_header import read_header
-from ckptctl.storage.scan import mtime_iso
+from ckptctl.storage.scan import mtime_iso, read_json_file
 from ckptctl.tensors import find_nonfinite
 from ckptctl.torch_io import verify_file
 
@@ -113,8 +113,6 @@ def _check_file(path: Path, deep: bool) -> str:
         load_safetensors(path, deep=deep, keep=False)
     elif name.endswith(".json"):
         try:
-            from ckptctl.storage.scan import read_json_file
-
             read_json_file(path)
         except CorruptIndexError as exc:
             raise CheckpointIntegrityError(str(exc)) from None

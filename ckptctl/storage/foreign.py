@@ -81,7 +81,8 @@ def _name(path: Path) -> str:
     return Path(os.path.abspath(path)).name
 
 
-def _file_format(name: str) -> str:
+def file_format(name: str) -> str:
+    """How a checkpoint file is read, by its name: ``safetensors``, ``lightning`` (``.ckpt``) or ``torch``."""
     if name.endswith(".safetensors"):
         return "safetensors"
     return "lightning" if name.endswith(LIGHTNING_SUFFIX) else "torch"
@@ -120,7 +121,7 @@ def _checkpoint_files(folder: Path, prefix: str = "") -> list[ForeignEntry]:
         if name.endswith(LOOSE_SUFFIXES + (LIGHTNING_SUFFIX,)):
             match = _LOOSE_ID.fullmatch(name)
             entries.append(
-                ForeignEntry(prefix + name, folder / name, int(match.group(1)) if match else None, _file_format(name), size, best=name == BEST_MODEL_FILE)
+                ForeignEntry(prefix + name, folder / name, int(match.group(1)) if match else None, file_format(name), size, best=name == BEST_MODEL_FILE)
             )
     return entries
 
@@ -180,7 +181,7 @@ def file_group(path: Path) -> ForeignGroup:
     """A group of one file given as PATH (``verify x.ckpt``): ``lightning`` for ``.ckpt``, else ``loose``."""
     size = path.stat().st_size
     match = _LOOSE_ID.fullmatch(path.name)
-    entry = ForeignEntry(_name(path), path, int(match.group(1)) if match else None, _file_format(path.name), size, best=path.name == BEST_MODEL_FILE)
+    entry = ForeignEntry(_name(path), path, int(match.group(1)) if match else None, file_format(path.name), size, best=path.name == BEST_MODEL_FILE)
     return ForeignGroup(path, _name(path), "lightning" if entry.format == "lightning" else "loose", (entry,))
 
 

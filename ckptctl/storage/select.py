@@ -14,7 +14,7 @@ from pathlib import Path
 from ckptctl.core.format import BEST_MODEL_FILE, CHECKPOINT_DIR, parse_checkpoint_filename
 from ckptctl.errors import CorruptIndexError, NotFoundError, UnsafePathError
 from ckptctl.storage.atomic import resolve_inside
-from ckptctl.storage.foreign import LIGHTNING_SUFFIX, ForeignGroup, find_groups
+from ckptctl.storage.foreign import ForeignGroup, file_format, find_groups
 from ckptctl.storage.foreign_listing import list_group, select_entry
 from ckptctl.storage.scan import checkpoint_files_on_disk, find_runs, is_run_dir, read_best_record, read_index
 
@@ -121,9 +121,8 @@ def select_checkpoint(path: str | os.PathLike, which: str | None = None) -> Chec
 
 def _foreign_format(name: str) -> str | None:
     """How a checkpoint file is loaded: by ckptctl's torch loader (None), or as another tool's format."""
-    if name.endswith(".safetensors"):
-        return "safetensors"
-    return "lightning" if name.endswith(LIGHTNING_SUFFIX) else None
+    fmt = file_format(name)
+    return None if fmt == "torch" else fmt
 
 
 def _ref_in_group(path: Path, groups: list[ForeignGroup], which: str | None) -> CheckpointRef:
@@ -135,7 +134,7 @@ def _ref_in_group(path: Path, groups: list[ForeignGroup], which: str | None) -> 
         raise NotFoundError(f"{path}: holds {len(groups)} folders of checkpoints ({names}); name one")
     listing = list_group(groups[0])
     entry = select_entry(listing, which)
-    fmt = None if entry.format == "torch" else entry.format
+    fmt = None if entry.format == "torch" else entry.format  # an hf-checkpoint folder keeps its format
     label = f"{listing.name} {entry.name}"
     return CheckpointRef(entry.path, label, entry.id, None, listing.path, state_bytes=entry.size_bytes, format=fmt)
 
