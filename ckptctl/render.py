@@ -231,7 +231,7 @@ def foreign_lines(run: dict[str, Any], name: str) -> list[str]:
     for row in rows:
         marks = [mark for key, mark in (("latest", "latest"), ("best_source", "best")) if row[key]]
         cells.append([
-            row["name"], *(_position(row[k]) for k in ("epoch", "batch", "global_step")),
+            row["name"], *(_position_cell(row[k]) for k in ("epoch", "batch", "global_step")),
             *[metric(row["metrics"].get(m)) for m in metrics], size(row["size_bytes"]), age(row["timestamp"]), " ".join(marks),
         ])
     if rows:
@@ -248,7 +248,7 @@ def foreign_lines(run: dict[str, Any], name: str) -> list[str]:
     return lines
 
 
-def _position(value: Any) -> str:
+def _position_cell(value: Any) -> str:
     """An epoch, batch or step: exact when an integer (a Trainer's epoch may be fractional)."""
     if value is None:
         return "-"

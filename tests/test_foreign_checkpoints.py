@@ -318,7 +318,7 @@ def test_restore_the_guides_flat_folder_into_a_new_run_and_resume_exactly(tmp_pa
     before = snapshot(drive)
     result = invoke("restore", "--from-drive", "--drive", str(drive), "--run", "ARC-EFE-Backups", "--to", "runs", "--as", "arc1")
     assert result.exit_code == 0, result.stderr
-    assert "--run-name arc1" in result.stdout and "checkpoint 2" in result.stdout
+    assert 'ModelPersistence("runs/arc1", ...).resume(...)' in result.stdout and "checkpoint 2" in result.stdout
     run = tmp_path / "runs" / "arc1"
     for i in range(3):  # bytes kept exactly
         assert (run / "checkpoints" / f"checkpoint_{i:05d}.pt").read_bytes() == (drive / f"checkpoint_{i:05d}.pt").read_bytes()
@@ -330,8 +330,8 @@ def test_restore_the_guides_flat_folder_into_a_new_run_and_resume_exactly(tmp_pa
     assert _runs(tmp_path / "runs")["arc1"]["kind"] == "ckptctl"
     assert _json("verify", str(run))["ok"] is True
     fresh = GuideModels(seed=99)
-    with ModelPersistence(run, background=False) as p:
-        info = p.resume(**fresh.modules(), optimizer=fresh.optimizer)
+    with ModelPersistence(run, background=False) as p:  # the guide's call: components by position, in the order saved
+        info = p.resume(fresh.agent, fresh.qwen, fresh.solver2, fresh.efe_loss, fresh.policy_rl, fresh.optimizer)
     assert info["checkpoint_id"] == 2 and (info["epoch"], info["batch"]) == GUIDE_POSITIONS[2]
     for name, module in fresh.modules().items():
         assert [r.name for r in compare_states(module.state_dict(), final[name]) if not r.bit_identical] == [], name
