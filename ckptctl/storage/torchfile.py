@@ -77,12 +77,14 @@ class Opaque:
             self.state = {}
         self.state[key] = value
 
-    def append(self, value: Any) -> None:  # APPENDS on an opaque list
+    def append(self, value: Any) -> None:
+        """APPEND on an opaque list: the value is kept in ``state``."""
         if not isinstance(self.state, list):
             self.state = []
         self.state.append(value)
 
     def extend(self, values: Any) -> None:
+        """APPENDS on an opaque list."""
         for value in values:
             self.append(value)
 
@@ -168,6 +170,7 @@ class _RecordUnpickler(pickle.Unpickler):
         self._placeholders: dict[str, type[Opaque]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        """A known harmless global, else the placeholder class for ``module.name`` (one per name)."""
         known = _KNOWN.get((module, name))
         if known is not None:
             return known
@@ -177,6 +180,7 @@ class _RecordUnpickler(pickle.Unpickler):
         return self._placeholders[full]
 
     def persistent_load(self, pid: Any) -> Any:
+        """A storage reference (``('storage', type, key, location, numel)``) as a :class:`StorageRef`."""
         if isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage":
             kind = pid[1].global_name.rpartition(".")[2] if isinstance(pid[1], type) and issubclass(pid[1], Opaque) else ""
             numel = pid[4] if len(pid) > 4 and isinstance(pid[4], int) else None
