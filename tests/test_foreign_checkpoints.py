@@ -403,12 +403,11 @@ def test_the_record_reader_resolves_no_code_and_decodes_scalars(tmp_path):
         torch.load(path, weights_only=True)
 
 
-def test_trainloop_resumes_exactly_from_standalone_copies_restored_into_a_new_run(tmp_path):
-    """Standalone copies of a trainloop's checkpoints (full payloads, as an export writes them) in a backup folder; the machine is gone; restore, then --resume."""
+def test_trainloop_resumes_exactly_from_exported_checkpoints_restored_into_a_new_run(tmp_path):
+    """A trainloop's checkpoints exported (``ckptctl export``: standalone full payloads) to a backup folder; the machine is gone; restore, then --resume."""
     import shutil
     import signal
 
-    from ckptctl.torch_io import safe_load
     from tests.trainloop_helpers import FAST_FLAGS, Trainer, assert_same_final_state, replace_flags, trainloop_cmd, wait_until
 
     flags = replace_flags(FAST_FLAGS, {"--epochs": "1"})
@@ -422,7 +421,8 @@ def test_trainloop_resumes_exactly_from_standalone_copies_restored_into_a_new_ru
     backup = tmp_path / "drive" / "checkpoint_backup_20250301_120000"
     backup.mkdir(parents=True)
     for path in (out / "killed" / "checkpoints").glob("checkpoint_*.pt"):
-        torch.save(safe_load(path), backup / path.name)
+        exported = invoke("export", str(path), str(backup / path.name))
+        assert exported.exit_code == 0, exported.stderr
     shutil.rmtree(out / "killed")  # the machine is gone
     newest = max(int(p.stem.split("_")[1]) for p in backup.glob("checkpoint_*.pt"))
     restored = invoke("restore", "--from-drive", "--drive", str(tmp_path / "drive"), "--run", backup.name, "--to", str(out), "--as", "arc1")
