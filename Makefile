@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv demo test stress clean
+.PHONY: venv demo test stress interop clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ test: venv
 
 stress: venv
 	$(PY) -m pytest -q -m slow -s -rfEs
+
+# The slow test on real Hugging Face Trainer and Lightning output (skipped by `make stress` when the
+# optional interop extra is not installed): installs transformers, accelerate and lightning into .venv.
+interop: venv
+	$(PY) -m pip install --quiet -e ".[test,interop]"
+	$(PY) -m pytest -q -m slow -rfEs tests/test_foreign_interop.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

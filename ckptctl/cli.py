@@ -172,14 +172,16 @@ def join_ref(spec: str, which: str | None, hint: str) -> tuple[str, str | None]:
 
 
 def complete_drive_runs(ctx: typer.Context, incomplete: str) -> List[str]:
-    """Run names on the Drive mirror (``--drive`` if already typed, else the default) for ``--run``."""
+    """Run names on the Drive mirror (``--drive`` if already typed, else the default) for ``--run``, and its folders of loose checkpoints."""
+    from ckptctl.storage.foreign import find_groups
     from ckptctl.storage.scan import find_runs
 
     drive = ctx.params.get("drive") or default_drive()
     try:
-        return [r.name for r in find_runs(drive) if r.name.startswith(incomplete)]
+        names = [r.name for r in find_runs(drive)] + [g.name for g in find_groups(drive) if g.kind == "loose"]
     except OSError:
         return []
+    return [name for name in names if name.startswith(incomplete)]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -192,6 +194,24 @@ def _runs_at(path: Path) -> list[Path]:
         return find_runs(path)
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise NotFoundError(str(exc)) from None
+
+
+def _own_runs(path: Path, verb: str, out: Output) -> list[Path]:
+    """The ckptctl runs at ``path`` for a command that changes them; folders ckptctl did not write are left alone.
+
+    With none of its own runs there, such folders are refused (ReadOnlyRunError, one line);
+    beside runs of its own, they are named in a note and skipped.
+    """
+    runs = _runs_at(path)
+    from ckptctl.errors import ReadOnlyRunError
+    from ckptctl.storage.foreign import find_groups, read_only_message
+
+    groups = find_groups(path)
+    if groups and not runs:
+        raise ReadOnlyRunError(f"{path}: {read_only_message(groups, verb)}")
+    if groups:
+        out.info(f"{path}: skipped: {read_only_message(groups, verb)}")
+    return runs
 
 
 def _size_option(value: str, flag: str) -> int:
@@ -256,22 +276,28 @@ def verify_command(
     The trial load runs on CPU with weights_only=True, memory-mapped, so pickled code in a
     file is never run (such a file is reported 'unsafe'). Statuses: ok, corrupt, missing,
     unsafe, nonfinite. Exits 1 if any file has a problem or there was nothing to verify.
+    PATH may also be one checkpoint file, or a folder ckptctl did not write (loose .pt
+    files, a Hugging Face Trainer output, Lightning .ckpt files, .safetensors files):
+    those have no checksums and are checked by loading safely (safetensors: header and
+    data bounds, then every tensor).
 
     \b
     Example:
         ckptctl verify runs/
         ckptctl verify runs/my_run --deep --json
+        ckptctl verify /content/drive/MyDrive/ARC-EFE-Backups/checkpoint_00003.pt
     """
     from ckptctl import render
 
     out = Output.from_flags(json_out, quiet)
-    runs = _runs_at(path)
-    if not runs:
+    runs, groups, files = _verify_targets(path)
+    if not (runs or groups or files):
         raise CkptctlError(f"{path}: no runs here, nothing to verify")
-    from ckptctl.ops import VerifyReport, verify_runs
+    from ckptctl.ops import VerifyReport, verify_groups, verify_ref, verify_runs
 
     with out.progress("verifying") as on_progress:
-        report = VerifyReport(tuple(verify_runs(runs, deep=deep, on_progress=on_progress)))
+        results = verify_runs(runs, deep=deep, on_progress=on_progress) + [verify_ref(ref, deep=deep) for ref in files]
+        report = VerifyReport(tuple(results + verify_groups(groups, deep=deep, on_progress=on_progress)))
     if not report.results:
         raise CkptctlError(f"{path}: no checkpoints here, nothing to verify")
     from ckptctl.storage.collect import leftover_note
@@ -281,25 +307,40 @@ def verify_command(
     out.finish(report, render.render_verify)
 
 
+def _verify_targets(path: Path) -> tuple[list[Path], list[Any], list[Any]]:
+    """What ``verify PATH`` checks: ckptctl runs, folders ckptctl did not write, and a file of a run's index (by its checksum)."""
+    from ckptctl.storage.foreign import file_group, find_groups
+
+    if path.is_file():
+        from ckptctl.storage.select import select_checkpoint
+
+        ref = select_checkpoint(path)
+        return ([], [], [ref]) if ref.checksum is not None else ([], [file_group(path)], [])
+    return _runs_at(path), find_groups(path), []
+
+
 # --------------------------------------------------------------------------- show
 
 
 @app.command("show")
 def show_command(
-    path: Path = typer.Argument(..., metavar="PATH", help="A run directory (or RUN:ID / RUN:best) or a checkpoint file.", autocompletion=complete_run_paths),
-    checkpoint: Optional[str] = typer.Argument(None, metavar="ID", help="Checkpoint id, or 'best'; default: the newest."),
+    path: Path = typer.Argument(..., metavar="PATH", help="A run directory (or RUN:ID / RUN:best), a folder of other checkpoints, or a checkpoint file.", autocompletion=complete_run_paths),
+    checkpoint: Optional[str] = typer.Argument(None, metavar="ID", help="Checkpoint id, 'best', or (other tools' folders) a checkpoint's name; default: the newest."),
     json_out: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
 ) -> None:
     """Show one checkpoint in depth: components, tensors, parameters, dtypes, bytes, metrics, RNG, resume position.
 
     The file is checked against the index checksum (when it has one) and loaded safely.
+    Other tools' checkpoints too: a .safetensors or Lightning .ckpt file, a Hugging Face
+    Trainer checkpoint-N folder (or its output folder with ID N), loose .pt files.
 
     \b
     Example:
         ckptctl show runs/my_run          # the newest checkpoint
         ckptctl show runs/my_run 7        # or runs/my_run:7, as diff takes it
         ckptctl show runs/my_run:best --json
+        ckptctl show hf_output 20         # hf_output/checkpoint-20
     """
     from ckptctl import render
     from ckptctl.storage.select import select_checkpoint
@@ -332,7 +373,7 @@ def resume_info_command(
     from ckptctl import render
 
     out = Output.from_flags(json_out, quiet)
-    runs = _runs_at(path)
+    runs = _own_runs(path, "resume from", out)
     if not runs:
         raise NotFoundError(f"{path}: no runs here")
     from ckptctl.ops import ResumeInfoReport, resume_info
@@ -372,7 +413,7 @@ def prune_command(
     if keep is None and max_size is None:
         raise typer.BadParameter("give --keep N and/or --max-size SIZE", param_hint="'--keep' / '--max-size'")
     max_bytes = _size_option(max_size, "'--max-size'") if max_size is not None else None
-    runs = _runs_at(path)
+    runs = _own_runs(path, "prune", out)
     if not runs:
         out.info(f"{path}: no runs here, nothing to prune")
         out.emit(PruneReport(dry_run=dry_run))  # JSON only: an empty plan
@@ -424,6 +465,7 @@ def promote_command(
 
     out = Output.from_flags(json_out, quiet)
     run, checkpoint_id = _promote_target(str(run), checkpoint_id)
+    _own_runs(Path(run), "promote", out)
     run_dir = single_run(run)
     from ckptctl.ops import PromoteReport, promote
 
@@ -452,6 +494,7 @@ def restore_command(
     run: Optional[str] = typer.Option(None, "--run", metavar="NAME", help="Run name on the mirror [default: the run with the newest checkpoint].", autocompletion=complete_drive_runs),
     checkpoint_id: Optional[int] = typer.Option(None, "--id", metavar="N", help="Restore only this checkpoint (plus the best model)."),
     to: Path = typer.Option(Path("runs"), "--to", metavar="DIR", help="Local folder of runs; the run lands in DIR/<run name>."),
+    as_name: Optional[str] = typer.Option(None, "--as", metavar="NAME", help="Local run name [default: the name on the mirror; for loose files, their folder's name]."),
     force: bool = typer.Option(False, "--force", help="Overwrite local checkpoints even when they are newer than the mirror's."),
     json_out: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -461,6 +504,10 @@ def restore_command(
     Only missing, older or damaged local files are copied; an interrupted restore continues
     where it stopped. A local checkpoint newer than the mirror's is kept unless --force.
     Exits 1 if some mirror entry could not be restored (each is listed).
+    Loose checkpoint files (the Colab guide's flat Drive folder, checkpoint_backup_*
+    copies; --run names their folder, the Drive folder itself by its own name) become a
+    new run (--as names it): their bytes copied as they are, then each loaded safely
+    to build its index.
     Afterwards it says how to continue: `python -m ckptctl.trainloop --resume --output-dir
     DIR --run-name NAME` for a run the trainloop wrote, else `ModelPersistence("DIR/NAME",
     ...).resume(...)` in your own training loop.
@@ -469,20 +516,38 @@ def restore_command(
     Example:
         ckptctl restore --from-drive
         ckptctl restore --from-drive --drive /mnt/drive/backups --run my_run --to runs
+        ckptctl restore --from-drive --run checkpoint_backup_20250301_120000 --as arc1
     """
     from ckptctl import render
-    from ckptctl.storage.restore import choose_mirror_run, restore_run
+    from ckptctl.storage.restore import restore_run
+    from ckptctl.storage.restore_loose import choose_restore_source, restore_loose
 
     out = Output.from_flags(json_out, quiet)
     if not from_drive:
         raise typer.BadParameter("only --from-drive is supported: ckptctl restore --from-drive", param_hint="'--from-drive'")
+    if as_name is not None and (not as_name or as_name in (".", "..") or "/" in as_name or "\0" in as_name):
+        raise typer.BadParameter(f"{as_name!r} is not a folder name", param_hint="'--as'")
     drive_root = drive if drive is not None else default_drive()
-    mirror_run = choose_mirror_run(drive_root, run)
-    dest = to / mirror_run.name
-    out.info(f"restoring {mirror_run} -> {dest}")
+    source = choose_restore_source(drive_root, run)
+    dest = to / (as_name or source.name)
+    out.info(f"restoring {source if isinstance(source, Path) else source.path} -> {dest}")
     with out.progress("restoring") as on_progress:
-        report = restore_run(mirror_run, dest, only_id=checkpoint_id, force=force, on_progress=on_progress)
+        if isinstance(source, Path):
+            report = restore_run(source, dest, only_id=checkpoint_id, force=force, on_progress=on_progress)
+        else:
+            report = _index_loose_restore(restore_loose(source, dest, only_id=checkpoint_id, force=force, on_progress=on_progress))
     out.finish(report, render.render_restore)
+
+
+def _index_loose_restore(report: Any) -> Any:
+    """Build the index of a run restored from loose files (each file loaded safely, as opening the run would); files left out become problems."""
+    import dataclasses
+
+    from ckptctl.api.adopt import index_restored_run
+
+    index, left_out = index_restored_run(report.dest)
+    bad = tuple(f"checkpoint {i} left out of the index: {why}" for i, why in left_out.items())
+    return dataclasses.replace(report, problems=report.problems + bad, resume_id=max(index.by_id(), default=None))
 
 
 # --------------------------------------------------------------------------- backup
@@ -518,7 +583,7 @@ def backup_command(
     if max_size is not None:
         _size_option(max_size, "'--max-size'")
     drive_root = drive if drive is not None else default_drive()
-    runs = _runs_at(path)
+    runs = _own_runs(path, "back up", out)
     if not runs:
         raise NotFoundError(f"{path}: no runs here")
     done = []

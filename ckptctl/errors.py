@@ -73,3 +73,7 @@ class NotRegularFileError(CkptctlError, OSError):
 
     def __str__(self) -> str:
         return f"{self.filename}: {self.strerror}"
+
+
+class ReadOnlyRunError(CkptctlError):
+    """The folder holds checkpoints ckptctl did not write (another tool's, or loose files): ckptctl never changes them."""

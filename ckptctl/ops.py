@@ -28,6 +28,7 @@ from ckptctl.storage.lock import RunLock
 from ckptctl.storage.objects import PackChecks, check_record_objects
 from ckptctl.storage.runfiles import commit_index, replace_best
 from ckptctl.storage.scan import checkpoint_files_on_disk, read_best, read_best_record, read_index, read_json_file, read_training_state
+from ckptctl.storage.foreign import ForeignGroup
 from ckptctl.storage.select import CheckpointRef
 from ckptctl.tensors import TensorDiff, compare_states, jsonable, summarize
 from ckptctl.torch_io import verify_file
@@ -217,6 +218,31 @@ def verify_runs(
     return results
 
 
+def verify_ref(ref: CheckpointRef, *, deep: bool = False) -> VerifyResult:
+    """Verify one file picked by path (``verify FILE``) against the checksum(s) its run's index gives it."""
+    run = ref.run_dir if ref.run_dir is not None else ref.path.parent
+    return _verify_job(run, _Job(ref.checkpoint_id, ref.path, str(ref.path), ref.checksum), deep)
+
+
+def verify_groups(groups: list[ForeignGroup], *, deep: bool = False, on_progress: ProgressCallback = None) -> list[VerifyResult]:
+    """Verify every checkpoint of folders ckptctl did not write (:mod:`ckptctl.foreign_io`: safe loads, no checksums).
+
+    One result per entry (a Trainer ``checkpoint-N/`` folder is one, its files checked
+    together); never raises for a bad file. ``on_progress(done_bytes, total_bytes)`` per entry.
+    """
+    from ckptctl.foreign_io import check_entry
+
+    total, done, results = sum(g.total_bytes for g in groups), 0, []
+    for group in groups:
+        for entry in group.entries:
+            status, detail = check_entry(entry, deep=deep)
+            results.append(VerifyResult(group.name, entry.id, str(entry.path), status, detail))
+            done += entry.size_bytes
+            if on_progress:
+                on_progress(done, total)
+    return results
+
+
 def loads_safely(path: Path) -> bool:
     """True if ``path`` passes the safe trial load (``weights_only=True``, memory-mapped); for ``prune`` of files without checksums."""
     try:
@@ -341,7 +367,11 @@ def _drop_pruned_meanwhile(results: list[VerifyResult], run_dirs: list[Path]) ->
 
 
 def _load(ref: CheckpointRef) -> dict[str, Any]:
-    """Checksum (when the index knows it) and safe load; CheckpointIntegrityError otherwise."""
+    """Checksum (when the index knows it) and safe load; CheckpointIntegrityError otherwise. Other tools' formats: :mod:`ckptctl.foreign_io`."""
+    if ref.format is not None:
+        from ckptctl.foreign_io import load_entry
+
+        return load_entry(ref.path, ref.format)
     return verify_file(ref.path, ref.checksum)
 
 
@@ -394,7 +424,7 @@ def describe_checkpoint(ref: CheckpointRef) -> CheckpointDescription:
     resume = None
     if all(isinstance(v, int) for v in position.values()):
         resume = {**position, **_continues_at(payload, read_training_state(ref.run_dir) if ref.run_dir is not None else None)}
-    size = ref.path.stat().st_size
+    size = ref.path.stat().st_size if ref.path.is_file() else (ref.state_bytes or 0)  # a Trainer's checkpoint-N/ is a folder
     return CheckpointDescription(
         path=str(ref.path),
         label=ref.label,

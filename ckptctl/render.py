@@ -15,6 +15,7 @@ import os
 import select
 import sys
 import textwrap
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import humanize
@@ -302,6 +303,9 @@ def render_ls(listing: Any) -> None:
         rows = run["checkpoints"]
         total_bytes += run["total_bytes"]
         total_checkpoints += len(rows)
+        if run.get("kind", "ckptctl") != "ckptctl":  # a folder ckptctl did not write
+            lines.extend(foreign_lines(run, bold(run["name"])) + [""])
+            continue
         flags = []
         if run.get("status"):
             flags.append(run["status"])
@@ -330,6 +334,48 @@ def render_ls(listing: Any) -> None:
         lines.append(f"{len(runs)} runs, {total_checkpoints} checkpoints, {size(total_bytes)} in total")
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()
+
+
+#: How ``ls`` names each kind of folder ckptctl did not write.
+FOREIGN_KINDS = {"loose": "loose checkpoint files", "hf-trainer": "Hugging Face Trainer output", "lightning": "Lightning checkpoints"}
+
+
+def foreign_lines(run: dict[str, Any], name: str) -> list[str]:
+    """``ls`` lines of a folder ckptctl did not write (a run's ``ls --json`` form with a ``kind``): read-only, listed by name.
+
+    Epoch, batch, step and metrics are what the files record (empty where they record
+    none); marks: latest, best (the best model's source, or the monitor's best).
+    """
+    rows = run["checkpoints"]
+    lines = [f"{name}  {run['path']}  ({FOREIGN_KINDS.get(run['kind'], run['kind'])}, read-only)"]
+    metrics = _metric_columns(rows)
+    headers = ["Name", "Epoch", "Batch", "Step", *metrics, "Size", "Age", "Marks"]
+    cells = []
+    for row in rows:
+        marks = [mark for key, mark in (("latest", "latest"), ("best_source", "best")) if row[key]]
+        cells.append([
+            row["name"], *(_position_cell(row[k]) for k in ("epoch", "batch", "global_step")),
+            *[metric(row["metrics"].get(m)) for m in metrics], size(row["size_bytes"]), age(row["timestamp"]), " ".join(marks),
+        ])
+    if rows:
+        lines.append(plain_table(headers, cells, set(range(1, len(headers) - 2))))
+    best, monitor = run.get("best"), run.get("monitor")
+    if best is not None:
+        where = f"epoch {best['epoch']}, batch {best['batch']}" if best["epoch"] is not None else "position not recorded"
+        lines.append(f"  best model: {Path(best['path']).name} ({where}), {size(best['size_bytes'])}")
+    if monitor:
+        what = monitor.get("metric") or "best metric"
+        mode = f" ({monitor['mode']})" if monitor.get("mode") else ""
+        lines.append(f"  monitor: {what}{mode}, best {metric(monitor.get('best_score'))} at {monitor.get('best_checkpoint') or '-'}")
+    lines.append(f"  {len(rows)} checkpoint(s), {size(run['total_bytes'])} in total")
+    return lines
+
+
+def _position_cell(value: Any) -> str:
+    """An epoch, batch or step: exact when an integer (a Trainer's epoch may be fractional)."""
+    if value is None:
+        return "-"
+    return str(value) if isinstance(value, int) else metric(value)
 
 
 def drive_lines(status: dict[str, Any] | None, latest_id: int | None = None) -> list[str]:
@@ -577,6 +623,8 @@ def render_restore(report: Any) -> None:
     out.print(f"Restored {len(report.copied)} file(s){packs} ({copied}) into {report.dest}; {len(report.already)} already present.")
     for rel in report.kept_local:
         out.print(f"  kept local {rel}: newer than the mirror's (use --force to overwrite)")
+    for note in getattr(report, "notes", ()):
+        info(note)
     for problem in report.problems:
         warn(problem)
     if report.resume_id is not None:

@@ -268,5 +268,7 @@ def test_verify_on_a_terminal_draws_progress_and_still_reports(tmp_path):
 
 def test_layers_import_only_what_they_may():
     """Storage modules the CLI added import neither torch nor the CLI libraries; render imports no torch."""
-    storage = ["ckptctl.storage.listing", "ckptctl.storage.plans", "ckptctl.storage.collect", "ckptctl.storage.restore", "ckptctl.storage.select", "ckptctl.core.units"]
+    storage = ["ckptctl.storage.listing", "ckptctl.storage.plans", "ckptctl.storage.collect", "ckptctl.storage.restore", "ckptctl.storage.select", "ckptctl.core.units",
+               "ckptctl.storage.foreign", "ckptctl.storage.foreign_listing", "ckptctl.storage.torchfile",
+               "ckptctl.storage.safetensors_header", "ckptctl.storage.restore_loose"]
     assert modules_imported_by(storage, ("torch", "typer", "rich", "humanize"), ["ckptctl.render"]) == ([], False)

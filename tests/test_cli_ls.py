@@ -32,8 +32,8 @@ def test_ls_json_shape_and_raw_numbers(tmp_path):
     doc = json.loads(result.stdout)
     (r,) = doc["runs"]
     # the shape the README documents (Output formats), exactly
-    assert set(r) == {"name", "path", "total_bytes", "indexed", "locked", "status", "checkpoints", "best", "problems", "drive"}
-    assert r["name"] == "run_a" and r["path"] == "runs/run_a"
+    assert set(r) == {"name", "path", "kind", "total_bytes", "indexed", "locked", "status", "checkpoints", "best", "problems", "drive"}
+    assert r["name"] == "run_a" and r["path"] == "runs/run_a" and r["kind"] == "ckptctl"
     # bytes (format 2, see test_cli_format2.py): the full state of each, the unique bytes of the run
     assert [c["size_bytes"] for c in r["checkpoints"]] == [e["state_bytes"] for e in index_of(run)["checkpoints"]]
     assert r["total_bytes"] == disk_bytes(run)

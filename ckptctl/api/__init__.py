@@ -8,4 +8,5 @@
 - ``mirroring``    the Drive mirror's bookkeeping in the local run
 - ``loading``      checked loads behind resume / load_checkpoint / load_best_model
 - ``runs``         module-level helpers: Drive setup, newest checkpoint, restore from Drive
+- ``adopt``        the index of a run restored from loose files, built as opening it would
 """

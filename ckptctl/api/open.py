@@ -260,8 +260,9 @@ def _rebuild_best_record(run_dir: Path, index: Index, metric: str, mode: str) ->
         log.warning("%s: best_model.pt does not load (%s); it will be replaced by the next best", run_dir, exc)
         return None
     epoch, batch = payload.get("epoch"), payload.get("batch")
+    copy_of = next((e.id for e in index.checkpoints if e.checksum == checksum), None)  # a byte copy of a checkpoint (cp)
     repaired = BestInfo.of_model(
-        source_id=payload.get("checkpoint_id") if isinstance(payload.get("checkpoint_id"), int) else None,
+        source_id=payload.get("checkpoint_id") if isinstance(payload.get("checkpoint_id"), int) else copy_of,
         epoch=int(payload.get("epoch", 0)),
         batch=int(payload.get("batch", 0)),
         global_step=int(payload.get("global_step", legacy.global_step_at(index, epoch, batch) or 0)),

@@ -23,6 +23,8 @@ from ckptctl.core.objects import new_bytes_by_id, pack_relpath, referenced_packs
 from ckptctl.errors import UnsafePathError
 from ckptctl.storage import legacy
 from ckptctl.storage.atomic import resolve_inside
+from ckptctl.storage.foreign import find_groups
+from ckptctl.storage.foreign_listing import GroupListing, list_group
 from ckptctl.storage.lock import is_locked
 from ckptctl.storage.mirror import read_mirror_status
 from ckptctl.storage.objects import stored_pack_names
@@ -130,6 +132,7 @@ class RunListing:
         return {
             "name": self.name,
             "path": str(self.path),
+            "kind": "ckptctl",
             "total_bytes": self.total_bytes,
             "indexed": self.indexed,
             "locked": self.locked,
@@ -321,9 +324,13 @@ def _json_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
 
 @dataclass(frozen=True)
 class Listing:
-    """What ``ckptctl ls`` reports: every run at a path (none for an existing folder without runs)."""
+    """What ``ckptctl ls`` reports: every run at a path (none for an existing folder without runs).
 
-    runs: tuple[RunListing, ...] = ()
+    ``runs`` also holds the folders ckptctl did not write
+    (:class:`~ckptctl.storage.foreign_listing.GroupListing`, same ``to_json`` keys plus ``kind``).
+    """
+
+    runs: tuple[RunListing | GroupListing, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -341,9 +348,11 @@ class Listing:
 
 
 def list_runs(path: str | os.PathLike) -> Listing:
-    """List every run at ``path`` (a run, a folder of runs, or a Drive mirror root).
+    """List every run at ``path`` (a run, a folder of runs, a Drive mirror root), then the folders ckptctl did not write.
 
-    Raises FileNotFoundError / NotADirectoryError for a bad ``path``; a damaged run is
-    still listed, with its problems.
+    ``path`` may also be one checkpoint file (listed as a group of one). Raises
+    FileNotFoundError for a missing ``path``; a damaged run is still listed, with its problems.
     """
-    return Listing(tuple(listing_from_scan(scan_run(run)) for run in find_runs(path)))
+    runs = find_runs(path) if Path(path).is_dir() or not Path(path).exists() else []
+    groups = tuple(list_group(group) for group in find_groups(path))
+    return Listing(tuple(listing_from_scan(scan_run(run)) for run in runs) + groups)

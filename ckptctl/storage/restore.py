@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Mapping
 from pathlib import Path
 
 from ckptctl.core.format import (
@@ -24,6 +24,7 @@ from ckptctl.core.format import (
     INDEX_FILE,
     TRAINING_LOG_FILE,
     TRAINING_STATE_FILE,
+    checkpoint_relpath,
     utc_now_iso,
 )
 from ckptctl.core.manifest import BestInfo, CheckpointEntry, Index, mirrored_record
@@ -81,6 +82,7 @@ class RestoreReport:
     #: Tensor packs copied (``objects/<name>.safetensors``) and their bytes; ``copied``/``bytes_copied`` are the other files.
     objects_copied: tuple[str, ...] = ()
     objects_bytes: int = 0
+    notes: tuple[str, ...] = ()  # source files left out on purpose (not checkpoints a run can resume from)
 
     @property
     def ok(self) -> bool:
@@ -102,6 +104,7 @@ class RestoreReport:
             "objects_bytes": self.objects_bytes,
             "resume_id": self.resume_id,
             "resume_command": self.resume_command,
+            "notes": list(self.notes),
         }
 
 
@@ -221,6 +224,8 @@ def restore_run(
     force: bool = False,
     on_progress: ProgressCallback = None,
     lock_held: bool = False,
+    source_files: Mapping[int, Path] | None = None,
+    source_best: Path | None = None,
 ) -> RestoreReport:
     """Restore ``mirror_run`` into ``dest_run`` holding its run lock; return what was done.
 
@@ -228,9 +233,11 @@ def restore_run(
     that are missing locally, older locally, or damaged locally. A local checkpoint or best
     model that verifies and is newer than the mirror's is kept unless ``force``. Raises
     RunLockedError while a trainer holds ``dest_run``. ``lock_held``: the caller (a
-    ModelPersistence opening the run) already holds the run lock.
+    ModelPersistence opening the run) already holds the run lock. ``source_files`` (id ->
+    file) and ``source_best`` replace the mirror's ``checkpoints/`` and ``best_model.pt``:
+    loose files (:mod:`ckptctl.storage.restore_loose`), copied by name without checksums.
     """
-    job = _Restore(Path(mirror_run), Path(dest_run), force)
+    job = _Restore(Path(mirror_run), Path(dest_run), force, source_files=source_files, source_best=source_best)
     job.read_mirror(only_id)
     (job.dest_run / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     with contextlib.nullcontext() if lock_held else RunLock(job.dest_run):
@@ -262,6 +269,8 @@ class _Restore:
     guide_best: Any = None
     local_packs: dict[str, bool] = field(default_factory=dict)  # pack name -> verified here (checked once)
     bad_packs: dict[str, str] = field(default_factory=dict)  # pack name -> why its copy from the mirror failed
+    source_files: Mapping[int, Path] | None = None  # loose files to copy instead of the mirror's checkpoints/
+    source_best: Path | None = None  # a loose best_model.pt, copied by name
 
     def read_mirror(self, only_id: int | None) -> None:
         """The mirror's index (other code's, or none: its files by name) and which of its checkpoints to restore."""
@@ -277,7 +286,8 @@ class _Restore:
         for raw_id, reason in self.mirror_index.skipped:
             self.log.problems.append(f"mirror index entry {raw_id!r} skipped: {reason}")
         entries = self.mirror_index.by_id()
-        files = {i: p for i, p in checkpoint_files_on_disk(self.mirror_run).items() if i not in entries}
+        found = checkpoint_files_on_disk(self.mirror_run) if self.source_files is None else self.source_files
+        files = {i: p for i, p in found.items() if i not in entries}
         if only_id is not None:
             if only_id not in entries and only_id not in files:
                 have = ", ".join(map(str, sorted(set(entries) | set(files)))) or "none"
@@ -309,7 +319,7 @@ class _Restore:
         local_files = checkpoint_files_on_disk(self.dest_run)
         copies = [c for i, m in sorted(self.mirror_entries.items()) if (c := self._plan_entry(i, m, local_files)) is not None]
         for checkpoint_id, src in sorted(self.mirror_files.items()):
-            rel = f"{CHECKPOINT_DIR}/{src.name}"
+            rel = checkpoint_relpath(checkpoint_id)
             try:
                 dst = resolve_inside(self.dest_run, rel)
             except UnsafePathError as exc:
@@ -400,8 +410,9 @@ class _Restore:
             self.guide_best = legacy.read_guide_best(self.mirror_run)
             if self.guide_best is None:
                 report.problems.append(f"mirror best model not restored: {exc}")
-        src, dst = self.mirror_run / BEST_MODEL_FILE, self.dest_run / BEST_MODEL_FILE
-        if self.guide_best is not None and src.is_file() and not src.is_symlink():  # no checksum: copied by name
+        src, dst = self.source_best or self.mirror_run / BEST_MODEL_FILE, self.dest_run / BEST_MODEL_FILE
+        by_name = self.guide_best is not None or self.source_best is not None
+        if by_name and src.is_file() and not src.is_symlink():  # no checksum: copied by name
             if dst.exists() and not self.force:
                 (report.already if _same_file(src, dst) else report.kept_local).append(BEST_MODEL_FILE)
                 return []

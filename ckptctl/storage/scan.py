@@ -139,12 +139,17 @@ def checkpoint_names_present(run_dir: str | os.PathLike) -> set[int]:
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
-    """True if ``path`` holds an index, or (a run copied by hand) a ``checkpoints/`` folder of checkpoints."""
+    """True if ``path`` holds an index, or (a run copied by hand) a ``checkpoints/`` folder of checkpoints.
+
+    An index the Colab guide wrote beside its checkpoint files, with no ``checkpoints/``
+    folder (its flat Drive folder), is not a run: it is a group of loose files
+    (:mod:`ckptctl.storage.foreign`).
+    """
     path = Path(path)
     try:
-        if (path / INDEX_FILE).is_file():
-            return True
         folder = path / CHECKPOINT_DIR
+        if (path / INDEX_FILE).is_file():
+            return folder.is_dir() or legacy.read_guide_index(path) is None
         if folder.is_dir() and not folder.is_symlink():
             return any(parse_checkpoint_filename(n) is not None for n in os.listdir(folder))
     except OSError:

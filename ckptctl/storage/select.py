@@ -14,6 +14,8 @@ from pathlib import Path
 from ckptctl.core.format import BEST_MODEL_FILE, CHECKPOINT_DIR, parse_checkpoint_filename
 from ckptctl.errors import CorruptIndexError, NotFoundError, UnsafePathError
 from ckptctl.storage.atomic import resolve_inside
+from ckptctl.storage.foreign import ForeignGroup, file_format, find_groups
+from ckptctl.storage.foreign_listing import list_group, select_entry
 from ckptctl.storage.scan import checkpoint_files_on_disk, find_runs, is_run_dir, read_best_record, read_index
 
 
@@ -28,6 +30,9 @@ class CheckpointRef:
     run_dir: Path | None = None
     #: Bytes of the full state it restores, from its record (format 2: more than the file); None without one.
     state_bytes: int | None = None
+    #: A checkpoint another tool wrote (``safetensors``, ``lightning``, ``hf-checkpoint``): loaded by
+    #: :func:`ckptctl.foreign_io.load_entry`; None for a torch file ckptctl's own loader reads.
+    format: str | None = None
 
 
 def single_run(path: str | os.PathLike) -> Path:
@@ -105,8 +110,31 @@ def select_checkpoint(path: str | os.PathLike, which: str | None = None) -> Chec
                 ref = None
             if ref is not None and ref.path.resolve() == path.resolve():
                 return ref  # the file the index describes: check it against the index checksum too
-        return CheckpointRef(path, path.name, checkpoint_id)
+        return CheckpointRef(path, path.name, checkpoint_id, format=_foreign_format(path.name))
     if not path.exists():
         raise NotFoundError(f"{path}: no such file or directory")
+    groups = [] if find_runs(path) else find_groups(path)
+    if groups:
+        return _ref_in_group(path, groups, which)
     return _ref_in_run(single_run(path), which)
+
+
+def _foreign_format(name: str) -> str | None:
+    """How a checkpoint file is loaded: by ckptctl's torch loader (None), or as another tool's format."""
+    fmt = file_format(name)
+    return None if fmt == "torch" else fmt
+
+
+def _ref_in_group(path: Path, groups: list[ForeignGroup], which: str | None) -> CheckpointRef:
+    """One checkpoint of the one group at ``path`` (a folder ckptctl did not write): by id, name, ``best``, or the newest."""
+    own = [g for g in groups if g.path == path]  # the folder's own files; its subfolders are named by their paths
+    groups = own or groups
+    if len(groups) > 1:
+        names = ", ".join(g.name for g in groups[:5]) + (" ..." if len(groups) > 5 else "")
+        raise NotFoundError(f"{path}: holds {len(groups)} folders of checkpoints ({names}); name one")
+    listing = list_group(groups[0])
+    entry = select_entry(listing, which)
+    fmt = None if entry.format == "torch" else entry.format  # an hf-checkpoint folder keeps its format
+    label = f"{listing.name} {entry.name}"
+    return CheckpointRef(entry.path, label, entry.id, None, listing.path, state_bytes=entry.size_bytes, format=fmt)
 
