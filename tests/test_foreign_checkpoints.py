@@ -222,7 +222,7 @@ def test_verify_reports_a_lightning_checkpoint_that_needs_pickled_code_as_unsafe
     assert statuses == {"epoch=0-step=10.ckpt": "ok", "epoch=1-step=20.ckpt": "ok", "last.ckpt": "unsafe"}
     assert doc["ok"] is False
     (last,) = [r for r in doc["results"] if r["path"].endswith("last.ckpt")]
-    assert "pickled code" in last["detail"]
+    assert "pickled code" in last["detail"] and "argparse.Namespace" in last["detail"]  # the real cause, whole
     rows = {c["name"]: c for c in _runs(version)["version_0"]["checkpoints"]}
     assert rows["checkpoints/last.ckpt"]["global_step"] == 20  # ls still reads what it records
 
