@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import humanize
 
+from ckptctl.core.format import BEST_MODEL_FILE
+
 if TYPE_CHECKING:  # rich is imported on first use: `ckptctl ls` prints plain text and never needs it
     from rich.console import Console
     from rich.table import Table
@@ -448,7 +450,8 @@ def render_verify(report: Any) -> None:
     doc = report.to_json()
     rows = []
     for r in doc["results"]:
-        shown_id = "best" if r["id"] is None and r["path"].endswith(".pt") else ("-" if r["id"] is None else str(r["id"]))
+        is_best = r["id"] is None and r["path"].rpartition("/")[2] == BEST_MODEL_FILE  # a loose x.pt has no id either
+        shown_id = "best" if is_best else ("-" if r["id"] is None else str(r["id"]))
         rows.append([r["run"], shown_id, r["status"], r["path"]])
 
     def paint(column: int, cell: str) -> str:

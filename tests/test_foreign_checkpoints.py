@@ -449,3 +449,17 @@ def test_checkpoint_files_copied_without_their_runs_objects_are_named_not_restor
     result = invoke("restore", "--from-drive", "--drive", str(tmp_path / "drive"), "--to", "runs", "--as", "back")
     assert result.exit_code == 2 and "copy or restore the whole run folder" in result.stderr
     assert not (tmp_path / "runs" / "back").exists()
+
+
+def test_verify_labels_only_best_model_pt_as_the_best_model(tmp_path):
+    folder = tmp_path / "by_hand"
+    folder.mkdir()
+    g = GuideModels()
+    torch.save(g.payload(0, 9, {"loss": 1.0}, "2025-03-01T12:00:00"), folder / "model.pt")  # no id in its name
+    result = invoke("verify", str(folder))
+    assert result.exit_code == 0, result.stderr
+    (row,) = [line for line in result.stdout.splitlines() if "model.pt" in line]
+    assert "best" not in row.split()[:4] and " - " in row
+    torch.save(g.payload(0, 9, {"loss": 1.0}, "2025-03-01T12:00:00"), folder / "best_model.pt")
+    rows = [line for line in invoke("verify", str(folder)).stdout.splitlines() if "best_model.pt" in line]
+    assert rows and "best" in rows[0].split()
