@@ -78,7 +78,7 @@ def _unique_bytes(run, ids):
 
 
 def test_prune_max_size(tmp_path):
-    run = write_run(tmp_path / "runs", "run_a", n=5)
+    run = write_run(tmp_path / "runs", "run_a", n=5, frozen=64)
     budget = _unique_bytes(run, [3, 4])
     full = {e["id"]: e["state_bytes"] for e in index_of(run)["checkpoints"]}
     assert budget < full[3] + full[4]  # the budget holds 3 and 4 only because the tensors they share count once
