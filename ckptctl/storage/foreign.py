@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ckptctl.core.format import BEST_MODEL_FILE, CHECKPOINT_DIR, is_temporary_name
 from ckptctl.errors import ReadOnlyRunError
-from ckptctl.storage.scan import is_run_dir
+from ckptctl.storage.scan import is_run_dir, regular_files_named
 
 KINDS = ("ckptctl", "loose", "hf-trainer", "lightning")
 
@@ -90,21 +90,8 @@ def file_format(name: str) -> str:
 
 def _regular_files(folder: Path) -> list[tuple[str, int]]:
     """``(name, size)`` of the regular files directly in ``folder`` (no symlinks, temporaries or hidden files), by name."""
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return []
-    found = []
-    for entry in entries:
-        if entry.name.startswith(".") or is_temporary_name(entry.name):
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode):
-            found.append((entry.name, st.st_size))
-    return sorted(found)
+    visible = regular_files_named(folder, lambda name: None if name.startswith(".") or is_temporary_name(name) else name)
+    return sorted((name, size) for name, (_, size) in visible.items())
 
 
 def _real_dir(path: Path) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 from pathlib import Path
 from typing import Callable, Iterable
@@ -27,6 +26,7 @@ from ckptctl.core.objects import (
     parse_pack_header,
 )
 from ckptctl.errors import CheckpointIntegrityError
+from ckptctl.storage.scan import regular_files_named
 from ckptctl.storage.atomic import (
     HashingWriter,
     ProgressCallback,
@@ -172,23 +172,7 @@ class PackTable:
 
 def stored_pack_names(run_dir: str | os.PathLike) -> dict[str, int]:
     """The packs in ``run_dir/objects`` (regular files with a pack name), name -> size."""
-    folder = objects_dir(run_dir)
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return {}
-    found = {}
-    for entry in entries:
-        name = parse_pack_filename(entry.name)
-        if name is None:
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode):
-            found[name] = st.st_size
-    return found
+    return {name: size for name, (_, size) in regular_files_named(objects_dir(run_dir), parse_pack_filename).items()}
 
 
 def collect_garbage(run_dir: str | os.PathLike, keep: Iterable[str], on_deleted: Callable[[list[str]], None] | None = None) -> list[str]:

@@ -12,7 +12,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ckptctl.core.format import (
     BEST_METADATA_FILE,
@@ -104,29 +104,37 @@ def checkpoint_files_on_disk(run_dir: str | os.PathLike) -> dict[int, Path]:
     return _checkpoint_files_and_sizes(run_dir)[0]
 
 
-def _checkpoint_files_and_sizes(run_dir: str | os.PathLike) -> tuple[dict[int, Path], dict[int, int]]:
-    """:func:`checkpoint_files_on_disk` and each file's size, from one ``scandir`` (its cached lstat)."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    found: dict[int, Path] = {}
-    sizes: dict[int, int] = {}
-    if folder.is_symlink():
-        return found, sizes  # a checkpoints/ link may lead anywhere: nothing under it is listed
+def regular_files_named(folder: str | os.PathLike, key_of: Callable[[str], Any]) -> dict[Any, tuple[Path, int]]:
+    """``{key_of(name): (path, size)}`` of the regular files directly in ``folder`` whose name ``key_of`` accepts (not None).
+
+    One ``scandir`` (its cached lstat): symlinks, folders and other non-regular files are
+    left out; a folder that cannot be read gives nothing.
+    """
     try:
         entries = list(os.scandir(folder))
     except OSError:
-        return found, sizes
+        return {}
+    found = {}
     for entry in entries:
-        checkpoint_id = parse_checkpoint_filename(entry.name)
-        if checkpoint_id is None:
+        key = key_of(entry.name)
+        if key is None:
             continue
         try:
             st = entry.stat(follow_symlinks=False)
         except OSError:
             continue
         if stat.S_ISREG(st.st_mode):
-            found[checkpoint_id] = Path(entry.path)
-            sizes[checkpoint_id] = st.st_size
-    return found, sizes
+            found[key] = (Path(entry.path), st.st_size)
+    return found
+
+
+def _checkpoint_files_and_sizes(run_dir: str | os.PathLike) -> tuple[dict[int, Path], dict[int, int]]:
+    """:func:`checkpoint_files_on_disk` and each file's size, from one ``scandir`` (its cached lstat)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if folder.is_symlink():
+        return {}, {}  # a checkpoints/ link may lead anywhere: nothing under it is listed
+    files = regular_files_named(folder, parse_checkpoint_filename)
+    return {i: path for i, (path, _) in files.items()}, {i: size for i, (_, size) in files.items()}
 
 
 def checkpoint_names_present(run_dir: str | os.PathLike) -> set[int]:
