@@ -17,19 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckptctl.core.objects import DTYPE_SIZES
 from ckptctl.errors import CheckpointIntegrityError
 from ckptctl.storage.atomic import open_regular, read_failure
 
 #: The safetensors library refuses headers over 100 MB; so does this reader.
 MAX_HEADER_BYTES = 100_000_000
 
-#: Bytes per element of each dtype (packed sub-byte types are not size-checked).
-DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "C64": 8,
-    "I64": 8, "U64": 8, "F64": 8,
-}
+#: Bytes per element of each dtype (packed sub-byte types are not size-checked): the one table, shared with ckptctl's packs.
+DTYPE_BYTES = DTYPE_SIZES
 
 
 @dataclass(frozen=True)
