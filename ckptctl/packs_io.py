@@ -23,6 +23,7 @@ import torch
 
 from ckptctl.core.format import CHECKPOINT_DIR
 from ckptctl.core.objects import DTYPE_SIZES, OBJECT_REF_KEY, OBJECTS_DIR, is_pack_name
+from ckptctl.core.sharded import SHARDED_KEY, record_bytes, record_packs
 from ckptctl.errors import CheckpointIntegrityError
 from ckptctl.storage.atomic import new_hasher, open_regular, read_failure
 from ckptctl.storage.objects import PackChecks, PackTable, pack_path, read_pack_header, write_pack
@@ -123,8 +124,12 @@ def deduplicate(
             new_packs.append(name)
     skeleton = map_nested(payload, lambda value, _: _reference(value, keys, table))
     objects = {table.pack_of[key]: table.size_of[table.pack_of[key]] for key in items}
-    skeleton["objects"] = sorted(objects)
     tensor_bytes = sum(len(data) for _, _, data in items.values())
+    record = payload.get(SHARDED_KEY)
+    if record is not None:  # sharded state: its packs were written by every rank through DCP (ckptctl.sharded_io)
+        objects.update(record_packs(record))
+        tensor_bytes += record_bytes(record)
+    skeleton["objects"] = sorted(objects)
     return Deduplicated(skeleton, objects, tuple(new_packs), tensor_bytes)
 
 
@@ -188,12 +193,14 @@ def _pack_names(path: str | os.PathLike, payload: Mapping[str, Any]) -> list[str
     return names
 
 
-def resolve_objects(path: str | os.PathLike, payload: dict[str, Any], device: Any = "cpu") -> dict[str, Any]:
+def resolve_objects(path: str | os.PathLike, payload: dict[str, Any], device: Any = "cpu", *, unshard: bool = True) -> dict[str, Any]:
     """The full payload of the skeleton ``payload`` read from ``path``: every reference replaced by its tensor.
 
     Packs are memory-mapped privately (writes to a loaded tensor never reach the file) from
     the run's ``objects/``; a missing pack or a reference to a tensor a pack lacks raises
     :class:`CheckpointIntegrityError` naming the shared object. A format-1 payload is returned as it is.
+    Sharded state (FSDP2) is read whole in this process (:func:`ckptctl.sharded_io.unshard`),
+    or with ``unshard=False`` left as references and its record (checked) for a collective load.
     """
     if not references_objects(payload):
         return payload
@@ -217,6 +224,13 @@ def resolve_objects(path: str | os.PathLike, payload: dict[str, Any], device: An
         return True, tensor if move.type == "cpu" else tensor.to(move)
 
     full = map_nested(payload, resolve)
+    if SHARDED_KEY in full:
+        from ckptctl import sharded_io
+
+        if unshard:
+            full = sharded_io.unshard(run_dir, full, Path(path).name)
+        else:
+            sharded_io.sharded_record(Path(path).name, full)
     del full["objects"]
     return full
 
@@ -284,4 +298,11 @@ def objects_of(path: str | os.PathLike, skeleton: Mapping[str, Any]) -> tuple[di
         if spec is None:
             raise CheckpointIntegrityError(f"{Path(path).name}: references tensor {key!r} that no listed object holds")
         tensor_bytes += spec.end - spec.start
-    return packs, tensor_bytes
+    record = skeleton.get(SHARDED_KEY)
+    return packs, tensor_bytes + (record_bytes(record) if isinstance(record, Mapping) and _sound(path, skeleton) else 0)
+
+
+def _sound(path: str | os.PathLike, skeleton: Mapping[str, Any]) -> bool:
+    from ckptctl.sharded_io import sharded_record
+
+    return sharded_record(Path(path).name, skeleton) is not None

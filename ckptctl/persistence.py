@@ -36,15 +36,18 @@ from ckptctl.api.runs import (
     run_has_checkpoints,
     setup_drive_backup,
 )
-from ckptctl.api.saving import SavePolicy, SaveRequest, Saver
+from ckptctl.api.saving import SavePolicy, SaveRequest, Saver, Sharded
+from ckptctl.api.sharded import ShardSide
 from ckptctl.core.format import CHECKPOINT_DIR, DEFAULT_MAX_CHECKPOINTS, FORMAT_VERSION, TRAINING_LOG_FILE, TRAINING_STATE_FILE, utc_now_iso
 from ckptctl.core.manifest import CheckpointEntry, check_extra, clean_metrics
+from ckptctl.core.sharded import SHARDED_KEY
 from ckptctl.errors import BackgroundSaveError, CkptctlError
 from ckptctl.storage.atomic import atomic_write_json, open_regular
 from ckptctl.storage.lock import RunLock
 from ckptctl.storage.mirror import check_mirror_apart
 from ckptctl.storage.restore import RestoreReport
 from ckptctl.packs_io import frozen_paths
+from ckptctl.sharded_io import split_sharded
 from ckptctl.torch_io import capture_rng, component_states
 
 __all__ = [
@@ -160,7 +163,8 @@ class ModelPersistence:
         self._closed = False
         self._saved_components: dict[str, Any] = {}
         self._closed_because = "it is closed"
-        self._loader = Loader(self.run_dir)
+        self._loader = Loader(self.run_dir, keep_sharded=self._ranks.distributed)
+        self._shards = ShardSide(self.run_dir, self._ranks, background)
         if not self._ranks.is_writer:  # a re-constructed object replaces this rank's earlier one, as rank 0's does
             opening.take_over_earlier_writer(self._writer_key)
         opened = self._ranks.on_writer(lambda: self._open_as_writer(policy, drive_backup, drive_max_size, mirror_backoff))
@@ -273,22 +277,38 @@ class ModelPersistence:
         if not components:
             raise ValueError("save_checkpoint needs at least one component, e.g. agent=model")
         step = int(global_step) if global_step is not None else self._global_step
-        parts = self._ranks.gather(lambda: (capture_rng(), check_extra(extra)))
-        checkpoint_id = self._ranks.on_writer(lambda: self._save_as_writer(epoch, batch, step, metrics, extra, components, parts))
+        states, shards = self._split_states(components)
+        parts = self._ranks.gather(lambda: (self._shards.raise_error(), capture_rng(), check_extra(extra))[1:])
+        checkpoint_id = self._ranks.on_writer(
+            lambda: self._save_as_writer(epoch, batch, step, metrics, extra, components, parts, states, shards)
+        )
+        self._saved_components = dict(components)  # what a best model holds too (see update_best)
+        if shards and not self._ranks.is_writer:
+            self._shards.submit(shards)
         self._global_step = step
         return checkpoint_id
 
+    def _split_states(self, components: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Every component's state, with sharded tensors (DTensors) as references, and those tensors by fqn (none: empty)."""
+        states, shards = split_sharded(component_states(components))
+        if shards and not self._ranks.distributed:
+            raise CkptctlError(
+                f"{self.run_dir}: sharded state (DTensor, FSDP2) is saved by every rank together: "
+                "construct ModelPersistence on every rank without distributed=False"
+            )
+        return states, shards
+
     def _save_as_writer(
-        self, epoch: int, batch: int, step: int, metrics: Any, extra: Any, components: Mapping[str, Any], parts: Any
+        self, epoch: int, batch: int, step: int, metrics: Any, extra: Any, components: Mapping[str, Any], parts: Any,
+        states: Mapping[str, Any], shards: Mapping[str, Any],
     ) -> int:
         self._worker.raise_error()
         # Everything that goes into the file and the index is checked before anything is written.
         metrics = clean_metrics(metrics)
         extra = check_extra(extra)
         sections = rank_sections(parts, self._ranks.world_size) if parts is not None else None
-        states = component_states(components)
-        self._saved_components = dict(components)  # what a best model holds too (see update_best)
-        return self._saver.save(epoch, batch, step, metrics, states, extra, sections, frozen_paths(components))
+        sharded = Sharded(shards, self._ranks.shard_group) if shards else None
+        return self._saver.save(epoch, batch, step, metrics, states, extra, sections, frozen_paths(components), sharded)
 
     def update_best(
         self,
@@ -313,27 +333,32 @@ class ModelPersistence:
         are saved; every rank returns the same answer.
         """
         self._check_open()
-        return self._ranks.on_writer(lambda: self._update_best_as_writer(epoch, batch, metrics, global_step, components))
+        chosen = {**self._saved_components, **components}
+        states, shards = self._split_states(chosen) if chosen else ({}, {})
+        became, snapshot = self._ranks.on_writer(
+            lambda: self._update_best_as_writer(epoch, batch, metrics, global_step, components, chosen, states, shards)
+        )
+        if snapshot and shards and not self._ranks.is_writer:
+            self._shards.submit(shards)
+        return became
 
     def _update_best_as_writer(
-        self, epoch: int, batch: int, metrics: Mapping[str, Any], global_step: int | None, components: Mapping[str, Any]
-    ) -> bool:
+        self, epoch: int, batch: int, metrics: Mapping[str, Any], global_step: int | None, components: Mapping[str, Any],
+        chosen: Mapping[str, Any], states: Mapping[str, Any], shards: Mapping[str, Any],
+    ) -> tuple[bool, bool]:
+        """Rank 0: ``(became best, written from a snapshot)`` (a sharded snapshot needs every rank's shards too)."""
         self._worker.raise_error()
         metrics = clean_metrics(metrics)
         if not self._best.beats(metrics):
-            return False
-        chosen = {**self._saved_components, **components}
-
-        def states() -> Mapping[str, Any]:
-            if not chosen:
-                raise ValueError("update_best needs the components to save, e.g. agent=model")
-            return component_states(chosen)
-
+            return False, False
+        if not chosen:
+            raise ValueError("update_best needs the components to save, e.g. agent=model")
         step = int(global_step) if global_step is not None else self._global_step
         same_set = set(components) <= set(self._saved_components)
-        self._saver.save_best(SaveRequest(-1, int(epoch), int(batch), step), metrics, states, may_copy=same_set)
+        sharded = Sharded(shards, self._ranks.shard_group) if shards else None
+        copied = self._saver.save_best(SaveRequest(-1, int(epoch), int(batch), step), metrics, states, may_copy=same_set, shards=sharded)
         self._best.accept(metrics)
-        return True
+        return True, not copied
 
     def pin(self, checkpoint_id: int, pinned: bool = True) -> None:
         """Keep checkpoint ``checkpoint_id`` out of retention (or release it with ``pinned=False``). Collective under ``torch.distributed``."""
@@ -352,10 +377,17 @@ class ModelPersistence:
     def flush(self) -> None:
         """Wait for all pending background saves; raise :class:`BackgroundSaveError` if one failed.
 
-        Collective under ``torch.distributed``: every rank returns once rank 0 has flushed
-        (a barrier), and rank 0's error is raised on every rank.
+        Collective under ``torch.distributed``: every rank waits for its own shard writes,
+        then returns once rank 0 has flushed (a barrier); the first error is raised on every rank.
         """
-        self._ranks.on_writer(lambda: self._worker.flush())
+        flushed = self._ranks.gather(self._shards.flush)
+
+        def work() -> None:
+            for outcome in flushed or ():
+                outcome.get()
+            self._worker.flush()
+
+        self._ranks.on_writer(work)
 
     # ------------------------------------------------------------------ training state and log
 
@@ -502,19 +534,29 @@ class ModelPersistence:
         return load_call(method, positional, device, named)
 
     def _read_on_writer(self, call: LoadCall, read: Callable[[Any], T]) -> T:
-        """``read(device)`` on rank 0 after pending saves (to the CPU when it is then broadcast), its result on every rank."""
+        """``read(device)`` on rank 0 after every rank's pending saves (to the CPU when it is then broadcast), its result on every rank."""
+        flushed = self._ranks.gather(self._shards.flush)
 
         def work() -> T:
+            for outcome in flushed or ():
+                outcome.get()
             self._worker.flush()
             return read("cpu" if self._ranks.distributed else call.device)
 
         return self._ranks.on_writer(work)
 
     def _apply(self, loaded: tuple[Mapping[str, Any], dict[str, Any]], call: LoadCall, with_rng: bool, *, per_rank: bool) -> dict[str, Any]:
-        """Load what rank 0 read into this rank's components; its own RNG states and extra when ``per_rank``."""
+        """Load what rank 0 read into this rank's components; its own RNG states and extra when ``per_rank``.
+
+        Sharded state (left as references by rank 0) is read by every rank into its own
+        components' tensors first (collective, :meth:`ckptctl.api.sharded.ShardSide.fill`).
+        """
         payload, meta = loaded
         if self._ranks.distributed:
-            payload = components_to_device(payload, list(call.bind(payload)), call.device)
+            bound = call.bind(payload)
+            if SHARDED_KEY in payload:
+                payload = self._shards.fill(payload, bound, f"checkpoint {meta.get('checkpoint_id')}")
+            payload = components_to_device(payload, list(bound), call.device)
         return self._loader.apply(payload, meta, call, with_rng, self._ranks if per_rank else None)
 
     def _loaded(self, meta: dict[str, Any], with_rng: bool) -> dict[str, Any]:
@@ -538,7 +580,14 @@ class ModelPersistence:
         if self._closed:
             return
         try:
-            self._ranks.on_writer(lambda: self._close_here(mirror_timeout))
+            flushed = self._ranks.gather(self._shards.flush)  # every rank's shard writes end before rank 0's last commit
+
+            def work() -> None:
+                self._close_here(mirror_timeout)
+                for outcome in flushed or ():
+                    outcome.get()
+
+            self._ranks.on_writer(work)
         finally:
             if not self._ranks.is_writer:
                 self._close_here(mirror_timeout)
@@ -548,6 +597,7 @@ class ModelPersistence:
         if not self._ranks.is_writer:
             self._closed = True
             opening.unregister_writer(self._writer_key, self)
+            self._shards.shutdown()
             return
         try:
             self._worker.flush()

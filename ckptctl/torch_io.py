@@ -435,13 +435,16 @@ def verify_file(
     on_progress: ProgressCallback = None,
     checks: PackChecks | None = None,
     device: str | torch.device = "cpu",
+    unshard: bool = True,
 ) -> dict[str, Any]:
     """Checksum (when known) + safe trial load (+ finite check when ``deep``) of one file.
 
     ``expected_checksum`` may be several checksums, any of which is good (the best model
     during a replace). A format-2 file's packs are checked against their names too (each
     once per ``checks``, shared by the caller across the files of a run; a damaged pack
-    fails every file that references it). Returns the loaded payload. Raises
+    fails every file that references it). Sharded state (FSDP2) is trial-loaded whole in this
+    process through DCP, or with ``unshard=False`` only its record is checked and it stays
+    as references (for a collective load). Returns the loaded payload. Raises
     :class:`CheckpointIntegrityError` with status ``missing``/``corrupt``/``unsafe``/``nonfinite``.
     """
     if expected_checksum is not None:
@@ -450,7 +453,7 @@ def verify_file(
     skeleton = load_skeleton(path, device, mmap=True)
     if references_objects(skeleton):
         check_objects(path, skeleton, checks if checks is not None else PackChecks())
-    payload = resolve_objects(path, skeleton, device)
+    payload = resolve_objects(path, skeleton, device, unshard=unshard)
     if deep:
         bad = _tensors.find_nonfinite(payload)
         if bad:

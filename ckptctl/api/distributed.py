@@ -51,6 +51,8 @@ EXTRA_RANKS_KEY = "extra_ranks"
 
 #: ``(default group, gloo group)`` for object collectives when the default backend has no CPU side.
 _CPU_GROUP: tuple[Any, Any] | None = None
+#: ``(default group, gloo group)`` of sharded saves and loads (DCP), apart from training's collectives.
+_SHARD_GROUP: tuple[Any, Any] | None = None
 
 
 def _dist() -> Any:
@@ -69,6 +71,16 @@ def _cpu_group(dist: Any) -> Any:
     if _CPU_GROUP is None or _CPU_GROUP[0] is not world:
         _CPU_GROUP = (world, dist.new_group(backend="gloo"))  # collective: every rank constructs ModelPersistence
     return _CPU_GROUP[1]
+
+
+def _shard_group(dist: Any) -> Any:
+    """A gloo group of every rank, made once, for DCP: its collectives run on the background workers
+    while training's own collectives use the default group, so they must never share one."""
+    global _SHARD_GROUP
+    world = dist.group.WORLD
+    if _SHARD_GROUP is None or _SHARD_GROUP[0] is not world:
+        _SHARD_GROUP = (world, dist.new_group(backend="gloo"))  # collective: every rank constructs ModelPersistence
+    return _SHARD_GROUP[1]
 
 
 @dataclass(frozen=True)
@@ -149,7 +161,13 @@ class Ranks:
                 raise CkptctlError("distributed=True needs torch.distributed initialised first (init_process_group)")
             return cls()
         _cpu_group(dist)
+        _shard_group(dist)
         return cls(dist.get_rank(), dist.get_world_size(), True)
+
+    @property
+    def shard_group(self) -> Any:
+        """The gloo group sharded saves and loads run over (DCP's collectives, on each rank's background worker)."""
+        return _shard_group(_dist()) if self.distributed else None
 
     @property
     def is_writer(self) -> bool:

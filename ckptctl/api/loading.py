@@ -28,8 +28,10 @@ log = logging.getLogger("ckptctl")
 class Loader:
     """Loads of one run's checkpoints and best model into components."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, keep_sharded: bool = False):
         self.run_dir = run_dir
+        #: Leave sharded state as references for a collective load (under torch.distributed), instead of reading it whole.
+        self.keep_sharded = keep_sharded
         self._warned_no_rng = False
         #: What the last :meth:`resume` skipped: ``[{"checkpoint_id", "reason", "status"}]``.
         self.last_skipped: list[dict[str, Any]] = []
@@ -40,7 +42,7 @@ class Loader:
             path = resolve_inside(self.run_dir, entry.path)
         except UnsafePathError as exc:
             raise CheckpointIntegrityError(str(exc)) from None
-        return verify_file(path, entry.checksum, device=device)
+        return verify_file(path, entry.checksum, device=device, unshard=not self.keep_sharded)
 
     def describe(self, index: Index, payload: Mapping[str, Any]) -> dict[str, Any]:
         """``payload``'s metadata (what the loads return); a step other code did not save comes from the index."""
@@ -144,5 +146,5 @@ class Loader:
         """``best_model.pt``, checked against its record and loaded: ``(payload, metadata)``."""
         if best is None:
             raise CkptctlError(f"{self.run_dir}: no best model yet")
-        payload = verify_file(resolve_inside(self.run_dir, best.path), best.checksum, device=device)
+        payload = verify_file(resolve_inside(self.run_dir, best.path), best.checksum, device=device, unshard=not self.keep_sharded)
         return payload, self.describe(index, payload)

@@ -20,7 +20,9 @@ from typing import Any, Callable, Iterable, Mapping
 from ckptctl.core.format import checkpoint_relpath, utc_now_iso
 from ckptctl.core.manifest import CheckpointEntry, Index
 from ckptctl.core.retention import ids_to_delete, protected_ids
-from ckptctl.errors import DiskFullError
+from ckptctl.core.sharded import SHARDED_KEY, record_packs
+from ckptctl.errors import CkptctlError, DiskFullError
+from ckptctl.sharded_io import save_shards, stage_shards
 from ckptctl.storage.runfiles import delete_checkpoint_files, retention_items
 from ckptctl.packs_io import Deduplicated
 from ckptctl.torch_io import Stager, available_memory_bytes, build_payload, tensor_bytes, write_deduplicated
@@ -30,6 +32,7 @@ from ckptctl.api.best import BestKeeper
 from ckptctl.api.index_state import IndexState
 from ckptctl.api.mirroring import MirrorBook
 from ckptctl.api.packs import RunPacks
+from ckptctl.api.sharded import check_shard_packs
 
 log = logging.getLogger("ckptctl")
 
@@ -70,6 +73,14 @@ class SavePolicy:
     def due_by_step(self, global_step: int) -> bool:
         """The step half of the rule: every ``save_every_n_batches`` steps (the same on every rank)."""
         return global_step % self.save_every_n_batches == 0
+
+
+@dataclass(frozen=True)
+class Sharded:
+    """Sharded tensors of a save (fqn -> DTensor, or staged chunks) and the process group DCP writes them over."""
+
+    tensors: Mapping[str, Any]
+    group: Any
 
 
 class Saver:
@@ -119,15 +130,18 @@ class Saver:
         extra: Mapping[str, Any],
         sections: Mapping[str, Any] | None = None,
         stable: frozenset[tuple] = frozenset(),
+        shards: Sharded | None = None,
     ) -> int:
         """Snapshot ``states`` as the next checkpoint and queue its write; return its id.
 
         ``sections``: more top-level payload keys (the per-rank parts of a distributed save,
         :func:`ckptctl.api.distributed.rank_sections`); ``stable``: the frozen tensors' paths
-        (:func:`ckptctl.packs_io.frozen_paths`).
+        (:func:`ckptctl.packs_io.frozen_paths`); ``shards``: rank 0's sharded tensors (by fqn,
+        ``states`` holding references to them) and the group the ranks write them over.
         """
         self.worker.wait_for_staging_buffers()
         self.worker.raise_error()
+        staged = self._stage_shards(shards) if shards is not None else None
         checkpoint_id = self.next_id
         self.next_id += 1
         request = SaveRequest(checkpoint_id, int(epoch), int(batch), global_step)
@@ -135,26 +149,32 @@ class Saver:
         self._last_save_time = time.monotonic()
         self._last_save_future = None  # a snapshot that fails leaves no write for a best copy to wait for
         job = functools.partial(self._write_checkpoint_job, request, stable)
-        self._last_save_future = self.snapshot_and_submit(job, request, checkpoint_id, metrics, states, extra, sections)
+        if staged is not None:
+            job = functools.partial(self._write_sharded_job, job, staged)
+        self._last_save_future = self.snapshot_and_submit(job, request, checkpoint_id, metrics, states, extra, sections, shards is not None)
         self.mirror.warn_if_lags(checkpoint_id)
         return checkpoint_id
 
     def save_best(
-        self, request: SaveRequest, metrics: dict[str, float], states: Callable[[], Mapping[str, Any]], *, may_copy: bool = True
-    ) -> None:
-        """Queue the best model's write: a copy of the checkpoint saved at ``request``'s position (when ``may_copy``), else a snapshot of ``states()``.
+        self, request: SaveRequest, metrics: dict[str, float], states: Mapping[str, Any], *, may_copy: bool = True, shards: Sharded | None = None
+    ) -> bool:
+        """Queue the best model's write: a copy of the checkpoint saved at ``request``'s position (when ``may_copy``), else a snapshot of ``states``.
 
-        The copy depends on that checkpoint's write: if the write fails, the copy is skipped
-        and the write's own error is what the caller sees.
+        Returns True for a copy. The copy depends on that checkpoint's write: if the write
+        fails, the copy is skipped and the write's own error is what the caller sees. A
+        snapshot of sharded state (``shards``) is written by every rank, as a checkpoint is.
         """
         last = self.last_save
         same_step = last is not None and (last.global_step, last.epoch, last.batch) == (request.global_step, request.epoch, request.batch)
         if may_copy and same_step:
             self.worker.submit(self.best.copy_checkpoint_job, last.checkpoint_id, metrics, after=self._last_save_future)
-            return
-        snapshot = states()
+            return True
         self.worker.wait_for_staging_buffers()
-        self.snapshot_and_submit(self.best.write_payload_job, request, None, metrics, snapshot)
+        job = self.best.write_payload_job
+        if shards is not None:
+            job = functools.partial(self._write_sharded_job, job, self._stage_shards(shards))
+        self.snapshot_and_submit(job, request, None, metrics, states, sharded=shards is not None)
+        return False
 
     def forget_last_save(self) -> None:
         """After a load, the state is no longer the one last saved: a best model will not copy that checkpoint."""
@@ -177,14 +197,16 @@ class Saver:
         states: Mapping[str, Any],
         extra: Mapping[str, Any] | None = None,
         sections: Mapping[str, Any] | None = None,
+        sharded: bool = False,
     ) -> Future:
         """Snapshot ``states`` with RNG and queue ``job(payload)``; return its future.
 
         Staged (copied into the reusable buffers), the call returns at once. Without
         staging (``staging="none"``, or a state too large to copy), the live tensors are
-        written before this returns, so training cannot change them mid-write.
+        written before this returns, so training cannot change them mid-write. A sharded
+        save always stages: rank 0 must not wait for a write the other ranks join later.
         """
-        stager = self.stager if self.should_stage(states) else Stager(copy=False)
+        stager = self.stager if sharded or self.should_stage(states) else Stager(copy=False)
         payload = build_payload(
             stager,
             checkpoint_id=checkpoint_id,
@@ -204,7 +226,20 @@ class Saver:
             self.worker.wait(future)
         return future
 
+    def _stage_shards(self, shards: Sharded) -> Sharded:
+        """Rank 0's chunks of the sharded tensors, copied into the staging buffers."""
+        if self.policy.staging == "none":
+            raise CkptctlError("staging='none' cannot save sharded state: every rank writes its shards in the background")
+        return Sharded(stage_shards(self.stager.stage, shards.tensors), shards.group)
+
     # ------------------------------------------------------------------ the background worker
+
+    def _write_sharded_job(self, write: Callable[[dict[str, Any]], None], staged: Sharded, payload: dict[str, Any]) -> None:
+        """Every rank writes its shards (DCP, collective); then the skeleton with DCP's record, and the commit."""
+        record = save_shards(self.run_dir, staged.tensors, staged.group)
+        check_shard_packs(self.run_dir, record)
+        payload[SHARDED_KEY] = record
+        write(payload)
 
     def _write_checkpoint_job(self, request: SaveRequest, stable: frozenset[tuple], payload: dict[str, Any]) -> None:
         relpath = checkpoint_relpath(request.checkpoint_id)
@@ -264,7 +299,7 @@ class Saver:
         the run stays resumable; when nothing else is left, :class:`DiskFullError` says so.
         A pack written before the disk filled is kept for the retry (not yet referenced).
         """
-        self._in_flight = set()
+        self._in_flight = set(record_packs(payload[SHARDED_KEY])) if SHARDED_KEY in payload else set()
         try:
             return self._write_retrying(relpath, payload, stable)
         finally:
