@@ -30,9 +30,9 @@ CHILD = Path(__file__).with_name("ddp_child.py")
 JOB_TIMEOUT = 300.0
 
 
-def torchrun(nproc: int, *args: str) -> list[str]:
-    """The command of a ``torchrun`` job of ``nproc`` ranks running the child with ``args``."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(CHILD), *args]
+def torchrun(nproc: int, *args: str, child: Path = CHILD) -> list[str]:
+    """The command of a ``torchrun`` job of ``nproc`` ranks running ``child`` with ``args``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(child), *args]
 
 
 def job_env() -> dict[str, str]:
@@ -41,9 +41,9 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def run_job(cwd: Path, nproc: int, *args: str) -> str:
+def run_job(cwd: Path, nproc: int, *args: str, child: Path = CHILD) -> str:
     """Run a job to its end; fail with its output unless every rank ended cleanly."""
-    job = Trainer(torchrun(nproc, *args), cwd, job_env())
+    job = Trainer(torchrun(nproc, *args, child=child), cwd, job_env())
     rc = job.finish(JOB_TIMEOUT)
     assert rc == 0, job.output[-6000:]
     for rank in range(nproc):
