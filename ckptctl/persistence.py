@@ -120,6 +120,12 @@ class ModelPersistence:
     own as if there were no other ranks (e.g. an evaluation only rank 0 runs). With nccl,
     call ``torch.cuda.set_device(local_rank)`` first as usual; the object collectives run
     on a gloo group over the CPU.
+
+    **Sharded state (FSDP2, DTensor)** is saved by every rank: each copies its own shards
+    and writes them in the background through ``torch.distributed.checkpoint`` (as packs of
+    the run, see :mod:`ckptctl.sharded_io`); rank 0 commits. The run folder must be on a
+    filesystem every rank shares. Resumes reshard to the current world size and sharding
+    (or to plain tensors in one process).
     """
 
     def __init__(
