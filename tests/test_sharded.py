@@ -199,3 +199,11 @@ def test_a_hostile_or_damaged_record_is_refused_before_anything_is_read():
     assert "malformed" in check_record(_record(dtype="F128"), listed)
     assert "unknown version" in check_record({"version": 99}, listed)
     assert "malformed" in check_record({**_record(), "packs": {"../../etc": 1}}, listed)
+
+
+def test_no_component_may_take_the_name_of_the_record(tmp_path):
+    """``sharded`` is the skeleton's record: a component of that name is refused before anything is written."""
+    model = nn.Linear(2, 2)
+    with ModelPersistence(tmp_path / "run") as p, pytest.raises(ValueError, match="reserved"):
+        p.save_checkpoint(0, 0, **{SHARDED_KEY: model})
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())

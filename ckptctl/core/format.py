@@ -62,6 +62,8 @@ RESERVED_CHECKPOINT_KEYS = frozenset(
         "world_size",
         "rng_ranks",
         "extra_ranks",
+        # sharded state's record (ckptctl/core/sharded.py)
+        "sharded",
     }
 )
 
