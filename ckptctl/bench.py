@@ -4,8 +4,10 @@ Each goal is a ratio of two timings taken in the same run (so machine noise canc
 training stall vs DCP ``async_save`` and sync ``torch.save``; background save vs raw
 write+fsync; verify vs a cold sequential read (and its peak memory); restore vs ``cp``
 +fsync; ``ckptctl ls``/``--help`` vs importing typer+rich+humanize; resume vs a plain
-``torch.load`` start-up. Times are medians of ``repeats`` runs. Nothing here asserts a
-timing: the numbers are reported, and the CLI renders them.
+``torch.load`` start-up; and (``parallel``, :mod:`ckptctl.bench_parallel`) a sharded save
+on N ranks of a torchrun job vs DCP ``async_save`` and a raw write by every rank at once.
+Times are medians of ``repeats`` runs. Nothing here asserts a timing: the numbers are
+reported, and the CLI renders them.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ GOALS = [
     ("dedup_mirror_frozen_component", 1.0, "<=", "dedup: Drive mirror bytes, frozen component / the same bound"),
     ("dedup_mirror_frozen_base", 1.0, "<=", "dedup: Drive mirror bytes, frozen base in one module / the same bound"),
     ("upload_per_save_vs_trainable", 1.3, "<=", "dedup: bytes uploaded per save once the frozen part is on Drive / trainable state"),
+    ("parallel_stall_vs_dcp_async", 0.5, "<=", "parallel: training stall per save / DCP async_save blocking time"),
+    ("parallel_write_vs_raw", 0.8, ">=", "parallel: background write throughput, all ranks / raw write+fsync, all ranks"),
 ]
 
 
@@ -429,6 +433,8 @@ def _ratios(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "resume_vs_plain_load": safe(m.get("resume_s"), m.get("plain_load_s")),
         "scale_verify_rss_vs_file": safe(rss_above_baseline("scale_verify_peak_rss_bytes"), m.get("scale_bytes")),
         **_dedup_ratios(m, safe),
+        "parallel_stall_vs_dcp_async": safe(m.get("parallel_stall_s"), m.get("parallel_dcp_async_blocking_s")),
+        "parallel_write_vs_raw": safe(_per_second(m, "parallel_written_bytes", "parallel_write_s"), _per_second(m, "parallel_raw_bytes", "parallel_raw_write_s")),
     }
     out = {}
     for name, goal, direction, what in GOALS:
@@ -436,6 +442,12 @@ def _ratios(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ok = None if value is None else (value <= goal if direction == "<=" else value >= goal)
         out[name] = {"value": value, "goal": goal, "direction": direction, "ok": ok, "what": what}
     return out
+
+
+def _per_second(m: dict[str, Any], bytes_key: str, seconds_key: str) -> float | None:
+    """Bytes per second from two measurements (None when either is missing or the time is 0)."""
+    done, seconds = m.get(bytes_key), m.get(seconds_key)
+    return None if done is None or not seconds else done / seconds
 
 
 def _dedup_ratios(m: dict[str, Any], safe: Callable[[Any, Any], float | None]) -> dict[str, float | None]:
@@ -471,6 +483,27 @@ class BenchReport:
         return {"size_bytes": self.size_bytes, "measurements": self.measurements, "ratios": self.ratios, "recommendation": self.recommendation}
 
 
+def _bench_single(work: Path, size_bytes: int, drive: Path | None, repeats: int, sections: tuple[str, ...], step: StepCallback) -> dict[str, Any]:
+    """The single-process sections: save (always: the others use its checkpoint), then those of ``sections``."""
+    saves = _bench_saves(work, size_bytes, repeats, step)
+    out = dict(saves)
+    if "verify" in sections:
+        out.update(_bench_verify(saves, repeats, step))
+    if "restore" in sections:
+        out.update(_bench_restore(work, saves, drive, repeats, step))
+    if "cli" in sections:
+        out.update(_bench_cli(work, repeats, step))
+    if "resume" in sections:
+        out.update(_bench_resume(saves, repeats, step))
+    if "dedup" in sections:
+        from ckptctl.bench_dedup import bench_dedup
+
+        out.update(bench_dedup(work, step))
+    for key in ("checkpoint_path", "checkpoint_checksum", "checkpoint_files", "plain_path"):
+        out.pop(key, None)
+    return out
+
+
 def run_bench(
     size_bytes: int = 1 << 30,
     *,
@@ -479,12 +512,16 @@ def run_bench(
     repeats: int = 3,
     batch_time_s: float = 0.5,
     sections: tuple[str, ...] = ("save", "verify", "restore", "cli", "resume", "dedup"),
+    nproc: int = 2,
     on_step: StepCallback = None,
 ) -> BenchReport:
     """Run the benchmark and report its measurements, ratios and advice.
 
     Works in a temporary folder under ``workdir`` (default: the system temp dir) that is
     removed afterwards; ``drive`` is where the Drive mirror part copies to and from.
+    ``"parallel"`` in ``sections`` adds a torchrun job of ``nproc`` ranks
+    (:mod:`ckptctl.bench_parallel`); on its own it runs without the save section, and the
+    advice then uses its stall.
     """
     if size_bytes < 1024:
         raise ValueError("size must be at least 1 KiB")
@@ -494,27 +531,14 @@ def run_bench(
         if sections == ("scale",):  # on its own: a state this large leaves no room for the anchors' copies
             measurements.update(_bench_scale(work, size_bytes, on_step))
             return BenchReport(size_bytes, measurements, _ratios(measurements), None)
-        saves = _bench_saves(work, size_bytes, repeats, on_step)
-        measurements.update(saves)
-        if "verify" in sections:
-            measurements.update(_bench_verify(saves, repeats, on_step))
-        if "restore" in sections:
-            measurements.update(_bench_restore(work, saves, Path(drive) if drive else None, repeats, on_step))
-        if "cli" in sections:
-            measurements.update(_bench_cli(work, repeats, on_step))
-        if "resume" in sections:
-            measurements.update(_bench_resume(saves, repeats, on_step))
-        if "dedup" in sections:
-            from ckptctl.bench_dedup import bench_dedup
+        if any(section != "parallel" for section in sections):
+            measurements.update(_bench_single(work, size_bytes, Path(drive) if drive else None, repeats, sections, on_step))
+        if "parallel" in sections:
+            from ckptctl.bench_parallel import bench_parallel
 
-            measurements.update(bench_dedup(work, on_step))
+            measurements.update(bench_parallel(work / "parallel", size_bytes, repeats, nproc, on_step))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for key in ("checkpoint_path", "checkpoint_checksum", "checkpoint_files", "plain_path"):
-        measurements.pop(key, None)
-    advice = {
-        "batch_time_s": batch_time_s,
-        "save_every": recommend_save_every(measurements["stall_s"], batch_time_s),
-        "stall_s": measurements["stall_s"],
-    }
+    stall = measurements["stall_s"] if "stall_s" in measurements else measurements["parallel_stall_s"]
+    advice = {"batch_time_s": batch_time_s, "save_every": recommend_save_every(stall, batch_time_s), "stall_s": stall}
     return BenchReport(size_bytes, measurements, _ratios(measurements), advice)

@@ -669,7 +669,29 @@ def export_command(
 # --------------------------------------------------------------------------- bench
 
 BENCH_SECTIONS = ("save", "verify", "restore", "cli", "resume", "dedup")
-BENCH_ONLY_SECTIONS = ("scale",)
+#: Sections run only when asked for: ``parallel`` (a torchrun job; also ``--parallel``) and ``scale`` (on its own).
+BENCH_OPTIONAL_SECTIONS = ("parallel", "scale")
+
+
+def _bench_sections(sections: Optional[str], parallel: bool, nproc: Optional[int]) -> tuple[str, ...]:
+    """The sections ``bench`` runs: ``--sections`` (default: all but the optional ones), with ``parallel`` added by ``--parallel`` (alone without ``--sections``)."""
+    if sections is None:
+        chosen = () if parallel else BENCH_SECTIONS
+    else:
+        chosen = tuple(part.strip() for part in sections.split(",") if part.strip())
+    if parallel and "parallel" not in chosen:
+        chosen += ("parallel",)
+    unknown = [part for part in chosen if part not in BENCH_SECTIONS + BENCH_OPTIONAL_SECTIONS]
+    if unknown:
+        choices = ", ".join(BENCH_SECTIONS + BENCH_OPTIONAL_SECTIONS)
+        raise typer.BadParameter(f"unknown section(s) {', '.join(unknown)}; choose from {choices}", param_hint="--sections")
+    if not chosen:
+        raise typer.BadParameter("no section given", param_hint="--sections")
+    if "scale" in chosen and chosen != ("scale",):
+        raise typer.BadParameter("'scale' runs on its own: --sections scale", param_hint="--sections")
+    if nproc is not None and "parallel" not in chosen:
+        raise typer.BadParameter("ranks of the parallel section: give --parallel too", param_hint="--nproc")
+    return chosen
 
 
 @app.command("bench")
@@ -678,7 +700,9 @@ def bench_command(
     drive: Optional[Path] = typer.Option(None, "--drive", metavar="PATH", help="Folder to mirror to and restore from, e.g. the mounted Drive (default: a temporary folder)."),
     batch_time: float = typer.Option(0.5, "--batch-time", metavar="SECONDS", min=0.000001, help="Your seconds per training batch, for the --save-every advice."),
     repeats: int = typer.Option(3, "--repeats", min=1, max=50, help="Runs per timing; the median is reported."),
-    sections: str = typer.Option(",".join(BENCH_SECTIONS), "--sections", metavar="LIST", help="Comma-separated parts to run: save,verify,restore,cli,resume,dedup (save always runs; dedup: bytes on disk, on the mirror and uploaded per save with a frozen model); or 'scale' alone: save and verify one checkpoint of --size (e.g. more than half the RAM) with default settings."),
+    sections: Optional[str] = typer.Option(None, "--sections", metavar="LIST", help="Comma-separated parts to run (default: save,verify,restore,cli,resume,dedup; save always runs with any of them; dedup: bytes on disk, on the mirror and uploaded per save with a frozen model); parallel: see --parallel; or 'scale' alone: save and verify one checkpoint of --size (e.g. more than half the RAM) with default settings."),
+    parallel: bool = typer.Option(False, "--parallel", help="Run the parallel section: a torchrun job of --nproc ranks (gloo, CPU) saving an FSDP2-sharded model + AdamW state of --size against DCP async_save and a raw write by every rank at once. Alone unless --sections names others."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", metavar="N", min=1, max=64, help="Ranks of the parallel section's job (default: 2)."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", metavar="DIR", help="Where local files are written (default: the system temp folder); removed afterwards."),
     json_out: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
@@ -688,23 +712,20 @@ def bench_command(
     Compares the training stall per save with DCP async_save and sync torch.save, the
     background save with a raw write+fsync, verify with a cold read (and its memory),
     restore from Drive with cp+fsync, `ckptctl ls`/--help with importing typer+rich+
-    humanize, and resume with a plain torch.load. Each ratio shows its goal.
+    humanize, and resume with a plain torch.load. With --parallel: a sharded save on N
+    ranks against DCP async_save and a raw write by every rank. Each ratio shows its goal.
 
     \b
     Example:
         ckptctl bench --size 1GiB
         ckptctl bench --size 256MB --drive /content/drive/MyDrive --batch-time 0.8 --json
+        ckptctl bench --parallel --nproc 4 --size 1GiB
     """
     from ckptctl import render
 
     out = Output.from_flags(json_out, quiet)
     size_bytes = _size_option(size, "--size")
-    chosen = tuple(part.strip() for part in sections.split(",") if part.strip())
-    unknown = [part for part in chosen if part not in BENCH_SECTIONS + BENCH_ONLY_SECTIONS]
-    if "scale" in chosen and chosen != ("scale",):
-        raise typer.BadParameter("'scale' runs on its own: --sections scale", param_hint="--sections")
-    if unknown:
-        raise typer.BadParameter(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(BENCH_SECTIONS)}", param_hint="--sections")
+    chosen = _bench_sections(sections, parallel, nproc)
     for folder, flag in ((drive, "--drive"), (workdir, "--workdir")):
         if folder is not None and not folder.is_dir():
             raise NotFoundError(f"{flag} {folder}: no such directory")
@@ -717,6 +738,7 @@ def bench_command(
         repeats=repeats,
         batch_time_s=batch_time,
         sections=chosen,
+        nproc=nproc or 2,
         on_step=lambda step: out.info(f"bench: {step}"),
     )
     out.finish(report, render.render_bench)

@@ -692,7 +692,22 @@ _BENCH_TIMES = [
     ("import_typer_rich_humanize_s", "python -c 'import typer, rich, humanize'"),
     ("resume_s", "resume: process start to first step"),
     ("plain_load_s", "plain torch.load: process start to first step"),
+    ("parallel_stall_s", "parallel: training stall per save (ckptctl, slowest rank)"),
+    ("parallel_dcp_async_blocking_s", "parallel: DCP async_save, blocking part (slowest rank)"),
+    ("parallel_write_s", "parallel: ckptctl save call to flush end (all ranks)"),
+    ("parallel_raw_write_s", "parallel: raw write + fsync (all ranks at once)"),
 ]
+
+
+def _render_parallel_note(out: Any, m: dict[str, Any]) -> None:
+    """What the parallel section saved and wrote (and, on stderr, why its state was not sharded when it was not)."""
+    layout = "FSDP2-sharded" if m["parallel_layout"] == "fsdp2" else "DDP-replicated"
+    out.print(
+        f"parallel: {m['parallel_world_size']} ranks (gloo, CPU), {layout} model + AdamW state of {size(m['parallel_state_bytes'])}; "
+        f"ckptctl wrote {size(m['parallel_written_bytes'])} per save, the raw write {size(m['parallel_raw_bytes'])}"
+    )
+    if m.get("parallel_layout_note"):
+        warn(f"parallel: measured a DDP-replicated state: {m['parallel_layout_note']}")
 
 
 def render_bench(report: Any) -> None:
@@ -712,6 +727,8 @@ def render_bench(report: Any) -> None:
         out.print(f"staging memory: {size(m['staging_bytes'])} (one CPU copy of the saved state, reused)")
     if m.get("verify_peak_rss_bytes") is not None:
         out.print(f"verify peak memory: {size(m['verify_peak_rss_bytes'])} (interpreter baseline {size(m['baseline_peak_rss_bytes'])})")
+    if m.get("parallel_world_size") is not None:
+        _render_parallel_note(out, m)
     out.print()
     ratios = _table(show_edge=False, pad_edge=False)
     ratios.add_column("Goal")

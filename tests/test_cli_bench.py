@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ckptctl.bench import GOALS, recommend_save_every, run_bench
-from ckptctl.cli import app
+from ckptctl.cli import BENCH_SECTIONS, app
 
 runner = CliRunner()
 
@@ -53,7 +53,7 @@ def test_recommendation_keeps_stall_under_one_percent():
 
 @pytest.mark.slow
 def test_full_bench_runs_every_section(tmp_path):
-    report = run_bench(16 * 1024 * 1024, workdir=tmp_path, repeats=1)
+    report = run_bench(16 * 1024 * 1024, workdir=tmp_path, repeats=1, sections=BENCH_SECTIONS + ("parallel",))
     measured = {name: r for name, r in report.ratios.items() if not name.startswith("scale_")}  # scale runs alone
     assert all(r["value"] is not None for r in measured.values()), report.ratios
 
@@ -67,3 +67,38 @@ def test_bench_scale_section_saves_and_verifies_one_checkpoint(tmp_path):
     assert m["scale_bytes"] == 4_000_000 and m["scale_save_s"] > 0 and m["scale_verify_peak_rss_bytes"] > 0
     assert m["scale_staged_bytes"] >= 4_000_000  # small enough to stage
     assert runner.invoke(app, ["bench", "--sections", "scale,save"]).exit_code == 2
+
+
+def test_bench_parallel_runs_a_torchrun_job_and_reports_its_ratios(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    result = runner.invoke(app, ["bench", "--parallel", "--size", "1MiB", "--repeats", "1", "--workdir", str(work), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    m = doc["measurements"]
+    for key in ("parallel_stall_s", "parallel_dcp_async_blocking_s", "parallel_write_s", "parallel_raw_write_s"):
+        assert isinstance(m[key], float) and m[key] > 0, key
+    assert m["parallel_world_size"] == 2
+    assert m["parallel_written_bytes"] >= m["parallel_state_bytes"] > 0  # every tensor changed between saves
+    assert m["parallel_raw_bytes"] >= m["parallel_written_bytes"]  # each rank wrote its share, rounded up
+    assert "stall_s" not in m  # --parallel on its own runs no single-process section
+    for name in ("parallel_stall_vs_dcp_async", "parallel_write_vs_raw"):
+        ratio = doc["ratios"][name]
+        assert ratio["value"] > 0 and isinstance(ratio["ok"], bool), name
+    assert doc["ratios"]["stall_vs_sync_save"]["value"] is None
+    assert doc["recommendation"]["stall_s"] == m["parallel_stall_s"]
+    assert list(work.iterdir()) == []  # its work folder is removed
+
+
+def test_bench_parallel_usage_errors_and_a_failing_job(tmp_path, monkeypatch):
+    for args in (["--nproc", "2"], ["--parallel", "--nproc", "0"], ["--parallel", "--sections", "scale"], ["--sections", ","]):
+        bad = runner.invoke(app, ["bench", *args])
+        assert bad.exit_code == 2, (args, bad.output)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")  # every rank fails reading it
+    failed = runner.invoke(app, ["bench", "--parallel", "--size", "1MiB", "--repeats", "1", "--workdir", str(work)])
+    assert failed.exit_code == 1, failed.output
+    last = failed.stderr.strip().splitlines()[-1]  # after the progress lines: the first failed rank's cause
+    assert last == "Error: parallel bench: the torchrun job exited with status 1: ValueError: invalid literal for int() with base 10: 'many'"
+    assert list(work.iterdir()) == []
