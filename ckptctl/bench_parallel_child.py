@@ -133,10 +133,10 @@ def choose_layout(work: Path, requested: str) -> tuple[str, str | None]:
     """``(layout, note)``: ``fsdp2`` when this torch has ``fully_shard`` and ckptctl saves a tiny FSDP2 state on every rank, else ``ddp`` and why."""
     if requested != "auto":
         return requested, None
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError as exc:
-        return "ddp", f"this torch has no FSDP2 (fully_shard): {exc}"
+    import torch.distributed.fsdp as fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        return "ddp", f"torch {torch.__version__} has no FSDP2 (torch.distributed.fsdp.fully_shard)"
     probe = work / "probe_run"
     try:
         from ckptctl.persistence import ModelPersistence

@@ -50,7 +50,7 @@ def test_expected_commands():
 
 def test_help_and_ls_do_not_import_torch(tmp_path):
     write_run(tmp_path / "runs", "run_a", n=2)
-    for args in (["--help"], ["ls"], ["ls", "--json"], ["ls", "--help"], ["prune", "--help"]):
+    for args in (["--help"], ["ls"], ["ls", "--json"], ["ls", "--help"], ["prune", "--help"], ["bench", "--help"]):
         proc = _without_torch(*args)
         assert proc.returncode == 0, proc.stderr
         assert "TORCH_IMPORTED=False" in proc.stderr, args
