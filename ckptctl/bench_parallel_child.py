@@ -158,10 +158,10 @@ def choose_layout(work: Path, requested: str) -> tuple[str, str | None]:
 class Rounds:
     """The three measurements of one job on one state, each a callable run once per round."""
 
-    def __init__(self, work: Path, model: nn.Module, wrapped: nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, work: Path, wrapped: nn.Module, optimizer: torch.optim.Optimizer):
         from ckptctl.persistence import ModelPersistence
 
-        self.work, self.model, self.wrapped, self.optimizer = work, model, wrapped, optimizer
+        self.work, self.wrapped, self.optimizer = work, wrapped, optimizer
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.run = work / "run"
         self.persistence = ModelPersistence(self.run, max_checkpoints=2, save_every_n_batches=1)
@@ -244,19 +244,17 @@ def measure(work: Path, size_bytes: int, repeats: int, layout: str) -> dict[str,
     state_bytes = torch.tensor([local_state_bytes(model, optimizer)])
     if layout == "fsdp2":
         dist.all_reduce(state_bytes)
-    rounds = Rounds(work, model, wrapped, optimizer)
+    rounds = Rounds(work, wrapped, optimizer)
     steps: dict[str, Callable[[], dict[str, float]]] = {"ours": rounds.ours, "raw": rounds.raw, "dcp": rounds.dcp}
     samples: dict[str, list[float]] = {}
-    try:
-        for i in range(repeats + 1):
-            say("warm-up round" if i == 0 else f"round {i}/{repeats}: ckptctl save + flush, raw write, DCP async_save")
-            train_step(wrapped, optimizer, width)
-            for step in steps.values():
-                for key, value in step().items():
-                    if i > 0:
-                        samples.setdefault(key, []).append(value)
-    finally:
-        rounds.close()
+    for i in range(repeats + 1):
+        say("warm-up round" if i == 0 else f"round {i}/{repeats}: ckptctl save + flush, raw write, DCP async_save")
+        train_step(wrapped, optimizer, width)
+        for step in steps.values():
+            for key, value in step().items():
+                if i > 0:
+                    samples.setdefault(key, []).append(value)
+    rounds.close()  # collective: not after a failure (torchrun ends the other ranks)
     out = {f"parallel_{key}": statistics.median(values) for key, values in samples.items()}
     for key in ("parallel_written_bytes", "parallel_raw_bytes"):
         out[key] = int(out[key])
