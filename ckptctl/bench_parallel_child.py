@@ -19,9 +19,9 @@ on all alike), after one optimizer step that changes every tensor:
   rank), then its future is awaited before the next round.
 
 Rank 0 writes the medians as JSON to ``--out`` (see :mod:`ckptctl.bench_parallel`) and
-prints progress lines prefixed with :data:`STEP_PREFIX`. Where this torch has no FSDP2 or
-ckptctl cannot save the sharded state, the same measurements run on a DDP-replicated model
-and the JSON says why (``parallel_layout_note``).
+prints progress lines prefixed with :data:`STEP_PREFIX`. Where this torch has no FSDP2, the
+same measurements run on a DDP-replicated model and the JSON says why
+(``parallel_layout_note``); ``--layout ddp`` asks for that model.
 """
 
 from __future__ import annotations
@@ -129,30 +129,13 @@ def added_bytes(before: dict[str, int], after: dict[str, int]) -> int:
     return sum(size for name, size in after.items() if name not in before)
 
 
-def choose_layout(work: Path, requested: str) -> tuple[str, str | None]:
-    """``(layout, note)``: ``fsdp2`` when this torch has ``fully_shard`` and ckptctl saves a tiny FSDP2 state on every rank, else ``ddp`` and why."""
-    if requested != "auto":
-        return requested, None
+def choose_layout(requested: str) -> tuple[str, str | None]:
+    """``(layout, note)``: ``fsdp2`` unless this torch has no ``fully_shard`` (then ``ddp``, and why)."""
     import torch.distributed.fsdp as fsdp
 
-    if not hasattr(fsdp, "fully_shard"):
+    if requested == "auto" and not hasattr(fsdp, "fully_shard"):
         return "ddp", f"torch {torch.__version__} has no FSDP2 (torch.distributed.fsdp.fully_shard)"
-    probe = work / "probe_run"
-    try:
-        from ckptctl.persistence import ModelPersistence
-
-        model, _, optimizer = make_model(2 * dist.get_world_size(), "fsdp2")
-        with ModelPersistence(probe, save_every_n_batches=1) as p:
-            p.save_checkpoint(0, 0, model=model, optimizer=optimizer)
-            p.flush()
-        error = None
-    except Exception as exc:  # the measured fallback says why
-        error = f"ckptctl could not save the FSDP2 state: {type(exc).__name__}: {exc}".splitlines()[0]
-    fine = all_ranks(error is None)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(probe, ignore_errors=True)
-    return ("fsdp2", None) if fine else ("ddp", error or "ckptctl could not save the FSDP2 state on another rank")
+    return ("fsdp2" if requested == "auto" else requested), None
 
 
 class Rounds:
@@ -237,7 +220,7 @@ def _await(future: Any) -> None:
 def measure(work: Path, size_bytes: int, repeats: int, layout: str) -> dict[str, Any]:
     """The whole job: medians of ``repeats`` interleaved rounds (after one warm-up round that is not counted)."""
     world = dist.get_world_size()
-    layout, note = choose_layout(work, layout)
+    layout, note = choose_layout(layout)
     width = layer_width(size_bytes, world)
     say(f"{layout} model of {LAYERS} Linear({width}, {width}) layers + AdamW on {world} ranks")
     model, wrapped, optimizer = make_model(width, layout)

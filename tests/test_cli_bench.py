@@ -78,7 +78,7 @@ def test_bench_parallel_runs_a_torchrun_job_and_reports_its_ratios(tmp_path):
     m = doc["measurements"]
     for key in ("parallel_stall_s", "parallel_dcp_async_blocking_s", "parallel_write_s", "parallel_raw_write_s"):
         assert isinstance(m[key], float) and m[key] > 0, key
-    assert m["parallel_world_size"] == 2
+    assert m["parallel_world_size"] == 2 and m["parallel_layout"] == "fsdp2" and m["parallel_layout_note"] is None
     assert m["parallel_written_bytes"] >= m["parallel_state_bytes"] > 0  # every tensor changed between saves
     assert m["parallel_raw_bytes"] >= m["parallel_written_bytes"]  # each rank wrote its share, rounded up
     assert "stall_s" not in m  # --parallel on its own runs no single-process section
