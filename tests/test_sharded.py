@@ -99,6 +99,7 @@ def test_an_fsdp2_run_saves_shards_that_every_command_reads(tmp_path):
     assert same_tensors(safe_load(tmp_path / "fresh" / "fsdp" / "checkpoints" / "checkpoint_00002.pt")["model"], final["model"]) == []
 
 
+@pytest.mark.slow
 def test_a_truncated_or_missing_shard_is_corrupt_and_resume_falls_back(tmp_path):
     """Damage one rank's shard of the newest checkpoint: verify says corrupt, resume (2 ranks) takes the one before."""
     fsdp_job(tmp_path, 2, str(tmp_path / "out"), "--total", "4")
