@@ -89,8 +89,10 @@ def ckptctl_warnings_to(say: Callable[[str], None]) -> Iterator[None]:
 class StopRequest:
     """SIGTERM/SIGINT: the first asks to finish the batch, save and exit; the second exits at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
+        """``announce``: say on stderr what a signal does (under torchrun, rank 0 says it for every rank)."""
         self.signum: int | None = None
+        self.announce = announce
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -109,8 +111,10 @@ class StopRequest:
         if self.signum is None:
             self.signum = signum
             # os.write, not print: the main thread may be inside a print when this runs
-            os.write(2, f"{name}: finishing the current batch, saving, then exiting (send again to exit at once)\n".encode())
+            if self.announce:
+                os.write(2, f"{name}: finishing the current batch, saving, then exiting (send again to exit at once)\n".encode())
         else:
-            os.write(2, f"{name} again: exiting now without waiting for the save\n".encode())
+            if self.announce:
+                os.write(2, f"{name} again: exiting now without waiting for the save\n".encode())
             os._exit(128 + signum)
 

@@ -10,7 +10,8 @@ an uninterrupted one bit for bit.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,16 +78,34 @@ class UncertaintyLoss(nn.Module):
         return total
 
 
+@dataclass(frozen=True)
+class StepModules:
+    """The trained modules as :func:`train_step` calls them: the components themselves, or their DDP wrappers."""
+
+    agent: nn.Module
+    critic: nn.Module
+    loss_fn: nn.Module
+
+
 class Components:
     """Everything that is saved, by name: ``agent``, ``critic``, ``loss_fn``, ``encoder`` (frozen),
-    ``optimizer``, ``scheduler``."""
+    ``optimizer``, ``scheduler``.
 
-    def __init__(self, seed: int, lr: float, total_steps: int, device: torch.device):
+    ``wrap`` (under torchrun, see :mod:`ckptctl.train_parallel`) is applied to each trained
+    module before the optimizer is built: it returns a DDP wrapper (the component stays the
+    plain module, saved under its name) or shards the module in place (FSDP2). The frozen
+    encoder is never wrapped: every rank holds the same copy.
+    """
+
+    def __init__(self, seed: int, lr: float, total_steps: int, device: torch.device,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None):
         torch.manual_seed(seed)
         self.encoder = FrozenEncoder().to(device)
         self.agent = Agent().to(device)
         self.critic = Critic().to(device)
         self.loss_fn = UncertaintyLoss().to(device)
+        wrap = wrap or (lambda module: module)
+        self.step = StepModules(wrap(self.agent), wrap(self.critic), wrap(self.loss_fn))
         params = list(self.agent.parameters()) + list(self.critic.parameters()) + list(self.loss_fn.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -156,16 +175,16 @@ def train_step(c: Components, train: PairSet, index: torch.Tensor, device: torch
     targets = train.targets[index].to(device)
     with torch.no_grad():
         features = c.encoder(x)
-    logits, hidden = c.agent(x, features)
+    logits, hidden = c.step.agent(x, features)
     cell_loss = F.cross_entropy(logits, targets, ignore_index=IGNORE)
     with torch.no_grad():
         correct, valid = cell_accuracy(logits, targets)
         baseline = copy_correct(train.inputs[index].to(device), targets)
         per_sample_reward = (correct - baseline) / valid.clamp(min=1)
         reward = (correct.sum() - baseline.sum()) / valid.sum().clamp(min=1)
-    value = c.critic(hidden.detach())
+    value = c.step.critic(hidden.detach())
     critic_loss = F.mse_loss(value, per_sample_reward)
-    loss = c.loss_fn(cell_loss, critic_loss)
+    loss = c.step.loss_fn(cell_loss, critic_loss)
     c.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     c.optimizer.step()

@@ -20,10 +20,17 @@ Exact-resume design (CPU, same flags and seed):
   refuses to continue if it differs, unless ``--allow-data-change`` is given.
 - One thread count (``--threads``) and deterministic algorithms.
 
+Several processes: ``torchrun --nproc_per_node N -m ckptctl.trainloop --parallel ddp|fsdp ...``
+trains the same run on N ranks (gloo on CPU, nccl with ``--device cuda``); each rank trains on
+its own part of every batch and saves its own RNG states and data position, and a resumed run
+of the same world size is bit-identical to an uninterrupted one (CPU). See
+:mod:`ckptctl.train_parallel`.
+
 Layout: this module holds the flags and the run, in phases (open the run and restore it from
 Drive, find the resume position, the epoch loop, finish); the model and its steps are in
 :mod:`ckptctl.train_model`, the data order and position in :mod:`ckptctl.train_data`, the
-console, warnings and signals in :mod:`ckptctl.train_console`.
+console, warnings and signals in :mod:`ckptctl.train_console`, the process group and the
+wrapped modules under torchrun in :mod:`ckptctl.train_parallel`.
 
 Exit codes: 0 completed (or nothing left to do), 1 a checkpoint/library error,
 2 bad flags or a refused resume, 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM).
@@ -77,8 +84,10 @@ from ckptctl.train_data import (
     data_position,
     epoch_order,
     fingerprint_differences,
+    rank_part,
 )
 from ckptctl.train_model import Components, train_step, validate
+from ckptctl.train_parallel import PARALLEL_MODES, LaunchError, World, error_prefix, is_main_process, start_world
 
 log = logging.getLogger("ckptctl.trainloop")
 
@@ -114,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
             "example:\n"
             "  python -m ckptctl.trainloop --epochs 3 --run-name demo --drive-backup /content/drive/MyDrive/ckpt\n"
             "  # ...the connection drops; on the same or a fresh machine:\n"
-            "  python -m ckptctl.trainloop --epochs 3 --run-name demo --drive-backup /content/drive/MyDrive/ckpt --resume"
+            "  python -m ckptctl.trainloop --epochs 3 --run-name demo --drive-backup /content/drive/MyDrive/ckpt --resume\n"
+            "  # two processes (DDP; --parallel fsdp shards the model), resumed the same way:\n"
+            "  torchrun --nproc_per_node 2 -m ckptctl.trainloop --parallel ddp --epochs 3 --run-name demo2"
         ),
         formatter_class=_HelpFormatter,
     )
@@ -156,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-data-change", action="store_true",
                         help="resume even if the data position fingerprint (dataset, batch size, seed) differs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+    parser.add_argument("--parallel", choices=PARALLEL_MODES, default=None,
+                        help="under torchrun: ddp wraps the trained modules in DistributedDataParallel, fsdp shards them "
+                             "(FSDP2 fully_shard); gloo on cpu, nccl with --device cuda. Every rank trains on its own "
+                             "part of each batch, only rank 0 prints; resume with the same number of processes to "
+                             "continue bit-identically (default: one process; an error without torchrun)")
     return parser
 
 
@@ -185,7 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _config(args: argparse.Namespace, train: PairSet, val: PairSet, device: torch.device) -> dict[str, Any]:
+def _config(args: argparse.Namespace, train: PairSet, val: PairSet, device: torch.device, world: World) -> dict[str, Any]:
     return {
         "epochs": args.epochs,
         "device": str(device),
@@ -206,6 +222,7 @@ def _config(args: argparse.Namespace, train: PairSet, val: PairSet, device: torc
         "eval_size": len(val),
         "batches_per_epoch": batches_per_epoch(len(train), args.batch_size),
         "torch": torch.__version__,
+        **world.config(),
     }
 
 
@@ -293,8 +310,9 @@ _MIRROR_WAIT_FAILED = 10.0
 
 
 def _say(text: str) -> None:
-    """One line to stderr, at once."""
-    print(text, file=sys.stderr, flush=True)
+    """One line to stderr, at once (under torchrun, from rank 0 only)."""
+    if is_main_process():
+        print(text, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -303,6 +321,7 @@ class _Session:
 
     args: argparse.Namespace
     device: torch.device
+    world: World
     output_dir: Path
     run_name: str
     resuming: bool
@@ -342,18 +361,24 @@ class _Step:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train as ``args`` say; return the exit code. SIGTERM/SIGINT are handled from the start."""
-    stop = StopRequest()
+    """Train as ``args`` say; return the exit code. SIGTERM/SIGINT are handled from the start.
+
+    Under torchrun (``--parallel``) this process joins the process group first and leaves it at the end.
+    """
+    device = _pick_device(args.device)
+    world = start_world(args.parallel, device)
+    stop = StopRequest(announce=world.is_main)
     stop.install()
     try:
-        return _run(args, stop)
+        return _run(args, device, world, stop)
     finally:
         stop.uninstall()
+        world.close()
 
 
-def _run(args: argparse.Namespace, stop: StopRequest) -> int:
+def _run(args: argparse.Namespace, device: torch.device, world: World, stop: StopRequest) -> int:
     """Open the run, find where it continues, train the epochs left, finish; return the exit code."""
-    s = _open_run(args)
+    s = _open_run(args, device, world)
     handler = RunLogHandler(s.persistence.append_log)
     logging.getLogger("ckptctl").addHandler(handler)
     _say_drive_budget(s)
@@ -365,9 +390,9 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
             s.persistence.update_training_state(status="completed")
             _say(f"run {s.run_name} is already complete ({args.epochs} epochs); nothing to do")
             return 0
-        interrupted_at = _train_epochs(s, start, stop)
-        if interrupted_at is not None:
-            return _finish_interrupted(s, interrupted_at, stop.signum)
+        stopped = _train_epochs(s, start, stop)
+        if stopped is not None:
+            return _finish_interrupted(s, *stopped)
         return _finish_completed(s)
     except BaseException as exc:
         _close_after_error(s, exc)
@@ -379,16 +404,15 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
 # --- phase 1: open the run (device, Drive, which run, restore from Drive, data, components, persistence)
 
 
-def _open_run(args: argparse.Namespace) -> _Session:
+def _open_run(args: argparse.Namespace, device: torch.device, world: World) -> _Session:
     """Set up the device, choose the run (restoring it from Drive when resuming on a fresh machine),
-    load the data, build the components and open the run's persistence."""
-    device = _pick_device(args.device)
+    load the data, build the components and open the run's persistence.
+
+    Under torchrun rank 0 chooses the run (and restores it) and every rank gets its choice (or its error).
+    """
     _set_determinism(args.threads, device)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if args.drive_backup:
-        _check_drive_backup(args.drive_backup, output_dir)
-    run_name, resuming = _choose_run(args, output_dir, _say)
+    run_name, resuming = world.on_main(lambda: _prepare_run(args, output_dir))
 
     train, val = load_arc(args.max_pairs, args.max_eval_pairs)
     if len(train) == 0:
@@ -396,13 +420,21 @@ def _open_run(args: argparse.Namespace) -> _Session:
     baseline = copy_baseline_accuracy(val) if len(val) else math.nan
     per_epoch = batches_per_epoch(len(train), args.batch_size)
     total_steps = args.epochs * per_epoch
-    components = _build_components(args, total_steps, device)
+    components = _build_components(args, total_steps, device, world)
     return _Session(
-        args=args, device=device, output_dir=output_dir, run_name=run_name, resuming=resuming,
+        args=args, device=device, world=world, output_dir=output_dir, run_name=run_name, resuming=resuming,
         train=train, val=val, baseline=baseline, per_epoch=per_epoch, total_steps=total_steps,
         components=components, to_save=components.as_dict(),
         persistence=_open_persistence(args, output_dir / run_name),
     )
+
+
+def _prepare_run(args: argparse.Namespace, output_dir: Path) -> tuple[str, bool]:
+    """Make the output folder, check Drive, and choose the run (:func:`_choose_run`)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.drive_backup:
+        _check_drive_backup(args.drive_backup, output_dir)
+    return _choose_run(args, output_dir, _say)
 
 
 def _check_drive_backup(drive_backup: str, output_dir: Path) -> None:
@@ -412,12 +444,13 @@ def _check_drive_backup(drive_backup: str, output_dir: Path) -> None:
         raise TrainloopError("--drive-backup must be another folder than --output-dir (the mirror would overwrite the run)")
 
 
-def _build_components(args: argparse.Namespace, total_steps: int, device: torch.device) -> Components:
-    """The model, optimizer and schedule initialised from ``--seed``; the RNG streams then restart from it."""
+def _build_components(args: argparse.Namespace, total_steps: int, device: torch.device, world: World) -> Components:
+    """The model, optimizer and schedule initialised from ``--seed`` (wrapped for ``--parallel``);
+    the RNG streams then restart from the seed (under torchrun, ``seed + rank``)."""
     _seed_everything(args.seed)
-    components = Components(args.seed, args.lr, total_steps, device)
+    components = Components(args.seed, args.lr, total_steps, device, wrap=world.wrap())
     components.train(True)
-    _seed_everything(args.seed)  # the RNG streams start from the seed, after init
+    _seed_everything(world.seed(args.seed))  # the RNG streams start from the seed, after init
     return components
 
 
@@ -489,7 +522,8 @@ def _checked_data_position(s: _Session, info: dict[str, Any]) -> tuple[int, int]
             )
         saved = {"next_epoch": int(info["epoch"]), "next_batch": int(info["batch"]) + 1}
     epoch, batch = int(saved["next_epoch"]), int(saved["next_batch"])
-    diffs = fingerprint_differences(saved, data_position(s.train, args.seed, args.batch_size, epoch, batch))
+    now = data_position(s.train, args.seed, args.batch_size, epoch, batch, s.world.rank, s.world.world_size)
+    diffs = s.world.first_problems(fingerprint_differences(saved, now))  # every rank refuses together
     if diffs and not args.allow_data_change:
         raise TrainloopError(
             f"cannot resume {s.run_name} exactly: the data position differs from checkpoint "
@@ -526,7 +560,7 @@ def _record_start(s: _Session, start: _Position) -> None:
         status="running",
         written_by=TRAINLOOP_WRITER,
         run_name=s.run_name,
-        config=_config(s.args, s.train, s.val, s.device),
+        config=_config(s.args, s.train, s.val, s.device, s.world),
         progress={"epoch": start.epoch, "batch": start.batch, "global_step": start.global_step,
                   "total_steps": s.total_steps},
         pid=os.getpid(),
@@ -537,33 +571,36 @@ def _record_start(s: _Session, start: _Position) -> None:
 # --- phase 3: the epoch loop
 
 
-def _train_epochs(s: _Session, start: _Position, stop: StopRequest) -> _Step | None:
+def _train_epochs(s: _Session, start: _Position, stop: StopRequest) -> tuple[_Step, int] | None:
     """Train from ``start`` to the end of the last epoch.
 
-    Returns the batch after which a signal asked to stop, or None when every epoch is done.
+    Returns the batch after which a signal asked to stop and that signal (under torchrun, the
+    one any rank got first: every rank stops after the same batch), or None when every epoch is done.
     """
-    s.console = Console(s.total_steps, min(s.global_step, s.total_steps), not s.args.no_progress)
+    s.console = Console(s.total_steps, min(s.global_step, s.total_steps), not s.args.no_progress and s.world.is_main)
     for epoch in range(start.epoch, s.args.epochs):
         order = epoch_order(len(s.train), s.args.seed, epoch)
         first = start.batch if epoch == start.epoch else 0
         for batch in range(first, s.per_epoch):
             step = _train_batch(s, order, epoch, batch)
-            if stop.signum is not None:
-                return step
+            signum = s.world.agreed_signal(stop.signum)
+            if signum is not None:
+                return step, signum
     return None
 
 
 def _train_batch(s: _Session, order: torch.Tensor, epoch: int, batch: int) -> _Step:
-    """Train one batch and log it; at the epoch's end validate and save, otherwise save when due."""
-    args, p = s.args, s.persistence
-    metrics = train_step(s.components, s.train, batch_indices(order, batch, args.batch_size), s.device)
+    """Train one batch (this rank's part of it) and log it; at the epoch's end validate and save, otherwise save when due."""
+    args, p, world = s.args, s.persistence, s.world
+    index = rank_part(batch_indices(order, batch, args.batch_size), world.rank, world.world_size)
+    metrics = world.mean_metrics(train_step(s.components, s.train, index, s.device))  # the whole batch's
     s.global_step += 1
     s.console.advance()
     last_batch = batch == s.per_epoch - 1
     if (batch + 1) % args.log_every == 0 or last_batch:
         _log(s, f"Epoch {epoch}, Batch {batch}: Loss={metrics['loss']:.3f}, Reward={metrics['reward']:+.3f}")
     nxt = (epoch + 1, 0) if last_batch else (epoch, batch + 1)
-    extra = {DATA_POSITION_KEY: data_position(s.train, args.seed, args.batch_size, *nxt)}
+    extra = {DATA_POSITION_KEY: data_position(s.train, args.seed, args.batch_size, *nxt, world.rank, world.world_size)}
     if last_batch:
         metrics.update(validate(s.components, s.val, s.baseline, s.device))
         _log(s, f"Epoch {epoch} validation: Accuracy={metrics['accuracy']:.4f}, "
@@ -580,9 +617,10 @@ def _train_batch(s: _Session, order: torch.Tensor, epoch: int, batch: int) -> _S
 
 
 def _log(s: _Session, line: str) -> None:
-    """A training line: into training.log and onto the console."""
+    """A training line: into training.log and onto the console (under torchrun, rank 0's)."""
     s.persistence.append_log(line)
-    s.console.line(line)
+    if s.world.is_main:
+        s.console.line(line)
 
 
 # --- phase 4: finish (flush, wait for the mirror, final messages)
@@ -639,7 +677,10 @@ def _close_after_error(s: _Session, exc: BaseException) -> None:
     except Exception:
         pass
     try:
-        s.persistence.close(mirror_timeout=_MIRROR_WAIT_FAILED)
+        if s.world.mode is None:
+            s.persistence.close(mirror_timeout=_MIRROR_WAIT_FAILED)
+        else:  # the other ranks may never reach a collective close: leave as a `with` block does on an error
+            s.persistence.__exit__(type(exc), exc, exc.__traceback__)
     except Exception as close_exc:
         _say(f"warning: while closing after an error: {close_exc}")
 
@@ -654,6 +695,7 @@ FOLDER_FAULT_HINT = (
 #: is a usage error; any other ckptctl error exits 1; a folder fault says what to do next.
 TRAINLOOP_ERRORS = (
     ErrorRule(TrainloopError, EXIT_USAGE),
+    ErrorRule(LaunchError, EXIT_USAGE),
     ErrorRule(CkptctlError, EXIT_PROBLEMS),
     ErrorRule(OSError, EXIT_PROBLEMS, FOLDER_FAULT_HINT),
     *ERROR_TABLE,
@@ -679,7 +721,9 @@ def main(argv: list[str] | None = None) -> int:
         if debug_enabled():
             raise
         line, code = error_line(_failure(exc), TRAINLOOP_ERRORS)
-        print(line, file=sys.stderr)
+        prefix = error_prefix(exc)
+        if prefix is not None:  # under torchrun, rank 0's errors are printed once, by rank 0
+            print(prefix + line, file=sys.stderr)
         return code
     except KeyboardInterrupt:  # a signal before the handlers were installed
         print("Error: interrupted before training started", file=sys.stderr)

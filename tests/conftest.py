@@ -90,3 +90,15 @@ def base_run(tmp_path_factory) -> Path:
     from .runs import write_run
 
     return write_run(tmp_path_factory.mktemp("base"), "run", n=3, keep=2, **MODEL)
+
+
+@pytest.fixture
+def in_process_torch_settings():
+    """Running the trainloop's main() in-process sets torch's threads and determinism: put them back."""
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)

@@ -158,16 +158,6 @@ def test_sigterm_saves_the_current_batch_then_fresh_machine_resumes_from_drive(r
     assert read_json(drive / "term" / "training_state.json")["status"] == "completed"
 
 
-@pytest.fixture
-def in_process_torch_settings():
-    """Running main() in-process sets torch's threads and determinism: put them back."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-
-
 def test_resume_refuses_a_changed_data_position_unless_overridden(reference, tmp_path, capsys, in_process_torch_settings):
     out = tmp_path / "runs"
     shutil.copytree(reference.run_dir, out / "copy")
