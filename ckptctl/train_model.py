@@ -138,6 +138,21 @@ class Components:
             scheduler.T_max = total_steps
         return notes
 
+    def misfits(self) -> list[str]:
+        """Trained parameters whose loaded optimizer state has another shape, as ``name: ...`` lines.
+
+        None after a normal load; a checkpoint of another layout (``--parallel fsdp`` saves the
+        agent's ``copy_gain`` as a one-element vector) can load without an error and fail only at
+        the next step.
+        """
+        found = []
+        for module_name, module in (("agent", self.agent), ("critic", self.critic), ("loss_fn", self.loss_fn)):
+            for name, param in module.named_parameters():
+                for key, value in self.optimizer.state.get(param, {}).items():
+                    if key != "step" and isinstance(value, torch.Tensor) and value.shape != param.shape:
+                        found.append(f"{module_name}.{name}: parameter {tuple(param.shape)}, optimizer {key} {tuple(value.shape)}")
+        return found
+
     def as_dict(self) -> dict[str, Any]:
         """The components by the names every checkpoint saves them under."""
         return {

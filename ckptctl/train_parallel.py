@@ -12,7 +12,8 @@ Without either, :class:`World` is one process and each of its methods is a plain
 - ``fsdp``: FSDP2 ``fully_shard`` on each layer of a trained module (each submodule holding
   parameters), then on the module itself. Their state dicts (and the optimizer's) hold
   DTensors, which ModelPersistence saves sharded. FSDP2 refuses 0-dim parameters: such a
-  parameter becomes a one-element vector first (the agent's ``copy_gain`` has shape ``(1,)``).
+  parameter becomes a one-element vector first (the agent's ``copy_gain`` has shape ``(1,)``),
+  so an fsdp run resumes under ``--parallel fsdp`` only (the trainloop refuses the others).
 - The frozen encoder is never wrapped: every rank builds the same copy from the seed.
 
 Every rank builds the model from ``--seed`` (the same initial weights on every rank) and seeds
@@ -43,9 +44,6 @@ PARALLEL_MODES = ("ddp", "fsdp")
 
 #: What torchrun sets in every process it starts (the env:// rendezvous needs all of them).
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-#: ckptctl's modules that save sharded state through torch.distributed.checkpoint (either is enough).
-_SHARDED_MODULES = ("ckptctl.sharded", "ckptctl.api.sharded")
 
 #: The note :meth:`ckptctl.api.distributed.Ranks.on_writer` adds to rank 0's exceptions on the other ranks.
 _WRITER_NOTE = "(raised on rank 0,"
@@ -113,12 +111,6 @@ class World:
         dist.all_gather_object(out, value)
         return out
 
-    def close(self) -> None:
-        """Tear down the process group this world started (nothing for one process)."""
-        import torch.distributed as dist
-
-        if self.mode is not None and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def torchrun_env(environ: Mapping[str, str]) -> tuple[int, int, int] | None:
@@ -174,8 +166,6 @@ def start_world(mode: str | None, device: torch.device, environ: Mapping[str, st
         return World()
     import torch.distributed as dist
 
-    if mode == "fsdp" and not sharded_saves_supported():
-        raise LaunchError("--parallel fsdp: this ckptctl cannot save sharded (FSDP2/DTensor) state yet; use --parallel ddp")
     rank, world_size, local_rank = ranks
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
@@ -185,11 +175,12 @@ def start_world(mode: str | None, device: torch.device, environ: Mapping[str, st
     return World(mode, dist.get_rank(), dist.get_world_size(), local_rank)
 
 
-def sharded_saves_supported() -> bool:
-    """True when ModelPersistence can save sharded (FSDP2/DTensor) state: ckptctl has its sharded-checkpoint module."""
-    import importlib.util
+def leave_process_group() -> None:
+    """Tear down the process group :func:`start_world` initialised (nothing when there is none)."""
+    import torch.distributed as dist
 
-    return any(importlib.util.find_spec(name) is not None for name in _SHARDED_MODULES)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:

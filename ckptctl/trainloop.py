@@ -57,7 +57,7 @@ from ckptctl.arcdata import PairSet, copy_baseline_accuracy, load_arc
 from ckptctl.core.resume import TRAINLOOP_WRITER
 from ckptctl.core.units import parse_size
 from ckptctl.config import DRIVE_ENV, drive_from_env
-from ckptctl.errors import BackgroundSaveError, CkptctlError
+from ckptctl.errors import BackgroundSaveError, CkptctlError, RestoreStateError
 from ckptctl.exit_codes import (
     ERROR_TABLE,
     EXIT_INTERRUPTED,
@@ -87,7 +87,15 @@ from ckptctl.train_data import (
     rank_part,
 )
 from ckptctl.train_model import Components, train_step, validate
-from ckptctl.train_parallel import PARALLEL_MODES, LaunchError, World, error_prefix, is_main_process, start_world
+from ckptctl.train_parallel import (
+    PARALLEL_MODES,
+    LaunchError,
+    World,
+    error_prefix,
+    is_main_process,
+    leave_process_group,
+    start_world,
+)
 
 log = logging.getLogger("ckptctl.trainloop")
 
@@ -363,7 +371,7 @@ class _Step:
 def run(args: argparse.Namespace) -> int:
     """Train as ``args`` say; return the exit code. SIGTERM/SIGINT are handled from the start.
 
-    Under torchrun (``--parallel``) this process joins the process group first and leaves it at the end.
+    Under torchrun (``--parallel``) this process joins the process group first (:func:`main` leaves it).
     """
     device = _pick_device(args.device)
     world = start_world(args.parallel, device)
@@ -373,7 +381,6 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, device, world, stop)
     finally:
         stop.uninstall()
-        world.close()
 
 
 def _run(args: argparse.Namespace, device: torch.device, world: World, stop: StopRequest) -> int:
@@ -493,11 +500,15 @@ def _resume_position(s: _Session) -> _Position:
     Refuses (exit 2) a resume whose data position differs from the flags' unless ``--allow-data-change``.
     """
     p = s.persistence
-    info = p.resume(device=s.device, **s.to_save)
+    try:
+        info = p.resume(device=s.device, **s.to_save)
+    except RestoreStateError as exc:
+        raise TrainloopError(f"{exc}: {_LAYOUT_HINT}") from exc
     if info is None:  # pragma: no cover - _choose_run checked there are checkpoints
         raise TrainloopError(f"run {s.run_name}: nothing to resume")
     for skipped in info["skipped"]:
         _say(f"skipped checkpoint {skipped['checkpoint_id']}: {skipped['reason']}")
+    _check_layout(s, info["checkpoint_id"])
     epoch, batch = _checked_data_position(s, info)
     global_step = int(info["global_step"])
     _warn_about_changed_setup(s)
@@ -508,6 +519,20 @@ def _resume_position(s: _Session) -> _Position:
     if "accuracy_delta" in info["metrics"]:  # a crash may have come between the save and the best copy
         p.update_best(info["epoch"], info["batch"], info["metrics"], global_step=global_step, **s.to_save)
     return _Position(epoch, batch, global_step)
+
+
+#: Why a checkpoint may not fit the model: FSDP2 lays out the agent's 0-dim copy_gain as a one-element vector.
+_LAYOUT_HINT = (
+    "a run trained with --parallel fsdp resumes with --parallel fsdp (any number of processes, with "
+    "--allow-data-change), one trained without it resumes without it"
+)
+
+
+def _check_layout(s: _Session, checkpoint_id: int) -> None:
+    """Refuse (exit 2) a checkpoint whose state does not fit the model as ``--parallel`` lays it out."""
+    misfits = s.components.misfits()
+    if misfits:
+        raise TrainloopError(f"checkpoint {checkpoint_id} of {s.run_name} does not fit the model ({misfits[0]}): {_LAYOUT_HINT}")
 
 
 def _checked_data_position(s: _Session, info: dict[str, Any]) -> tuple[int, int]:
@@ -728,6 +753,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a signal before the handlers were installed
         print("Error: interrupted before training started", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        leave_process_group()  # after the error line: which rank prints it depends on the group
 
 
 if __name__ == "__main__":

@@ -3,14 +3,13 @@
 Every job is ``python -m torch.distributed.run --standalone --nproc_per_node 2 -m
 ckptctl.trainloop --parallel MODE ...``, read line by line, stopped with real signals (SIGTERM
 to torchrun; SIGKILL of torchrun and every worker, as a VM that dies takes them all).
-Comparisons read what the job wrote (``ckptctl export`` of its newest checkpoint).
-
-FSDP2 state is saved sharded (DTensors, through torch.distributed.checkpoint): those tests
-run once this ckptctl can save sharded state (:func:`ckptctl.train_parallel.sharded_saves_supported`).
+Comparisons read what the job wrote (``ckptctl export`` of its newest checkpoint: FSDP2's
+sharded state as whole tensors).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import signal
@@ -23,10 +22,11 @@ import torch
 
 from ckptctl import trainloop
 from ckptctl.arcdata import load_arc
+from ckptctl.core.sharded import SHARDED_KEY
 from ckptctl.tensors import jsonable
 from ckptctl.torch_io import safe_load
 from ckptctl.train_data import data_position, rank_part
-from ckptctl.train_parallel import LaunchError, check_launch, sharded_saves_supported
+from ckptctl.train_parallel import LaunchError, check_launch
 
 from .cli_helpers import invoke
 from .test_distributed import JOB_TIMEOUT, committed, job_env, kill_job
@@ -35,16 +35,14 @@ from .trainloop_helpers import (
     Trainer,
     assert_log_consistent,
     metric_lines,
+    newest_checkpoint,
     read_json,
     replace_flags,
     tensor_differences,
     trainloop_cmd,
 )
 
-NEEDS_SHARDED = pytest.mark.skipif(
-    not sharded_saves_supported(), reason="this ckptctl cannot save sharded (FSDP2/DTensor) state yet"
-)
-MODES = ["ddp", pytest.param("fsdp", marks=NEEDS_SHARDED)]
+MODES = ["ddp", "fsdp"]
 
 #: The quick jobs: 32 pairs in batches of 8 (4 batches per epoch), 2 epochs.
 QUICK_FLAGS = replace_flags(FAST_FLAGS, {"--max-pairs": "32", "--max-eval-pairs": "16", "--epochs": "2"})
@@ -166,6 +164,10 @@ def test_two_ranks_train_stop_together_on_sigterm_and_resume(tmp_path, mode, cap
 
     payload = exported(out / "par", tmp_path / "final.pt")
     assert payload["world_size"] == 2 and payload["global_step"] == 8
+    skeleton = torch.load(newest_checkpoint(out / "par")[1], map_location="cpu", weights_only=True)
+    sharded = sorted({json.loads(fqn)[0] for fqn in skeleton.get(SHARDED_KEY, {}).get("tensors", {})})
+    assert sharded == ({"ddp": [], "fsdp": ["agent", "critic", "loss_fn", "optimizer"]}[mode])  # FSDP2's DTensors
+    assert payload["agent"]["copy_gain"].shape == {"ddp": (), "fsdp": (1,)}[mode]
     positions = [extra["data_position"] for extra in payload["extra_ranks"]]
     assert [(p["rank"], p["world_size"], p["next_epoch"], p["next_batch"]) for p in positions] == [(0, 2, 2, 0), (1, 2, 2, 0)]
     assert positions[0]["next_batch_ids_sha256"] != positions[1]["next_batch_ids_sha256"]
@@ -173,10 +175,14 @@ def test_two_ranks_train_stop_together_on_sigterm_and_resume(tmp_path, mode, cap
     state = read_json(out / "par" / "training_state.json")
     assert state["status"] == "completed" and state["config"]["parallel"] == mode and state["config"]["world_size"] == 2
 
-    # One process on the same run: its data position differs (world size), so it refuses unless told.
+    # One process on the same run: its data position differs (the world size: refused unless told);
+    # FSDP2's layout of the agent (a one-element copy_gain) does not fit one process's model at all.
     argv = ["--output-dir", str(out), "--run-name", "par", "--resume", *replace_flags(QUICK_FLAGS, {"--epochs": "3"})]
     assert trainloop.main(argv) == 2
-    assert "world_size: checkpoint 2, now 1" in capsys.readouterr().err
+    assert {
+        "ddp": "world_size: checkpoint 2, now 1",
+        "fsdp": "does not fit the model (agent.copy_gain: parameter (), optimizer exp_avg (1,)): a run trained with --parallel fsdp",
+    }[mode] in capsys.readouterr().err
 
 
 @pytest.mark.slow
