@@ -112,7 +112,6 @@ class World:
         return out
 
 
-
 def torchrun_env(environ: Mapping[str, str]) -> tuple[int, int, int] | None:
     """``(rank, world_size, local_rank)`` from torchrun's variables, or None when none of them is set.
 
