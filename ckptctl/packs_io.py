@@ -29,7 +29,8 @@ from ckptctl.storage.atomic import new_hasher, open_regular, read_failure
 from ckptctl.storage.objects import PackChecks, PackTable, pack_path, read_pack_header, write_pack
 from ckptctl.tensors import map_nested
 
-_DTYPE_NAMES: dict[torch.dtype, str] = {
+#: torch dtypes a pack can hold -> their safetensors names (and back, :data:`TORCH_DTYPES`).
+DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -43,9 +44,9 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {
 }
 for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
     if hasattr(torch, _name):
-        _DTYPE_NAMES[getattr(torch, _name)] = _code
-_TORCH_DTYPES = {code: dtype for dtype, code in _DTYPE_NAMES.items()}
-assert set(_TORCH_DTYPES) <= set(DTYPE_SIZES)
+        DTYPE_NAMES[getattr(torch, _name)] = _code
+TORCH_DTYPES = {code: dtype for dtype, code in DTYPE_NAMES.items()}
+assert set(TORCH_DTYPES) <= set(DTYPE_SIZES)
 
 
 def packable(value: Any) -> bool:
@@ -54,11 +55,11 @@ def packable(value: Any) -> bool:
         type(value) in (torch.Tensor, torch.nn.Parameter)
         and value.layout == torch.strided
         and not value.is_quantized
-        and value.dtype in _DTYPE_NAMES
+        and value.dtype in DTYPE_NAMES
     )
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+def tensor_data(tensor: torch.Tensor) -> memoryview:
     """The bytes of ``tensor`` in C order (no copy for a contiguous CPU tensor)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())
@@ -109,8 +110,8 @@ def deduplicate(
         if path[:1] in INLINE_SUBTREES:
             continue  # stays in the skeleton (see INLINE_SUBTREES)
         if id(tensor) not in keys:
-            dtype, shape = _DTYPE_NAMES[tensor.dtype], tuple(tensor.shape)
-            data = _tensor_bytes(tensor)
+            dtype, shape = DTYPE_NAMES[tensor.dtype], tuple(tensor.shape)
+            data = tensor_data(tensor)
             keys[id(tensor)] = tensor_key(dtype, shape, data)
             items.setdefault(keys[id(tensor)], (dtype, shape, data))
         if path in stable:
@@ -207,7 +208,7 @@ def resolve_objects(path: str | os.PathLike, payload: dict[str, Any], device: An
     run_dir = run_dir_of(path)
     tensors: dict[tuple[str, str], torch.Tensor] = {}
     for name in _pack_names(path, payload):
-        tensors.update(((name, key), t) for key, t in _map_pack(run_dir, name).items())
+        tensors.update(((name, key), t) for key, t in map_pack(run_dir, name).items())
     move = torch.device(device) if device is not None else torch.device("cpu")
     handed_out: set[tuple[str, str]] = set()
 
@@ -235,7 +236,7 @@ def resolve_objects(path: str | os.PathLike, payload: dict[str, Any], device: An
     return full
 
 
-def _map_pack(run_dir: Path, name: str) -> dict[str, torch.Tensor]:
+def map_pack(run_dir: Path, name: str) -> dict[str, torch.Tensor]:
     """Every tensor of pack ``name``, each over its own range of one private (copy-on-write) memory map of the file.
 
     Each tensor has a storage of its own (``torch.frombuffer``), so a loaded payload saves
@@ -258,7 +259,7 @@ def _map_pack(run_dir: Path, name: str) -> dict[str, torch.Tensor]:
         raise CheckpointIntegrityError(f"{label}: shorter than its header says (changed while loading?)")
     out = {}
     for key, spec in layout.items():
-        dtype = _TORCH_DTYPES.get(spec.dtype)
+        dtype = TORCH_DTYPES.get(spec.dtype)
         if dtype is None:
             raise CheckpointIntegrityError(f"{label}: tensor {key!r} has a dtype this torch lacks ({spec.dtype})")
         count = (spec.end - spec.start) // DTYPE_SIZES[spec.dtype]

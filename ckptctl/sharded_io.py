@@ -25,7 +25,7 @@ import torch
 
 from ckptctl.core.sharded import RECORD_VERSION, SHARD_REF_KEY, SHARDED_KEY, check_record, fqn_of
 from ckptctl.errors import CheckpointIntegrityError, CkptctlError, RestoreStateError
-from ckptctl.packs_io import _DTYPE_NAMES, _TORCH_DTYPES, _map_pack, _tensor_bytes, tensor_key
+from ckptctl.packs_io import DTYPE_NAMES, TORCH_DTYPES, map_pack, tensor_data, tensor_key
 from ckptctl.storage.objects import write_pack
 from ckptctl.tensors import map_nested
 
@@ -90,7 +90,7 @@ def stage_shards(stage: Any, shards: Mapping[str, Any]) -> dict[str, StagedShard
     """Each DTensor's local chunk through ``stage(tensor, key)`` (a :class:`~ckptctl.torch_io.Stager`'s copy, or as it is)."""
     staged = {}
     for fqn, dtensor in shards.items():
-        if dtensor.dtype not in _DTYPE_NAMES:
+        if dtensor.dtype not in DTYPE_NAMES:
             raise TypeError(f"sharded tensor {fqn} has dtype {dtensor.dtype}, which ckptctl cannot store")
         chunk = dtensor.__create_chunk_list__()[0]
         local = stage(dtensor.to_local(), ("__shard__", fqn))
@@ -140,7 +140,7 @@ class PackWriter:
             if item.type == WriteItemType.BYTE_IO:
                 raise CkptctlError(f"sharded saves hold tensors only; {item.index.fqn} is not one")
             tensor = planner.resolve_data(item).detach().to("cpu").contiguous()
-            dtype, shape, data = _DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), _tensor_bytes(tensor)
+            dtype, shape, data = DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), tensor_data(tensor)
             keyed.append((item, tensor_key(dtype, shape, data), dtype, shape, data))
         unique = {key: (key, dtype, shape, data) for _, key, dtype, shape, data in keyed}
         name, size = write_pack(self.run_dir, list(unique.values())) if unique else (None, 0)
@@ -167,7 +167,7 @@ def record_of(metadata: Any, results: list[list[Any]]) -> dict[str, Any]:
             stored = where[_index(fqn, chunk.offsets)]
             packs[stored["pack"]] = int(stored["pack_size"])
             chunks.append({"offsets": list(chunk.offsets), "sizes": list(chunk.sizes), "pack": stored["pack"], "key": stored["key"]})
-        tensors[fqn] = {"dtype": _DTYPE_NAMES[md.properties.dtype], "size": list(md.size), "chunks": chunks}
+        tensors[fqn] = {"dtype": DTYPE_NAMES[md.properties.dtype], "size": list(md.size), "chunks": chunks}
     return {"version": RECORD_VERSION, "tensors": tensors, "packs": packs}
 
 
@@ -220,7 +220,7 @@ class PackReader:
         state, where = {}, {}
         for fqn, spec in self.record["tensors"].items():
             chunks = [ChunkStorageMetadata(offsets=torch.Size(c["offsets"]), sizes=torch.Size(c["sizes"])) for c in spec["chunks"]]
-            props = TensorProperties(dtype=_TORCH_DTYPES[spec["dtype"]])
+            props = TensorProperties(dtype=TORCH_DTYPES[spec["dtype"]])
             state[fqn] = TensorStorageMetadata(properties=props, size=torch.Size(spec["size"]), chunks=chunks)
             for c in spec["chunks"]:
                 where[_index(fqn, c["offsets"])] = (c["pack"], c["key"], tuple(c["sizes"]), spec["dtype"])
@@ -255,9 +255,9 @@ class PackReader:
 
     def _chunk(self, pack: str, key: str, sizes: tuple[int, ...], dtype: str) -> torch.Tensor:
         if pack not in self._packs:
-            self._packs[pack] = _map_pack(self.run_dir, pack)
+            self._packs[pack] = map_pack(self.run_dir, pack)
         tensor = self._packs[pack].get(key)
-        if tensor is None or tuple(tensor.shape) != sizes or tensor.dtype != _TORCH_DTYPES[dtype]:
+        if tensor is None or tuple(tensor.shape) != sizes or tensor.dtype != TORCH_DTYPES[dtype]:
             raise CheckpointIntegrityError(f"{self.label}: shard pack {pack} lacks a chunk the record names ({key})")
         return tensor
 
@@ -305,7 +305,7 @@ def unshard(run_dir: str | os.PathLike, payload: dict[str, Any], label: str) -> 
     record = sharded_record(label, payload)
     if record is None:
         return payload
-    full = {fqn: torch.empty(spec["size"], dtype=_TORCH_DTYPES[spec["dtype"]]) for fqn, spec in record["tensors"].items()}
+    full = {fqn: torch.empty(spec["size"], dtype=TORCH_DTYPES[spec["dtype"]]) for fqn, spec in record["tensors"].items()}
     with warnings.catch_warnings():  # DCP warns that it loads in one process: that is the point here
         warnings.simplefilter("ignore", UserWarning)
         load_shards(run_dir, record, full, label, no_dist=True)

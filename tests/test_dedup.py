@@ -103,10 +103,10 @@ def test_a_format_1_run_resumes_verifies_and_takes_new_saves_next_to_its_old_fil
 
 
 def test_every_kind_of_tensor_comes_back_exactly_and_equal_tensors_do_not_share_memory(tmp_path):
-    from ckptctl.packs_io import _DTYPE_NAMES
+    from ckptctl.packs_io import DTYPE_NAMES
 
     torch.manual_seed(0)
-    state = {f"t_{str(dtype).split('.')[-1]}": (torch.rand(3, 5) * 100).to(dtype) for dtype in _DTYPE_NAMES}
+    state = {f"t_{str(dtype).split('.')[-1]}": (torch.rand(3, 5) * 100).to(dtype) for dtype in DTYPE_NAMES}
     state.update(
         scalar=torch.tensor(2.5),
         empty=torch.zeros(0, 4),

@@ -81,7 +81,7 @@ class ShardSide:
 
 def _target(component: Any, current: Any, path: tuple, spec: Mapping[str, Any], fqn: str) -> torch.Tensor:
     """An empty tensor to load sharded tensor ``fqn`` into: like the component's tensor at ``path``."""
-    from ckptctl.packs_io import _TORCH_DTYPES
+    from ckptctl.packs_io import TORCH_DTYPES
 
     like = _at(current, path)
     if like is None and isinstance(component, torch.optim.Optimizer) and len(path) == 3 and path[0] == "state":
@@ -89,7 +89,7 @@ def _target(component: Any, current: Any, path: tuple, spec: Mapping[str, Any], 
         like = params[path[1]] if isinstance(path[1], int) and path[1] < len(params) else None
     if not isinstance(like, torch.Tensor) or list(like.shape) != list(spec["size"]):
         raise RestoreStateError(f"cannot load sharded tensor {fqn}: the component has no tensor of shape {spec['size']} there")
-    return torch.empty_like(like, dtype=_TORCH_DTYPES[spec["dtype"]])
+    return torch.empty_like(like, dtype=TORCH_DTYPES[spec["dtype"]])
 
 
 def _at(tree: Any, path: tuple) -> Any:
