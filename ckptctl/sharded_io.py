@@ -143,6 +143,10 @@ class PackWriter:
             dtype, shape, data = DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), tensor_data(tensor)
             keyed.append((item, tensor_key(dtype, shape, data), dtype, shape, data))
         unique = {key: (key, dtype, shape, data) for _, key, dtype, shape, data in keyed}
+        if not self.run_dir.is_dir():
+            raise CkptctlError(
+                f"{self.run_dir}: this rank cannot see the run folder: sharded saves need it on a filesystem every rank shares"
+            )
         name, size = write_pack(self.run_dir, list(unique.values())) if unique else (None, 0)
         results = [
             WriteResult(index=item.index, size_in_bytes=len(data), storage_data={"pack": name, "key": key, "pack_size": size})
@@ -192,7 +196,14 @@ def _save_planner() -> Any:
 def save_shards(run_dir: str | os.PathLike, staged: Mapping[str, StagedShard], process_group: Any = None) -> dict[str, Any] | None:
     """Collective: every rank writes its chunks through DCP; returns the record on the coordinator (rank 0), else None."""
     writer = PackWriter(run_dir)
-    _dcp().save(dict(staged), storage_writer=writer, planner=_save_planner(), process_group=process_group)
+    try:
+        _dcp().save(dict(staged), storage_writer=writer, planner=_save_planner(), process_group=process_group)
+    except _DCP_FAILURES() as exc:
+        rank, cause = _first_failure(exc)
+        if rank is None:
+            raise
+        detail = str(cause) if isinstance(cause, CkptctlError) else f"{type(cause).__name__}: {str(cause).splitlines()[0][:300]}"
+        raise CkptctlError(f"sharded save failed on rank {rank}: {detail}") from None
     return writer.record
 
 
@@ -284,20 +295,33 @@ def load_shards(
         _dcp().load(dict(targets), storage_reader=PackReader(run_dir, record, label), process_group=process_group, no_dist=no_dist)
     except CheckpointIntegrityError:
         raise
-    except Exception as exc:
+    except _DCP_FAILURES() as exc:
         cause = _root_cause(exc)
         if isinstance(cause, (CheckpointIntegrityError, RestoreStateError)):
             raise cause from None
         raise RestoreStateError(f"{label}: cannot load sharded state: {type(cause).__name__}: {str(cause).splitlines()[0][:300]}") from None
 
 
+def _DCP_FAILURES() -> tuple[type[BaseException], ...]:  # noqa: N802 (used as an exception tuple)
+    """What a DCP call raises: DCP's CheckpointException is a BaseException (each rank's failure inside), and any Exception."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
 def _root_cause(exc: BaseException) -> BaseException:
     """The first failure inside DCP's wrapper exception (a CheckpointException holds each rank's)."""
+    return _first_failure(exc)[1]
+
+
+def _first_failure(exc: BaseException) -> tuple[int | None, BaseException]:
+    """``(rank, exception)`` of the lowest rank's failure inside DCP's CheckpointException; ``(None, exc)`` for any other."""
     failures = getattr(exc, "failures", None)
     if isinstance(failures, Mapping) and failures:
-        first = next(iter(failures.values()))
-        return first[0] if isinstance(first, tuple) else first
-    return exc
+        rank = min(failures)
+        first = failures[rank]
+        return rank, first[0] if isinstance(first, tuple) else first
+    return None, exc
 
 
 def unshard(run_dir: str | os.PathLike, payload: dict[str, Any], label: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ and after a resume makes the resumed state the best model (a sharded snapshot, a
 trainloop does). Prints ``rank R step N`` after every step; at the end writes each rank's
 final state, unsharded (weights, optimizer, RNG), to ``final_rank<r>.pt``.
 ``--plain``: no FSDP (every rank holds the whole model: a resume onto plain tensors).
-``--drive D``: mirror the run to ``D``.
+``--drive D``: mirror the run to ``D``. ``--node-dirs A,B``: rank r works in folder r (per-node disks).
 """
 
 from __future__ import annotations
@@ -92,9 +92,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plain", action="store_true")
     parser.add_argument("--drive", default=None)
+    parser.add_argument("--node-dirs", default=None, help="rank r works in folder r (its own disk)")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if args.node_dirs:
+        os.chdir(args.node_dirs.split(",")[rank])
     Path(args.out).mkdir(parents=True, exist_ok=True)
     model = make_model(args.seed, args.plain)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)

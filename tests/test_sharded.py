@@ -122,6 +122,19 @@ def test_a_truncated_or_missing_shard_is_corrupt_and_resume_falls_back(tmp_path)
 
 
 @pytest.mark.slow
+def test_sharded_saves_on_per_node_disks_are_refused_not_committed(tmp_path):
+    """Rank 1 writes its shards on its own disk: rank 0 cannot see them, commits nothing, and every rank is told why."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    job = Trainer(torchrun(2, str(tmp_path / "out"), "--total", "4", "--node-dirs", ",".join(map(str, nodes)), child=CHILD), nodes[0], job_env())
+    assert job.finish(JOB_TIMEOUT) != 0
+    assert "a filesystem every rank shares" in job.output, job.output[-3000:]
+    run = nodes[0] / "runs" / "fsdp"
+    assert not committed(run) and list((run / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.slow
 def test_an_fsdp2_run_killed_and_resumed_ends_bit_identical_to_an_uninterrupted_one(tmp_path):
     """SIGKILL of torchrun and every rank at a seeded moment, resumed: weights, optimizer and every rank's RNG end bit-identical."""
     total = ["--total", "14", "--save-every", "3"]
