@@ -67,6 +67,11 @@ def test_backup_killed_anywhere_leaves_a_mirror_best_that_verifies(mirror_has_be
         mirror_run = case / "drive" / "run"
         if mirror_run.exists():
             _assert_verifies(mirror_run, best_only=True)
+        # the next backup converges: the mirror's best record settled, matching its file and the local best
+        sync_run(case / "local" / "run", mirror_run)
+        record = read_best_record(mirror_run)
+        assert record.pending is None
+        assert hash_file(mirror_run / "best_model.pt")[1] == record.current.checksum == read_best(case / "local" / "run").checksum
 
     kills = crash_child.kill_sweep(
         fork_context, tmp_path, make_case, lambda case: ["backup", str(case / "local" / "run"), "--drive", str(case / "drive")], check

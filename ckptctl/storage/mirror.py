@@ -67,7 +67,7 @@ from ckptctl.storage.atomic import (
     resolve_inside,
 )
 from ckptctl.storage.objects import objects_dir, stored_pack_names
-from ckptctl.storage.runfiles import best_records, checkpoint_file_for_deletion, replace_best, settle, settled_best
+from ckptctl.storage.runfiles import best_records, checkpoint_file_for_deletion, replace_best, settle
 from ckptctl.storage.scan import checkpoint_files_on_disk, is_run_dir, mtime_iso, read_best_record, read_index, read_json_file
 
 log = logging.getLogger("ckptctl.mirror")
@@ -711,7 +711,7 @@ class _Sync:
         best = settle(self.local_run, record)
         if best is None:
             return
-        mirror_best = settled_best(self.mirror_run)
+        mirror_best = self._settled_mirror_best()
         try:
             src = resolve_inside(self.local_run, best.path)
             dst = resolve_inside(self.mirror_run, best.path)
@@ -731,6 +731,24 @@ class _Sync:
             return
         with self.placing_packs(best):
             self._place_best(best, src, dst, size + self.new_pack_bytes(best))
+
+    def _settled_mirror_best(self) -> BestInfo | None:
+        """The mirror's best record; a replace there that a kill cut short is settled first (its record written alone).
+
+        Otherwise a mirror killed between its rename and its metadata would keep the two
+        records for good: the copy it holds is up to date, so it is never replaced again.
+        """
+        try:
+            record = read_best_record(self.mirror_run)
+        except (CorruptIndexError, UnsafePathError):
+            return None
+        best = settle(self.mirror_run, record)
+        if best is not None and record.pending is not None:
+            try:
+                _write_best_json(self.mirror_run / BEST_METADATA_FILE, best.to_dict())
+            except OSError as exc:
+                log.info("best model metadata not settled on the mirror this time: %s", exc)
+        return best
 
     def _place_best(self, best: BestInfo, src: Path, dst: Path, size: int) -> None:
         """Copy the best model (its new packs, then the file and its record in one commit; ``size`` bytes to upload)."""
