@@ -207,8 +207,10 @@ def resolve_objects(path: str | os.PathLike, payload: dict[str, Any], device: An
         return payload
     run_dir = run_dir_of(path)
     tensors: dict[tuple[str, str], torch.Tensor] = {}
+    shard_packs = set(record_packs(payload[SHARDED_KEY])) if isinstance(payload.get(SHARDED_KEY), Mapping) else set()
     for name in _pack_names(path, payload):
-        tensors.update(((name, key), t) for key, t in map_pack(run_dir, name).items())
+        if name not in shard_packs:  # sharded state's packs are read by DCP's reader (ckptctl.sharded_io), once
+            tensors.update(((name, key), t) for key, t in map_pack(run_dir, name).items())
     move = torch.device(device) if device is not None else torch.device("cpu")
     handed_out: set[tuple[str, str]] = set()
 

@@ -340,29 +340,32 @@ class ModelPersistence:
         """
         self._check_open()
         chosen = {**self._saved_components, **components}
-        states, shards = self._split_states(chosen) if chosen else ({}, {})
-        became, snapshot = self._ranks.on_writer(
-            lambda: self._update_best_as_writer(epoch, batch, metrics, global_step, components, chosen, states, shards)
-        )
-        if snapshot and shards and not self._ranks.is_writer:
-            self._shards.submit(shards)
+        became, snapshot = self._ranks.on_writer(lambda: self._update_best_as_writer(epoch, batch, metrics, global_step, components, chosen))
+        if snapshot and not self._ranks.is_writer:
+            _, shards = self._split_states(chosen)  # the same components rank 0 snapshotted
+            if shards:
+                self._shards.submit(shards)
         return became
 
     def _update_best_as_writer(
         self, epoch: int, batch: int, metrics: Mapping[str, Any], global_step: int | None, components: Mapping[str, Any],
-        chosen: Mapping[str, Any], states: Mapping[str, Any], shards: Mapping[str, Any],
+        chosen: Mapping[str, Any],
     ) -> tuple[bool, bool]:
         """Rank 0: ``(became best, written from a snapshot)`` (a sharded snapshot needs every rank's shards too)."""
         self._worker.raise_error()
         metrics = clean_metrics(metrics)
         if not self._best.beats(metrics):
             return False, False
-        if not chosen:
-            raise ValueError("update_best needs the components to save, e.g. agent=model")
+
+        def snapshot() -> tuple[Mapping[str, Any], Sharded | None]:
+            if not chosen:
+                raise ValueError("update_best needs the components to save, e.g. agent=model")
+            states, shards = self._split_states(chosen)
+            return states, Sharded(shards, self._ranks.shard_group) if shards else None
+
         step = int(global_step) if global_step is not None else self._global_step
         same_set = set(components) <= set(self._saved_components)
-        sharded = Sharded(shards, self._ranks.shard_group) if shards else None
-        copied = self._saver.save_best(SaveRequest(-1, int(epoch), int(batch), step), metrics, states, may_copy=same_set, shards=sharded)
+        copied = self._saver.save_best(SaveRequest(-1, int(epoch), int(batch), step), metrics, snapshot, may_copy=same_set)
         self._best.accept(metrics)
         return True, not copied
 

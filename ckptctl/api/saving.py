@@ -156,19 +156,26 @@ class Saver:
         return checkpoint_id
 
     def save_best(
-        self, request: SaveRequest, metrics: dict[str, float], states: Mapping[str, Any], *, may_copy: bool = True, shards: Sharded | None = None
+        self,
+        request: SaveRequest,
+        metrics: dict[str, float],
+        snapshot: Callable[[], tuple[Mapping[str, Any], Sharded | None]],
+        *,
+        may_copy: bool = True,
     ) -> bool:
-        """Queue the best model's write: a copy of the checkpoint saved at ``request``'s position (when ``may_copy``), else a snapshot of ``states``.
+        """Queue the best model's write: a copy of the checkpoint saved at ``request``'s position (when ``may_copy``), else a snapshot.
 
-        Returns True for a copy. The copy depends on that checkpoint's write: if the write
-        fails, the copy is skipped and the write's own error is what the caller sees. A
-        snapshot of sharded state (``shards``) is written by every rank, as a checkpoint is.
+        ``snapshot()`` gives the states to snapshot and their sharded tensors (called only
+        when there is no copy to make). Returns True for a copy. The copy depends on that
+        checkpoint's write: if the write fails, the copy is skipped and the write's own error
+        is what the caller sees. A snapshot of sharded state is written by every rank, as a checkpoint is.
         """
         last = self.last_save
         same_step = last is not None and (last.global_step, last.epoch, last.batch) == (request.global_step, request.epoch, request.batch)
         if may_copy and same_step:
             self.worker.submit(self.best.copy_checkpoint_job, last.checkpoint_id, metrics, after=self._last_save_future)
             return True
+        states, shards = snapshot()
         self.worker.wait_for_staging_buffers()
         job = self.best.write_payload_job
         if shards is not None:

@@ -42,8 +42,9 @@ def fqn_of(path: Iterable[Any]) -> str:
 
 
 def record_packs(record: Mapping[str, Any]) -> dict[str, int]:
-    """The packs a record's chunks live in, name -> size."""
-    return dict(record.get("packs") or {})
+    """The packs a record's chunks live in, name -> size (none for a malformed record: :func:`check_record` says why)."""
+    packs = record.get("packs")
+    return dict(packs) if isinstance(packs, Mapping) else {}
 
 
 def record_bytes(record: Mapping[str, Any]) -> int:
